@@ -1,0 +1,28 @@
+"""fsg_endo: Feature Selection Gates with Gradient Routing on Vision Transformers for polyp sizing.
+
+The public API (SPEC §5) is imported lazily, so ``fsg-endo synth`` and the data tools start
+without loading torch.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_API = {
+    "vit_with_fsg": "fsg_endo.gates",
+    "inject_fsg": "fsg_endo.gates",
+    "gate_parameters": "fsg_endo.gates",
+    "non_gate_parameters": "fsg_endo.gates",
+    "gate_values": "fsg_endo.gates",
+    "gate_statistics": "fsg_endo.gates",
+    "fold_gates": "fsg_endo.gates",
+    "GradientRouter": "fsg_endo.routing",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(import_module(_API[name]), name)
+    raise AttributeError(f"module 'fsg_endo' has no attribute {name!r}")

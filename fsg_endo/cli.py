@@ -1,0 +1,104 @@
+"""The ``fsg-endo`` command: ``run``, ``synth``, ``manifest``, ``compare``.
+
+Each subcommand parses its arguments here and calls one function of the package. Expected user
+errors (:class:`FsgEndoError`) become one line on stderr and exit code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fsg_endo.errors import FsgEndoError
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``fsg-endo run``, shared with ``experiments/run.py``."""
+    p.add_argument("--exp", required=True, help="experiment name (a YAML in experiments/configs/) or a YAML path")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.epochs=3 (repeatable)")
+    p.add_argument("--profile", default=None, help="apply a named profile of the config, e.g. 'paper'")
+    p.add_argument("--smoke", action="store_true", help="a few steps on tiny data (for tests)")
+    p.add_argument("--data-root", default=None, help="dataset root of a real dataset (REAL-Colon or SUN layout)")
+    p.add_argument("--manifest", default=None, help="manifest CSV to train from")
+    p.add_argument("--resume", default=None, metavar="RUN_ID", help="resume an MLflow run ('last' for the latest)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (MLFLOW_TRACKING_URI wins)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fsg_endo.experiment import run_from_args
+
+    return run_from_args(args)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from fsg_endo.data.synthetic import generate_dataset
+
+    out = generate_dataset(args.out, n_videos=args.videos, seed=args.seed)
+    print(f"synthetic dataset written to {out}")
+    return 0
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    from fsg_endo.data.manifest import build_manifest, write_manifest
+
+    df = build_manifest(args.format, args.root, folds=args.folds, seed=args.seed, sizes=args.sizes,
+                        check_images=args.check_images)
+    write_manifest(df, args.out)
+    print(f"{len(df)} rows, {df['lesion_id'].nunique()} lesions, {df['video_id'].nunique()} videos -> {args.out}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from fsg_endo.compare import compare_table
+
+    print(compare_table(args.exp, tracking_uri=args.tracking_uri, metric=args.metric).to_string())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fsg-endo", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run an experiment (same as experiments/run.py)")
+    add_run_arguments(p)
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("synth", help="write a synthetic colonoscopy dataset in the REAL-Colon layout")
+    p.add_argument("--out", required=True)
+    p.add_argument("--videos", type=int, default=None, help="number of videos (default: the standard dataset)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_synth)
+
+    p = sub.add_parser("manifest", help="build a manifest CSV from a dataset root")
+    p.add_argument("--format", required=True, choices=["realcolon", "sun", "synthetic"])
+    p.add_argument("--root", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sizes", default=None, help="SUN only: CSV with columns case,size_mm")
+    p.add_argument("--check-images", action="store_true", help="decode every frame and report unreadable ones")
+    p.set_defaults(func=_manifest)
+
+    p = sub.add_parser("compare", help="table of an experiment's runs by regularizer and train fraction")
+    p.add_argument("--exp", required=True)
+    p.add_argument("--metric", default=None, help="metric to tabulate (default: the task's main test metric)")
+    p.add_argument("--tracking-uri", default=None)
+    p.set_defaults(func=_compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FsgEndoError as err:
+        print(f"fsg-endo: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fsg-endo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: synthetic videos, REAL-Colon/SUN readers, manifests, splits, the MONAI pipeline."""
