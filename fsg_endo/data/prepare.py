@@ -1,0 +1,97 @@
+"""From a data config to ready loaders: dataset (generated and cached if synthetic), manifest, splits."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+
+from fsg_endo.data.manifest import build_manifest, load_manifest, write_manifest
+from fsg_endo.data.pipeline import build_dataset, compute_mean_std, make_loader
+from fsg_endo.data.sampling import LesionFrameSampler
+from fsg_endo.data.splits import make_splits, split_summary
+from fsg_endo.errors import FsgEndoError
+
+
+def cache_dir() -> Path:
+    """Where generated datasets and manifests live: ``$FSG_ENDO_CACHE`` or ``.cache/fsg_endo``."""
+    return Path(os.environ.get("FSG_ENDO_CACHE", ".cache/fsg_endo"))
+
+
+@dataclass
+class DataBundle:
+    """Everything the training loop needs from the data side of one run."""
+
+    root: Path
+    manifest_sha256: str
+    splits: dict[str, pd.DataFrame]
+    summary: pd.DataFrame
+    sampler: LesionFrameSampler
+    loaders: dict[str, Any]
+
+
+def dataset_root(data: Mapping[str, Any], seed: int) -> Path:
+    """The dataset root of a config; generates the synthetic dataset on first use."""
+    if data["source"] != "synthetic":
+        if not data["root"]:
+            raise FsgEndoError(f"data.source={data['source']} needs a dataset root (--data-root or data.root)")
+        root = Path(data["root"])
+        if not root.is_dir():
+            raise FsgEndoError(f"{root}: dataset root does not exist")
+        return root
+    from fsg_endo.data.synthetic import ensure_synthetic
+
+    gen_seed = seed if data["synthetic_seed"] is None else data["synthetic_seed"]
+    root = Path(data["root"]) if data["root"] else cache_dir() / f"synthetic_s{gen_seed}_v{data['videos'] or 'default'}"
+    return ensure_synthetic(root, n_videos=data["videos"], seed=gen_seed)
+
+
+def manifest_path(data: Mapping[str, Any], root: Path, seed: int) -> Path:
+    """The manifest of a config: the one given, else one built from the root and cached by content key."""
+    if data["manifest"]:
+        return Path(data["manifest"])
+    key = hashlib.sha1(f"{data['source']}|{root.resolve()}|{data['sizes']}".encode()).hexdigest()[:10]
+    path = cache_dir() / "manifests" / f"{data['source']}_{key}_k{data['folds']}_s{seed}.csv"
+    if not path.exists():
+        df = build_manifest(data["source"], root, folds=data["folds"], seed=seed, sizes=data["sizes"])
+        write_manifest(df, path)
+    return path
+
+
+def cap_frames_per_lesion(rows: pd.DataFrame, n: int | None) -> pd.DataFrame:
+    """Keep at most ``n`` evenly spaced frames of each lesion (deterministic; cheaper evaluation)."""
+    if not n:
+        return rows
+    keep = rows.groupby("lesion_id", group_keys=False, sort=False).apply(
+        lambda g: g.iloc[sorted({round(i * (len(g) - 1) / max(n - 1, 1)) for i in range(min(n, len(g)))})])
+    return keep.reset_index(drop=True)
+
+
+def prepare_data(cfg: Mapping[str, Any]) -> DataBundle:
+    """Dataset, manifest, low-data split, train statistics, datasets and loaders for one run."""
+    data, seed = cfg["data"], cfg["seed"]
+    root = dataset_root(data, seed)
+    mpath = manifest_path(data, root, seed)
+    manifest = load_manifest(mpath, root=root)
+    splits = make_splits(manifest, data["test_fold"], data["val_fold"], data["train_fraction"], seed=seed)
+    for name in ("val", "test"):
+        splits[name] = cap_frames_per_lesion(splits[name], data["eval_frames_per_lesion"])
+
+    crop = dict(image_size=data["image_size"], context=data["context"], fov_mask=data["fov_mask"])
+    mean, std = compute_mean_std(splits["train"], root, **crop)
+    common = dict(crop, mean=mean, std=std, cache=data["cache"], source=data["source_media"],
+                  cache_dir=cache_dir() / "persistent", workers=data["workers"])
+    train_ds = build_dataset(splits["train"], root, train=data["augment"], seed=seed, **common)
+    eval_ds = {name: build_dataset(splits[name], root, train=False, seed=seed, **common) for name in ("val", "test")}
+
+    sampler = LesionFrameSampler(splits["train"], frames_per_lesion=data["frames_per_lesion"],
+                                 class_balanced=data["class_balanced"], seed=seed)
+    batch = cfg["optim"]["batch_size"]
+    loaders = {"train": make_loader(train_ds, batch, sampler=sampler, workers=data["workers"], seed=seed)}
+    loaders.update({name: make_loader(ds, batch * 2, workers=data["workers"], seed=seed) for name, ds in eval_ds.items()})
+    return DataBundle(root=root, manifest_sha256=hashlib.sha256(mpath.read_bytes()).hexdigest(),
+                      splits=splits, summary=split_summary(splits), sampler=sampler, loaders=loaders)

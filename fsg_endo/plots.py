@@ -1,0 +1,71 @@
+"""Figures logged as MLflow artifacts: gate heatmap, confusion matrix, learning curves, sweep curves."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def gate_heatmap(values: Mapping[str, np.ndarray], title: str = ""):
+    """Layer x channel heatmap of sigmoid(g), attention and MLP branches side by side."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), sharey=True)
+    for ax, branch in zip(axes, ("attn", "mlp")):
+        keys = sorted(k for k in values if k.startswith(branch + "_"))
+        grid = np.stack([np.asarray(values[k]) for k in keys]) if keys else np.zeros((1, 1))
+        im = ax.imshow(grid, aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
+        ax.set_title(f"{branch} gates")
+        ax.set_xlabel("channel")
+        ax.set_yticks(range(len(keys)), [k.split("_")[1] for k in keys])
+    axes[0].set_ylabel("layer")
+    fig.colorbar(im, ax=axes, label="sigmoid(g)")
+    fig.suptitle(title)
+    return fig
+
+
+def confusion_figure(matrix: np.ndarray, class_names: Sequence[str], title: str = ""):
+    """Confusion matrix with counts; rows are the true class."""
+    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), n in np.ndenumerate(matrix):
+        ax.text(j, i, int(n), ha="center", va="center", color="black")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=30)
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    return fig
+
+
+def learning_curves(history: pd.DataFrame, val_metric: str):
+    """Training loss (and gate loss) per epoch next to the validation metric."""
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for col in ("train/loss", "train/gate_loss"):
+        if col in history and history[col].notna().any():
+            ax_loss.plot(history["epoch"], history[col], marker="o", label=col)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.legend()
+    if val_metric in history:
+        ax_val.plot(history["epoch"], history[val_metric], marker="o", color="C2")
+    ax_val.set_xlabel("epoch")
+    ax_val.set_title(val_metric)
+    return fig
+
+
+def sweep_figure(summary: pd.DataFrame, metric: str):
+    """Metric vs train fraction per regulariser, mean +/- std over folds and seeds."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ok = summary.dropna(subset=[metric])
+    for reg, group in ok.groupby("regularizer"):
+        stats = group.groupby("train_fraction")[metric].agg(["mean", "std"]).fillna(0.0)
+        ax.errorbar(stats.index, stats["mean"], yerr=stats["std"], marker="o", capsize=3, label=reg)
+    ax.set_xscale("log")
+    ax.set_xlabel("train fraction (lesions)")
+    ax.set_ylabel(metric)
+    ax.legend()
+    return fig
