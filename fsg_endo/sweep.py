@@ -1,0 +1,83 @@
+"""The regularisation sweep: one parent MLflow run, one nested child per (regularizer, fraction, fold, seed)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import sys
+from typing import Any, Iterator, Mapping
+
+import pandas as pd
+
+from fsg_endo import plots
+from fsg_endo.config import resolve_derived
+from fsg_endo.experiment import execute, run_name, start_run
+from fsg_endo.tracking import Tracker
+
+SWEEP_KEY_TAG = "sweep_key"
+
+
+def child_configs(cfg: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every child config of the sweep, in a stable order; validation fold = the fold after the test fold."""
+    sweep, folds = cfg["sweep"], cfg["data"]["folds"]
+    for reg, frac, fold, seed in itertools.product(sweep["regularizers"], sweep["train_fractions"],
+                                                   sweep["folds"], sweep["seeds"]):
+        child = copy.deepcopy(dict(cfg))
+        child["sweep"]["enabled"] = False
+        child["regularizer"], child["seed"] = reg, seed
+        child["data"].update(train_fraction=frac, test_fold=fold, val_fold=(fold + 1) % folds)
+        yield resolve_derived(child)
+
+
+def existing_children(uri: str, parent: Tracker) -> dict[str, Any]:
+    """Child runs of a parent by sweep key (for resuming a sweep)."""
+    run = parent.client.get_run(parent.run_id)
+    children = parent.client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.run_id}'")
+    return {r.data.tags[SWEEP_KEY_TAG]: r for r in children if SWEEP_KEY_TAG in r.data.tags}
+
+
+def run_sweep(cfg: Mapping[str, Any], uri: str, resume_run_id: str | None = None) -> pd.DataFrame:
+    """Run (or resume) every child; a failed child is reported and recorded, and the sweep goes on."""
+    if resume_run_id:
+        parent = Tracker.start(uri, cfg["name"], resume_run_id=resume_run_id)
+    else:
+        parent = Tracker.start(uri, cfg["name"], run_name="sweep", params={"sweep.children": len(list(child_configs(cfg)))}
+                               | {f"sweep.{k}": str(v) for k, v in cfg["sweep"].items()},
+                               tags={"task": cfg["task"], "regularizer": "sweep"})
+    done = existing_children(uri, parent) if resume_run_id else {}
+    rows = []
+    for child in child_configs(cfg):
+        key = run_name(child)
+        row = {"regularizer": child["regularizer"], "train_fraction": child["data"]["train_fraction"],
+               "fold": child["data"]["test_fold"], "seed": child["seed"]}
+        previous = done.get(key)
+        if previous is not None and previous.info.status == "FINISHED":
+            rows.append(row | {"run_id": previous.info.run_id, "status": "FINISHED"} | previous.data.metrics)
+            continue
+        resumed = previous is not None
+        tracker = (Tracker.start(uri, cfg["name"], resume_run_id=previous.info.run_id) if resumed
+                   else start_run(child, uri, parent_run_id=parent.run_id, extra_tags={SWEEP_KEY_TAG: key}))
+        try:
+            results = execute(child, tracker, resumed=resumed)
+            rows.append(row | {"run_id": tracker.run_id, "status": "FINISHED"} | results)
+        except KeyboardInterrupt:
+            parent.end("KILLED")
+            raise
+        except Exception as err:
+            print(f"sweep: child {key} failed: {err}", file=sys.stderr)
+            rows.append(row | {"run_id": tracker.run_id, "status": "FAILED", "error": str(err)})
+    summary = pd.DataFrame(rows)
+    parent.log_text(summary.to_csv(index=False), "sweep/summary.csv")
+    failed = summary.loc[summary["status"] != "FINISHED", "run_id"].tolist()
+    parent.set_tags({"failed_children": ",".join(failed) or "none", "n_failed": str(len(failed))})
+    metric = main_test_metric(cfg["task"])
+    if metric in summary and summary[metric].notna().any():
+        parent.log_figure(plots.sweep_figure(summary, metric), f"sweep/{metric.replace('/', '_')}_vs_fraction.png")
+    parent.end("FINISHED")
+    return summary
+
+
+def main_test_metric(task: str) -> str:
+    """The sweep's headline metric: lesion-level test MAE, or balanced accuracy for classification."""
+    return "lesion/test/mae" if task == "size_regression" else "lesion/test/balanced_accuracy"
+
