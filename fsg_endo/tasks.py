@@ -1,0 +1,225 @@
+"""The three polyp sizing tasks of SPEC §3: targets, losses, predictions and metrics.
+
+A :class:`Task` turns a collated pipeline batch (keys ``target_reg``, ``size_mm``,
+``size_class3``, ``size_class2``, ``lesion_id``, ``video_id``, ``frame_id``) into loss targets,
+model outputs into numpy predictions, and predictions into frame- and lesion-level metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from fsg_endo.data.sizes import CLASS2_NAMES, CLASS3_NAMES, scale_size, size_class2, size_class3, unscale_size
+from fsg_endo.errors import FsgEndoError
+from fsg_endo.metrics import classification_metrics, confusion_matrix, regression_metrics
+
+ID_COLUMNS = ("lesion_id", "video_id", "frame_id")
+TASK_NAMES = ("size_regression", "size_class3", "size_class2")
+
+
+def _numpy(value: Any) -> np.ndarray:
+    """A batch field (tensor, list or array) as a 1-D numpy array."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value).reshape(-1)
+
+
+class Task:
+    """Common interface of the sizing tasks; subclasses fill in the task-specific parts."""
+
+    name: str
+    kind: str
+    num_outputs: int
+    main_metric: str
+    mode: str
+    class_names: tuple[str, ...]  # labels of the confusion matrix
+
+    def targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The tensor that :meth:`main_loss` and :meth:`gate_loss` compare the outputs with."""
+        raise NotImplementedError
+
+    def main_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Scalar loss of the backbone (main) optimiser."""
+        raise NotImplementedError
+
+    def gate_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Scalar loss of the gate optimiser in Gradient Routing."""
+        raise NotImplementedError
+
+    def outputs_to_numpy(self, outputs: torch.Tensor) -> np.ndarray:
+        """Model outputs as predictions: mm (B,) for regression, probabilities (B, C) for classes."""
+        raise NotImplementedError
+
+    def frame_predictions(self, batch: Mapping[str, Any], outputs_np: np.ndarray) -> pd.DataFrame:
+        """One row per frame: ids, ``target``, ``prediction``, ``size_mm`` (+ ``prob_k`` for classes)."""
+        raise NotImplementedError
+
+    def lesion_predictions(self, frame_df: pd.DataFrame) -> pd.DataFrame:
+        """One row per lesion, predicted from the mean over its frames; adds ``n_frames``."""
+        raise NotImplementedError
+
+    def compute_metrics(self, pred_df: pd.DataFrame) -> dict[str, float]:
+        """Metrics of a frame- or lesion-level prediction table (see :mod:`fsg_endo.metrics`)."""
+        raise NotImplementedError
+
+    def confusion(self, pred_df: pd.DataFrame) -> np.ndarray:
+        """Confusion matrix (rows true, columns predicted) over :attr:`class_names`."""
+        raise NotImplementedError
+
+    def is_better(self, value: float, best: float | None) -> bool:
+        """Whether ``value`` of :attr:`main_metric` beats ``best`` (None or NaN: always)."""
+        if best is None or np.isnan(best):
+            return not np.isnan(value)
+        return value < best if self.mode == "min" else value > best
+
+    def _id_frame(self, batch: Mapping[str, Any]) -> pd.DataFrame:
+        """The id columns and ``size_mm`` of a batch."""
+        df = pd.DataFrame({key: _numpy(batch[key]) for key in ID_COLUMNS})
+        df["size_mm"] = _numpy(batch["size_mm"]).astype(float)
+        return df
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class RegressionTask(Task):
+    """``size_regression``: one output, the size scaled to [-1, 1]; size-weighted smooth-L1.
+
+    ``targets`` is (B, 3) float: scaled size, main-loss weight, gate-loss weight. The weights are
+    looked up on the CPU by size class (SPEC thresholds), so each loss is a few elementwise ops.
+    Each loss is the weighted mean ``sum(w * l) / sum(w)``: the weights shift emphasis between
+    size classes without changing the loss scale, so learning rates do not depend on the weights.
+    """
+
+    kind, num_outputs, main_metric, mode = "regression", 1, "mae", "min"
+    class_names = CLASS3_NAMES
+
+    def __init__(self, main_weights: Sequence[float], gate_weights: Sequence[float]) -> None:
+        self.name = "size_regression"
+        self.main_weights = np.asarray(main_weights, dtype=np.float32)
+        self.gate_weights = np.asarray(gate_weights, dtype=np.float32)
+        for weights in (self.main_weights, self.gate_weights):
+            if weights.shape != (3,) or not (weights > 0).all():
+                raise FsgEndoError(f"size_regression: loss weights must be 3 positive numbers, got {weights}")
+
+    def targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        size_mm = _numpy(batch["size_mm"]).astype(float)
+        scaled = _numpy(batch["target_reg"]) if "target_reg" in batch else scale_size(size_mm)
+        cls = size_class3(size_mm)
+        columns = np.stack([scaled, self.main_weights[cls], self.gate_weights[cls]], axis=1)
+        return torch.as_tensor(columns, dtype=torch.float32)
+
+    @staticmethod
+    def _weighted_smooth_l1(outputs: torch.Tensor, targets: torch.Tensor, column: int) -> torch.Tensor:
+        """Weighted mean of the smooth-L1 (beta 1) between the output and the scaled size."""
+        pred = outputs.reshape(-1).float()
+        loss = F.smooth_l1_loss(pred, targets[:, 0], reduction="none")
+        weight = targets[:, column]
+        return (weight * loss).sum() / weight.sum()
+
+    def main_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self._weighted_smooth_l1(outputs, targets, 1)
+
+    def gate_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self._weighted_smooth_l1(outputs, targets, 2)
+
+    def outputs_to_numpy(self, outputs: torch.Tensor) -> np.ndarray:
+        return unscale_size(outputs.detach().float().cpu().numpy().reshape(-1))
+
+    def frame_predictions(self, batch: Mapping[str, Any], outputs_np: np.ndarray) -> pd.DataFrame:
+        df = self._id_frame(batch)
+        df.insert(3, "target", df["size_mm"])
+        df.insert(4, "prediction", np.asarray(outputs_np, dtype=float).reshape(-1))
+        return df
+
+    def lesion_predictions(self, frame_df: pd.DataFrame) -> pd.DataFrame:
+        grouped = frame_df.groupby("lesion_id", sort=True)
+        out = grouped.agg(video_id=("video_id", "first"), target=("target", "first"),
+                          prediction=("prediction", "mean"), size_mm=("size_mm", "first"),
+                          n_frames=("prediction", "size"))
+        return out.reset_index()
+
+    def compute_metrics(self, pred_df: pd.DataFrame) -> dict[str, float]:
+        true_mm, pred_mm = pred_df["target"].to_numpy(float), pred_df["prediction"].to_numpy(float)
+        out = regression_metrics(true_mm, pred_mm)
+        cls3 = classification_metrics(size_class3(true_mm), size_class3(pred_mm), 3, names=CLASS3_NAMES)
+        # the predicted size itself ranks lesions for the >= 10 mm AUROC
+        cls2 = classification_metrics(size_class2(true_mm), size_class2(pred_mm), 2, prob=pred_mm,
+                                        names=CLASS2_NAMES)
+        out.update({f"cls3_{k}": v for k, v in cls3.items()})
+        out.update({f"cls2_{k}": v for k, v in cls2.items()})
+        return out
+
+    def confusion(self, pred_df: pd.DataFrame) -> np.ndarray:
+        true_mm, pred_mm = pred_df["target"].to_numpy(float), pred_df["prediction"].to_numpy(float)
+        return confusion_matrix(size_class3(true_mm), size_class3(pred_mm), 3)
+
+
+class ClassificationTask(Task):
+    """``size_class3`` / ``size_class2``: logits over the size classes; cross-entropy for both losses."""
+
+    kind, main_metric, mode = "classification", "balanced_accuracy", "max"
+
+    def __init__(self, name: str, class_names: Sequence[str]) -> None:
+        self.name = name
+        self.class_names = tuple(class_names)
+        self.num_outputs = len(self.class_names)
+        self.prob_columns = [f"prob_{k}" for k in range(self.num_outputs)]
+
+    def targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        return torch.as_tensor(_numpy(batch[self.name]).astype(np.int64))
+
+    def main_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(outputs.float(), targets)
+
+    def gate_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(outputs.float(), targets)
+
+    def outputs_to_numpy(self, outputs: torch.Tensor) -> np.ndarray:
+        return torch.softmax(outputs.detach().float(), dim=1).cpu().numpy()
+
+    def frame_predictions(self, batch: Mapping[str, Any], outputs_np: np.ndarray) -> pd.DataFrame:
+        prob = np.asarray(outputs_np, dtype=float).reshape(-1, self.num_outputs)
+        df = self._id_frame(batch)
+        df.insert(3, "target", _numpy(batch[self.name]).astype(int))
+        df.insert(4, "prediction", prob.argmax(axis=1))
+        df[self.prob_columns] = prob
+        return df
+
+    def lesion_predictions(self, frame_df: pd.DataFrame) -> pd.DataFrame:
+        grouped = frame_df.groupby("lesion_id", sort=True)
+        out = grouped.agg(video_id=("video_id", "first"), target=("target", "first"),
+                          size_mm=("size_mm", "first"), n_frames=("target", "size"))
+        prob = grouped[self.prob_columns].mean()
+        out.insert(2, "prediction", prob.to_numpy().argmax(axis=1))
+        return pd.concat([out, prob], axis=1).reset_index()
+
+    def compute_metrics(self, pred_df: pd.DataFrame) -> dict[str, float]:
+        prob = pred_df[self.prob_columns].to_numpy(float) if set(self.prob_columns) <= set(pred_df) else None
+        return classification_metrics(pred_df["target"].to_numpy(int), pred_df["prediction"].to_numpy(int),
+                                        self.num_outputs, prob=prob, names=self.class_names)
+
+    def confusion(self, pred_df: pd.DataFrame) -> np.ndarray:
+        return confusion_matrix(pred_df["target"].to_numpy(int), pred_df["prediction"].to_numpy(int),
+                                  self.num_outputs)
+
+
+def get_task(
+    name: str,
+    main_weights: Sequence[float] = (1.0, 3.0, 5.0),
+    gate_weights: Sequence[float] = (1.0, 5.0, 10.0),
+) -> Task:
+    """The task called ``name``; the loss weights (size <= 5, 5-10, >= 10 mm) apply to regression only."""
+    if name == "size_regression":
+        return RegressionTask(main_weights, gate_weights)
+    if name == "size_class3":
+        return ClassificationTask(name, CLASS3_NAMES)
+    if name == "size_class2":
+        return ClassificationTask(name, CLASS2_NAMES)
+    raise FsgEndoError(f"unknown task {name!r}; choose one of {', '.join(TASK_NAMES)}")
