@@ -1,0 +1,321 @@
+"""Feature Selection Gates (FSG): per-channel sigmoid gates on the two residual branches of a block.
+
+The gated blocks reuse the original block's submodules (no copy, no ViT surgery) and add only
+the two gate vectors, so a torchvision or PyTorch transformer is gated, unwrapped or folded
+without touching its code. See SPEC §1 and §5.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
+
+__all__ = [
+    "GatedEncoderBlock",
+    "GatedTransformerEncoderLayer",
+    "fold_gates",
+    "gate_parameters",
+    "gate_statistics",
+    "gate_values",
+    "gated_blocks",
+    "inject_fsg",
+    "non_gate_parameters",
+    "vit_with_fsg",
+]
+
+
+def _new_gate(dim: int, like: Tensor) -> nn.Parameter:
+    """A (dim,) gate: Xavier-normal on a (1, dim) tensor with the sigmoid gain, as in the paper."""
+    gate = torch.empty(1, dim, device=like.device, dtype=like.dtype)
+    nn.init.xavier_normal_(gate, gain=nn.init.calculate_gain("sigmoid"))
+    return nn.Parameter(gate.flatten())
+
+
+def _scale_rows_(linear: nn.Linear, scale: Tensor) -> None:
+    """Multiply the output rows of ``linear`` (weight and bias) by ``scale`` in place."""
+    with torch.no_grad():
+        linear.weight.mul_(scale.to(linear.weight.dtype).unsqueeze(1))
+        if linear.bias is not None:
+            linear.bias.mul_(scale.to(linear.bias.dtype))
+
+
+def _on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
+    """Build a module skeleton on the meta device: no memory, no draw from the global RNG."""
+    with torch.device("meta"):
+        return factory()
+
+
+def _check_materialised(module: nn.Module) -> nn.Module:
+    """Guard against a rebuilt block that kept a meta tensor its source block did not provide."""
+    if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
+        raise RuntimeError(f"unwrapping left an uninitialised tensor in {type(module).__name__}")
+    return module
+
+
+class GatedEncoderBlock(nn.Module):
+    """torchvision ``EncoderBlock`` with an FSG gate on its attention and its MLP branch."""
+
+    def __init__(self, block: EncoderBlock) -> None:
+        super().__init__()
+        self.num_heads = block.num_heads
+
+        # Attention block (the original submodules, shared)
+        self.ln_1 = block.ln_1
+        self.self_attention = block.self_attention
+        self.dropout = block.dropout
+
+        # MLP block
+        self.ln_2 = block.ln_2
+        self.mlp = block.mlp
+
+        dim = block.self_attention.embed_dim
+        self.gate_attn = _new_gate(dim, block.self_attention.in_proj_weight)
+        self.gate_mlp = _new_gate(dim, block.self_attention.in_proj_weight)
+
+    def forward(self, input: Tensor) -> Tensor:
+        torch._assert(input.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {input.shape}")
+        x = self.ln_1(input)
+        x, _ = self.self_attention(x, x, x, need_weights=False)
+        x = torch.addcmul(input, torch.sigmoid(self.gate_attn), self.dropout(x))
+
+        y = self.ln_2(x)
+        y = self.mlp(y)
+        return torch.addcmul(x, torch.sigmoid(self.gate_mlp), y)
+
+    def attn_output_layer(self) -> nn.Linear:
+        """The attention out-projection, the layer ``gate_attn`` folds into."""
+        return self.self_attention.out_proj
+
+    def mlp_output_layer(self) -> nn.Linear:
+        """The last Linear of the MLP branch, the layer ``gate_mlp`` folds into."""
+        return [m for m in self.mlp.modules() if isinstance(m, nn.Linear)][-1]
+
+    def unwrap(self) -> EncoderBlock:
+        """A plain ``EncoderBlock`` sharing this block's submodules (gates dropped, not folded)."""
+        attn = self.self_attention
+        hidden_dim = attn.embed_dim
+        mlp_dim = next(m for m in self.mlp.modules() if isinstance(m, nn.Linear)).out_features
+        block = _on_meta(lambda: EncoderBlock(self.num_heads, hidden_dim, mlp_dim, 0.0, attn.dropout))
+        for name in ("ln_1", "self_attention", "dropout", "ln_2", "mlp"):
+            setattr(block, name, getattr(self, name))
+        return _check_materialised(block)
+
+
+class GatedTransformerEncoderLayer(nn.Module):
+    """``torch.nn.TransformerEncoderLayer`` (pre- or post-norm) with FSG gates on its two branches.
+
+    Keeps the layer's attribute names (``self_attn``, ``norm_first``, ...), which
+    ``nn.TransformerEncoder`` reads from its first layer. Never takes PyTorch's fused fast path,
+    which would bypass the gates.
+    """
+
+    # The branch code of torch's own layer, so the gates multiply exactly its branch outputs.
+    _sa_block = nn.TransformerEncoderLayer._sa_block
+    _ff_block = nn.TransformerEncoderLayer._ff_block
+
+    def __init__(self, layer: nn.TransformerEncoderLayer) -> None:
+        super().__init__()
+        self.self_attn = layer.self_attn
+        self.linear1 = layer.linear1
+        self.dropout = layer.dropout
+        self.linear2 = layer.linear2
+        self.norm_first = layer.norm_first
+        self.norm1 = layer.norm1
+        self.norm2 = layer.norm2
+        self.dropout1 = layer.dropout1
+        self.dropout2 = layer.dropout2
+        self.activation_relu_or_gelu = layer.activation_relu_or_gelu
+        self.activation = layer.activation
+
+        dim = layer.self_attn.embed_dim
+        self.gate_attn = _new_gate(dim, layer.linear1.weight)
+        self.gate_mlp = _new_gate(dim, layer.linear1.weight)
+
+    def forward(
+        self,
+        src: Tensor,
+        src_mask: Tensor | None = None,
+        src_key_padding_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        src_key_padding_mask = F._canonical_mask(
+            mask=src_key_padding_mask,
+            mask_name="src_key_padding_mask",
+            other_type=F._none_or_dtype(src_mask),
+            other_name="src_mask",
+            target_type=src.dtype,
+        )
+        src_mask = F._canonical_mask(
+            mask=src_mask, mask_name="src_mask", other_type=None, other_name="",
+            target_type=src.dtype, check_other=False,
+        )
+        g_attn, g_mlp = torch.sigmoid(self.gate_attn), torch.sigmoid(self.gate_mlp)
+        x = src
+        if self.norm_first:
+            x = torch.addcmul(x, g_attn, self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal))
+            x = torch.addcmul(x, g_mlp, self._ff_block(self.norm2(x)))
+        else:
+            x = self.norm1(torch.addcmul(x, g_attn, self._sa_block(x, src_mask, src_key_padding_mask, is_causal)))
+            x = self.norm2(torch.addcmul(x, g_mlp, self._ff_block(x)))
+        return x
+
+    def attn_output_layer(self) -> nn.Linear:
+        """The attention out-projection, the layer ``gate_attn`` folds into."""
+        return self.self_attn.out_proj
+
+    def mlp_output_layer(self) -> nn.Linear:
+        """The last Linear of the feed-forward branch, the layer ``gate_mlp`` folds into."""
+        return self.linear2
+
+    def unwrap(self) -> nn.TransformerEncoderLayer:
+        """A plain ``TransformerEncoderLayer`` sharing this layer's submodules (gates dropped)."""
+        attn = self.self_attn
+        layer = _on_meta(lambda: nn.TransformerEncoderLayer(
+            attn.embed_dim, attn.num_heads, self.linear1.out_features, dropout=self.dropout.p,
+            activation=self.activation, layer_norm_eps=self.norm1.eps, batch_first=attn.batch_first,
+            norm_first=self.norm_first, bias=self.linear1.bias is not None,
+        ))
+        for name in ("self_attn", "linear1", "dropout", "linear2", "norm1", "norm2", "dropout1", "dropout2"):
+            setattr(layer, name, getattr(self, name))
+        layer.activation = self.activation
+        layer.activation_relu_or_gelu = self.activation_relu_or_gelu
+        return _check_materialised(layer)
+
+
+GATED_BLOCKS = (GatedEncoderBlock, GatedTransformerEncoderLayer)
+_GATED_FOR = {EncoderBlock: GatedEncoderBlock, nn.TransformerEncoderLayer: GatedTransformerEncoderLayer}
+
+
+def _replace_blocks(module: nn.Module, convert: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
+    """Walk ``module`` and put ``convert(m)`` in place of every submodule where it is not None."""
+    new = convert(module)
+    if new is not None:
+        return new
+    for name, child in module.named_children():
+        replaced = _replace_blocks(child, convert)
+        if replaced is not child:
+            setattr(module, name, replaced)
+    return module
+
+
+def _gate_block(module: nn.Module) -> nn.Module | None:
+    if isinstance(module, GATED_BLOCKS):
+        return module
+    gated_type = _GATED_FOR.get(type(module))
+    return gated_type(module) if gated_type is not None else None
+
+
+def inject_fsg(module: nn.Module) -> nn.Module:
+    """Gate every known transformer block inside ``module`` in place; already gated ones are kept.
+
+    Known blocks: torchvision ``EncoderBlock`` and ``torch.nn.TransformerEncoderLayer``. Returns
+    ``module`` (or the gated block when ``module`` itself is a block).
+    """
+    module = _replace_blocks(module, _gate_block)
+    for encoder in module.modules():
+        # The encoder's nested-tensor path assumes stock layers; gated ones take the regular path.
+        if isinstance(encoder, nn.TransformerEncoder) and any(isinstance(m, GATED_BLOCKS) for m in encoder.layers):
+            encoder.use_nested_tensor = False
+    return module
+
+
+def vit_with_fsg(vit_backbone: VisionTransformer, num_outputs: int | None = None) -> VisionTransformer:
+    """Gate every encoder block of a torchvision ``VisionTransformer`` in place, reusing its weights.
+
+    Keeps the head, or replaces it by ``Linear(hidden_dim, num_outputs)`` when ``num_outputs`` is given.
+    """
+    if not isinstance(vit_backbone, VisionTransformer):
+        raise TypeError(f"vit_with_fsg expects a torchvision VisionTransformer, got {type(vit_backbone).__name__}")
+    inject_fsg(vit_backbone.encoder)
+    if num_outputs is not None:
+        like = vit_backbone.class_token
+        head = nn.Linear(vit_backbone.hidden_dim, num_outputs, device=like.device, dtype=like.dtype)
+        vit_backbone.heads = nn.Sequential(OrderedDict(head=head))
+        vit_backbone.num_classes = num_outputs
+        vit_backbone.representation_size = None
+    return vit_backbone
+
+
+def gated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The gated blocks of ``model``, in layer (module traversal) order."""
+    return [m for m in model.modules() if isinstance(m, GATED_BLOCKS)]
+
+
+def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The FSG gate vectors of ``model``: what Gradient Routing hands to the gate optimiser."""
+    return [g for block in gated_blocks(model) for g in (block.gate_attn, block.gate_mlp)]
+
+
+def non_gate_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every other parameter of ``model`` (the backbone and heads), disjoint from the gates."""
+    gate_ids = {id(g) for g in gate_parameters(model)}
+    return [p for p in model.parameters() if id(p) not in gate_ids]
+
+
+def gate_values(model: nn.Module) -> dict[str, Tensor]:
+    """``{"attn_00": sigmoid(g), "mlp_00": ..., ...}``, detached, one entry per gated branch."""
+    values: dict[str, Tensor] = {}
+    for i, block in enumerate(gated_blocks(model)):
+        values[f"attn_{i:02d}"] = torch.sigmoid(block.gate_attn.detach())
+        values[f"mlp_{i:02d}"] = torch.sigmoid(block.gate_mlp.detach())
+    return values
+
+
+def gate_statistics(model: nn.Module, threshold: float = 0.1) -> dict[str, float]:
+    """Per layer and branch: mean, std and sparsity (share of gate values below ``threshold``).
+
+    Keys ``gates/{attn|mlp}/layer_LL/{mean|std|sparsity}`` plus ``gates/all/{mean|sparsity}``,
+    ready to log as MLflow metrics. Computed in one vectorised pass with a single host transfer.
+    """
+    blocks = gated_blocks(model)
+    if not blocks:
+        return {}
+    raw = [b.gate_attn for b in blocks] + [b.gate_mlp for b in blocks]
+    values = torch.sigmoid(torch.cat([g.detach().float() for g in raw]))
+    sizes = torch.tensor([g.numel() for g in raw], device=values.device)
+    segment = torch.repeat_interleave(torch.arange(len(raw), device=values.device), sizes)
+    count = sizes.to(values.dtype)
+
+    def per_gate_sum(x: Tensor) -> Tensor:
+        return torch.zeros(len(raw), device=values.device, dtype=values.dtype).index_add_(0, segment, x)
+
+    below = (values < threshold).to(values.dtype)
+    mean = per_gate_sum(values) / count
+    std = (per_gate_sum((values - mean[segment]).square()) / (count - 1)).sqrt()
+    table = torch.stack([mean, std, per_gate_sum(below) / count])
+    overall = torch.stack([values.mean(), below.mean()])
+    rows, (all_mean, all_sparsity) = table.T.tolist(), overall.tolist()
+
+    stats: dict[str, float] = {}
+    for i, (m, s, sp) in enumerate(rows):
+        branch, layer = ("attn", i) if i < len(blocks) else ("mlp", i - len(blocks))
+        prefix = f"gates/{branch}/layer_{layer:02d}"
+        stats.update({f"{prefix}/mean": m, f"{prefix}/std": s, f"{prefix}/sparsity": sp})
+    stats["gates/all/mean"] = all_mean
+    stats["gates/all/sparsity"] = all_sparsity
+    return stats
+
+
+def _fold_block(module: nn.Module) -> nn.Module | None:
+    if not isinstance(module, GATED_BLOCKS):
+        return None
+    # The deep copy's gated block and its unwrapped block share submodules: scaling one scales both.
+    _scale_rows_(module.attn_output_layer(), torch.sigmoid(module.gate_attn.detach()))
+    _scale_rows_(module.mlp_output_layer(), torch.sigmoid(module.gate_mlp.detach()))
+    return module.unwrap()
+
+
+def fold_gates(model: nn.Module) -> nn.Module:
+    """A new plain model with each sigmoid(g) multiplied into the last linear of its branch.
+
+    The input is left untouched; the result holds stock ``EncoderBlock`` /
+    ``TransformerEncoderLayer`` blocks, costs what the plain model costs, and matches the gated
+    model's outputs in eval mode (dropout commutes with the per-channel scaling).
+    """
+    return _replace_blocks(copy.deepcopy(model), _fold_block)

@@ -1,0 +1,151 @@
+"""Gradient Routing (GR): gates and backbone trained by two optimisers in two passes (SPEC §1).
+
+The parameter split is read from the two optimisers, so the router works for any model whose
+gates and backbone are handed to different optimisers. Both passes refuse to step on a
+non-finite loss or gradient norm and report the skip instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["GradientRouter", "train_step"]
+
+LossFn = Callable[[Any, Any], Tensor]
+Inputs = Tensor | Sequence[Tensor]
+
+
+def _trainable(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The parameters an optimiser updates (those that require grad)."""
+    return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+
+
+def _forward(model: nn.Module, inputs: Inputs, amp: bool) -> Any:
+    """``model(*inputs)`` (or ``model(inputs)`` for one tensor), under bf16 autocast on CUDA when ``amp``."""
+    args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    device_type = args[0].device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp and device_type == "cuda"):
+        return model(*args)
+
+
+def _clip_and_step(optimizer: torch.optim.Optimizer, params: list[Tensor], clip: float | None) -> float:
+    """Clip the gradients to max-norm ``clip``, step unless the norm is non-finite, zero the gradients.
+
+    Returns the pre-clip gradient norm (non-finite means the step was skipped).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if clip is None:
+        norm = float(torch.nn.utils.get_total_norm(grads, foreach=True)) if grads else 0.0
+    else:
+        norm = float(torch.nn.utils.clip_grad_norm_(params, clip, foreach=True))
+    if math.isfinite(norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    inputs: Inputs,
+    targets: Any,
+    clip: float | None = 10.0,
+    amp: bool = False,
+) -> dict[str, float | bool]:
+    """One plain optimiser step: forward, ``loss_fn(outputs, targets)``, backward, clip, step.
+
+    Gradients are computed for the optimiser's parameters only and added to any they already hold
+    (how the released GR code carries the gate pass into the main step); the step leaves them
+    zeroed. A non-finite loss or gradient norm skips the step: ``{"loss", "grad_norm", "skipped"}``.
+    """
+    params = _trainable(optimizer)
+    loss = loss_fn(_forward(model, inputs, amp), targets)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": value, "grad_norm": math.nan, "skipped": True}
+    loss.backward(inputs=params)
+    norm = _clip_and_step(optimizer, params, clip)
+    return {"loss": value, "grad_norm": norm, "skipped": not math.isfinite(norm)}
+
+
+class GradientRouter:
+    """One GR step per batch: a gate pass (gate optimiser only) then a main pass (main optimiser only).
+
+    ``main_optimizer`` must hold the backbone parameters and ``gate_optimizer`` the gates
+    (``non_gate_parameters`` / ``gate_parameters``). ``gate_loss=None`` uses ``main_loss`` for
+    both passes. With ``accumulate_gate_pass_grads`` the gate pass back-propagates into the
+    backbone too and the main step sees the sum, as the paper's released code does.
+    ``amp`` runs the forward passes under bfloat16 autocast on CUDA (ignored on CPU).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        main_optimizer: torch.optim.Optimizer,
+        gate_optimizer: torch.optim.Optimizer,
+        main_loss: LossFn,
+        gate_loss: LossFn | None = None,
+        main_clip: float | None = 10.0,
+        gate_clip: float | None = 32.0,
+        accumulate_gate_pass_grads: bool = False,
+        amp: bool = False,
+    ) -> None:
+        self.model = model
+        self.main_optimizer = main_optimizer
+        self.gate_optimizer = gate_optimizer
+        self.main_loss = main_loss
+        self.gate_loss = gate_loss if gate_loss is not None else main_loss
+        self.main_clip = main_clip
+        self.gate_clip = gate_clip
+        self.accumulate_gate_pass_grads = accumulate_gate_pass_grads
+        self.amp = amp
+        self.gate_params = _trainable(gate_optimizer)
+        self.main_params = _trainable(main_optimizer)
+        if not self.gate_params:
+            raise ValueError("GradientRouter: the gate optimiser holds no trainable parameters")
+        if {id(p) for p in self.gate_params} & {id(p) for p in self.main_params}:
+            raise ValueError("GradientRouter: the gate and main optimisers share parameters")
+
+    def step(self, inputs: Inputs, targets: Any) -> dict[str, float | bool]:
+        """Gate pass then main pass on one batch: ``{"loss", "gate_loss", "grad_norm",
+        "gate_grad_norm", "skipped"}`` (``skipped`` is True when either pass refused to step)."""
+        self.main_optimizer.zero_grad(set_to_none=True)
+        self.gate_optimizer.zero_grad(set_to_none=True)
+        gate = self._gate_pass(inputs, targets)
+        main = train_step(self.model, self.main_optimizer, self.main_loss, inputs, targets,
+                          clip=self.main_clip, amp=self.amp)
+        return {
+            "loss": main["loss"],
+            "gate_loss": gate["loss"],
+            "grad_norm": main["grad_norm"],
+            "gate_grad_norm": gate["grad_norm"],
+            "skipped": bool(gate["skipped"] or main["skipped"]),
+        }
+
+    def _gate_pass(self, inputs: Inputs, targets: Any) -> dict[str, float | bool]:
+        """Forward, gate loss, gradients, clip and step of the gate optimiser only."""
+        loss = self.gate_loss(_forward(self.model, inputs, self.amp), targets)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            self.gate_optimizer.zero_grad(set_to_none=True)
+            return {"loss": value, "grad_norm": math.nan, "skipped": True}
+        if self.accumulate_gate_pass_grads:
+            loss.backward(inputs=self.gate_params + self.main_params)
+        else:
+            # Gradients w.r.t. the gates only: autograd skips every backbone weight gradient.
+            grads = torch.autograd.grad(loss, self.gate_params, allow_unused=True)
+            for param, grad in zip(self.gate_params, grads):
+                param.grad = grad
+        norm = _clip_and_step(self.gate_optimizer, self.gate_params, self.gate_clip)
+        skipped = not math.isfinite(norm)
+        if skipped:
+            # Never carry a poisoned gate pass into the main step.
+            self.main_optimizer.zero_grad(set_to_none=True)
+        return {"loss": value, "grad_norm": norm, "skipped": skipped}
