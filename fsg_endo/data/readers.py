@@ -1,0 +1,382 @@
+"""Readers of the REAL-Colon and SUN layouts (SPEC §2): one row per annotated lesion box per frame.
+
+Both return the manifest columns except ``fold`` (see :mod:`fsg_endo.data.manifest`). Every expected
+problem of the input raises :class:`FsgEndoError` with one line naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from fsg_endo.data.sizes import size_class2, size_class3
+from fsg_endo.errors import FsgEndoError
+
+READER_COLUMNS = ("dataset", "video_id", "lesion_id", "frame_id", "frame_path", "xmin", "ymin", "xmax",
+                  "ymax", "width", "height", "size_mm", "size_class3", "size_class2")
+LESION_INFO_COLUMNS = ("unique_object_id", "unique_video_name", "size [mm]")
+VIDEO_INFO_COLUMNS = ("unique_video_name",)
+SUN_SIZES_COLUMNS = ("case", "size_mm")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+_FRAME_NAME = re.compile(r"(?P<video>.+)_(?P<t>\d+)")
+_ANNOTATION_DIR = re.compile(r"(?P<video>.+)_annotations?")
+_SUN_CASE_FILE = re.compile(r"case(?P<n>\d+)\.txt")
+_SUN_IMAGE_NUMBER = re.compile(r"image(?P<n>\d+)$")
+_NUM = r"-?\d+(?:\.\d*)?"
+_SUN_BOX = re.compile(rf"({_NUM}),({_NUM}),({_NUM}),({_NUM}),(-?\d+)")
+_SUN_LINE = re.compile(rf"(?P<path>\S.*?\.(?:jpe?g|png))(?P<boxes>(?:\s+{_NUM}(?:,{_NUM}){{3}},-?\d+)*)\s*",
+                       re.IGNORECASE)
+_MAX_WORKERS = min(8, (os.cpu_count() or 1) + 2)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class _Box:
+    """One annotated box of a frame, before its lesion is looked up."""
+
+    video_id: str
+    lesion_id: str
+    frame_id: str
+    frame_path: str
+    xmin: int
+    ymin: int
+    xmax: int
+    ymax: int
+    width: int
+    height: int
+
+
+def parallel_map(fn: Callable[[T], R], items: Sequence[T], chunk: int = 256) -> list[R]:
+    """``[fn(x) for x in items]`` on a thread pool, in chunks (file I/O and C decoders release the GIL).
+
+    Results keep the order of ``items``; the first failing item (in that order) raises its error.
+    """
+    if len(items) <= chunk:
+        return [fn(x) for x in items]
+    chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
+    with ThreadPoolExecutor(max_workers=_MAX_WORKERS) as pool:
+        return [r for part in pool.map(lambda c: [fn(x) for x in c], chunks) for r in part]
+
+
+def require_dir(path: Path, what: str) -> Path:
+    """Return ``path`` if it is a folder, else raise naming it."""
+    if not path.is_dir():
+        raise FsgEndoError(f"{path}: {what} not found")
+    return path
+
+
+def read_table(path: Path, required: Iterable[str]) -> pd.DataFrame:
+    """Read a CSV as strings, checking that it exists, parses and has the ``required`` columns."""
+    if not path.is_file():
+        raise FsgEndoError(f"{path}: file not found")
+    try:
+        table = pd.read_csv(path, dtype=str, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as err:
+        raise FsgEndoError(f"{path}: cannot read CSV ({_one_line(err)})") from None
+    table.columns = [str(c).strip() for c in table.columns]
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise FsgEndoError(f"{path}: missing column(s) {', '.join(repr(c) for c in missing)}")
+    return table
+
+
+def check_box(box: Sequence[float], width: int, height: int, where: str) -> None:
+    """Refuse a degenerate box or one that leaves its ``width`` x ``height`` frame."""
+    xmin, ymin, xmax, ymax = box
+    if not (0 <= xmin < xmax <= width and 0 <= ymin < ymax <= height):
+        raise FsgEndoError(f"{where}: box (xmin={xmin}, ymin={ymin}, xmax={xmax}, ymax={ymax}) is empty or "
+                           f"leaves the {width}x{height} frame")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def _to_int(text: str | None, what: str, where: str) -> int:
+    """Parse a pixel coordinate or size, rounding as the REAL-Colon tools do."""
+    try:
+        return round(float(text))
+    except (TypeError, ValueError, OverflowError):
+        raise FsgEndoError(f"{where}: {what} is missing or not a number ({text!r})") from None
+
+
+def _frames_rows(boxes: list[_Box], sizes: dict[str, float], dataset: str) -> pd.DataFrame:
+    """Rows of the manifest (without ``fold``) from boxes and a lesion -> size (mm) table."""
+    df = pd.DataFrame([b.__dict__ for b in boxes], columns=list(_Box.__dataclass_fields__))
+    df.insert(0, "dataset", dataset)
+    df["size_mm"] = df["lesion_id"].map(sizes).astype(float)
+    df["size_class3"] = np.asarray(size_class3(df["size_mm"].to_numpy()), dtype=np.int64)
+    df["size_class2"] = np.asarray(size_class2(df["size_mm"].to_numpy()), dtype=np.int64)
+    int_cols = ["xmin", "ymin", "xmax", "ymax", "width", "height"]
+    df[int_cols] = df[int_cols].astype(np.int64)
+    return df[list(READER_COLUMNS)].reset_index(drop=True)
+
+
+def _positive_size(value: str | float, where: str) -> float:
+    """A lesion size in mm: a finite number > 0."""
+    size = pd.to_numeric(pd.Series([value]), errors="coerce").iloc[0]
+    if not np.isfinite(size) or size <= 0:
+        raise FsgEndoError(f"{where}: size is missing or not a positive number ({value!r})")
+    return float(size)
+
+
+# --- REAL-Colon ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _VocFrame:
+    """What one REAL-Colon VOC file says: frame size and (lesion id, box) of each object."""
+
+    width: int | None
+    height: int | None
+    objects: tuple[tuple[str, tuple[int, int, int, int]], ...]
+
+
+def parse_voc(path: Path) -> _VocFrame:
+    """Parse one REAL-Colon annotation file (Pascal-VOC with ``<unique_id>`` per object)."""
+    try:
+        root = ET.fromstring(path.read_bytes())
+    except ET.ParseError as err:
+        raise FsgEndoError(f"{path}: malformed XML ({_one_line(err)})") from None
+    except OSError as err:
+        raise FsgEndoError(f"{path}: cannot read ({err.strerror})") from None
+    objects = []
+    for obj in root.iter("object"):
+        lesion = (obj.findtext("unique_id") or "").strip()
+        if not lesion:
+            raise FsgEndoError(f"{path}: an <object> has no <unique_id>")
+        bndbox = obj.find("bndbox")
+        box = tuple(_to_int(None if bndbox is None else bndbox.findtext(k), f"<bndbox><{k}>", str(path))
+                    for k in ("xmin", "ymin", "xmax", "ymax"))
+        objects.append((lesion, box))
+    if not objects:
+        return _VocFrame(None, None, ())
+    size = root.find("size")
+    width, height = (_to_int(None if size is None else size.findtext(k), f"<size><{k}>", str(path))
+                     for k in ("width", "height"))
+    return _VocFrame(width, height, tuple(objects))
+
+
+def _frame_index(frames_dir: Path) -> tuple[set[str], dict[int, str]]:
+    """File names of a frames folder, and frame number -> file name (zero-padded or not)."""
+    names = {e.name for e in os.scandir(frames_dir) if e.name.lower().endswith(IMAGE_SUFFIXES)}
+    by_number = {}
+    for name in sorted(names):
+        m = _FRAME_NAME.fullmatch(Path(name).stem)
+        if m:
+            by_number.setdefault(int(m["t"]), name)
+    return names, by_number
+
+
+def _video_annotations(ann_dir: Path, video: str) -> list[tuple[int, Path]]:
+    """(frame number, path) of each annotation XML of a video, in frame order."""
+    found = []
+    for entry in os.scandir(ann_dir):
+        if not entry.name.lower().endswith(".xml"):
+            continue
+        m = _FRAME_NAME.fullmatch(entry.name[:-4])
+        if m is None or m["video"] != video:
+            raise FsgEndoError(f"{ann_dir / entry.name}: annotation file name is not '{video}_<frame>.xml'")
+        found.append((int(m["t"]), ann_dir / entry.name))
+    return sorted(found)
+
+
+def _realcolon_video_boxes(root: Path, video: str, ann_dir: Path) -> list[_Box]:
+    """Every lesion box of one REAL-Colon video, in frame order."""
+    annotations = _video_annotations(ann_dir, video)
+    parsed = parallel_map(parse_voc, [p for _, p in annotations])
+    frames_dir = root / f"{video}_frames"
+    names: set[str] | None = None
+    by_number: dict[int, str] = {}
+    boxes = []
+    for (t, xml_path), voc in zip(annotations, parsed):
+        if not voc.objects:
+            continue
+        if names is None:
+            names, by_number = _frame_index(require_dir(frames_dir, f"frames folder of video {video}"))
+        name = xml_path.stem + ".jpg" if xml_path.stem + ".jpg" in names else by_number.get(t)
+        if name is None:
+            raise FsgEndoError(f"{xml_path}: its frame {xml_path.stem}.jpg is missing from {frames_dir}")
+        for lesion, box in voc.objects:
+            check_box(box, voc.width, voc.height, str(xml_path))
+            boxes.append(_Box(video, lesion, Path(name).stem, f"{video}_frames/{name}", *box,
+                              voc.width, voc.height))
+    return boxes
+
+
+def _realcolon_lesions(root: Path) -> pd.DataFrame:
+    """``lesion_info.csv`` indexed by lesion id, checked against ``video_info.csv``."""
+    lesion_csv, video_csv = root / "lesion_info.csv", root / "video_info.csv"
+    lesions = read_table(lesion_csv, LESION_INFO_COLUMNS)
+    videos = read_table(video_csv, VIDEO_INFO_COLUMNS)
+    lesions["unique_object_id"] = lesions["unique_object_id"].str.strip()
+    lesions["unique_video_name"] = lesions["unique_video_name"].str.strip()
+    dup = lesions["unique_object_id"][lesions["unique_object_id"].duplicated()]
+    if len(dup):
+        raise FsgEndoError(f"{lesion_csv}: lesion '{dup.iloc[0]}' is listed twice")
+    known_videos = set(videos["unique_video_name"].str.strip())
+    unknown = lesions[~lesions["unique_video_name"].isin(known_videos)]
+    if len(unknown):
+        row = unknown.iloc[0]
+        raise FsgEndoError(f"{lesion_csv}: lesion '{row['unique_object_id']}' names video "
+                           f"'{row['unique_video_name']}', which is not in {video_csv.name}")
+    return lesions.set_index("unique_object_id")
+
+
+def _annotation_dirs(root: Path) -> list[tuple[str, Path]]:
+    """(video name, folder) of every ``{video}_annotations`` folder under the root, sorted."""
+    dirs = []
+    for entry in os.scandir(root):
+        m = _ANNOTATION_DIR.fullmatch(entry.name)
+        if m and entry.is_dir():
+            dirs.append((m["video"], root / entry.name))
+    if not dirs:
+        raise FsgEndoError(f"{root}: no '<video>_annotations' folders (not a REAL-Colon layout)")
+    return sorted(dirs)
+
+
+def read_realcolon(root: str | os.PathLike, dataset: str = "realcolon") -> pd.DataFrame:
+    """Manifest rows (without ``fold``) of a REAL-Colon layout; negative frames give no rows.
+
+    ``frame_path`` is relative to ``root`` with forward slashes; ``width``/``height`` come from the XML
+    ``<size>``; ``size_mm`` from ``lesion_info.csv`` ``size [mm]``.
+    """
+    root = require_dir(Path(root), "dataset root")
+    lesions = _realcolon_lesions(root)
+    lesion_csv = root / "lesion_info.csv"
+    video_of = lesions["unique_video_name"].to_dict()
+    boxes = []
+    for video, ann_dir in _annotation_dirs(root):
+        video_boxes = _realcolon_video_boxes(root, video, ann_dir)
+        for box in video_boxes:
+            where = ann_dir / f"{box.frame_id}.xml"
+            if box.lesion_id not in video_of:
+                raise FsgEndoError(f"{where}: lesion '{box.lesion_id}' is not in {lesion_csv.name}")
+            if video_of[box.lesion_id] != video:
+                raise FsgEndoError(f"{where}: lesion '{box.lesion_id}' belongs to video "
+                                   f"'{video_of[box.lesion_id]}' in {lesion_csv.name}")
+        boxes.extend(video_boxes)
+    used = sorted({b.lesion_id for b in boxes})
+    sizes = {lid: _positive_size(lesions.at[lid, "size [mm]"], f"{lesion_csv}: lesion '{lid}' 'size [mm]'")
+             for lid in used}
+    return _frames_rows(boxes, sizes, dataset)
+
+
+# --- SUN -------------------------------------------------------------------------------------------
+
+
+def _sun_sizes(sizes_csv: str | os.PathLike | None) -> tuple[Path, dict[int, float]]:
+    """Case number -> size (mm) from the ``case,size_mm`` CSV given with ``--sizes``."""
+    if sizes_csv is None:
+        raise FsgEndoError("SUN layout: polyp sizes are not in the dataset; give them with --sizes CSV "
+                           "(columns case,size_mm)")
+    path = Path(sizes_csv)
+    table = read_table(path, SUN_SIZES_COLUMNS)
+    sizes: dict[int, float] = {}
+    for i, (case, size) in enumerate(zip(table["case"], table["size_mm"]), start=2):
+        m = re.fullmatch(r"(?:case)?(\d+)", str(case).strip(), re.IGNORECASE)
+        if m is None:
+            raise FsgEndoError(f"{path}: line {i}: case {case!r} is not a case number")
+        n = int(m[1])
+        if n in sizes:
+            raise FsgEndoError(f"{path}: line {i}: case {n} is listed twice")
+        sizes[n] = _positive_size(size, f"{path}: line {i}: case {n}")
+    return path, sizes
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image from its header, without decoding it."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError:
+        raise FsgEndoError(f"{path}: frame not found") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise FsgEndoError(f"{path}: cannot read image header ({_one_line(err)})") from None
+
+
+def _sun_frame_name(case_dir: Path, names: set[str], numbers: dict[int, str], path_text: str,
+                    where: str) -> str:
+    """File name in ``case_dir`` of a frame named by an annotation line (any folder, any padding)."""
+    base = re.split(r"[\\/]", path_text)[-1]
+    if base in names:
+        return base
+    m = _SUN_IMAGE_NUMBER.search(Path(base).stem)
+    if m and int(m["n"]) in numbers:
+        return numbers[int(m["n"])]
+    raise FsgEndoError(f"{where}: frame '{base}' is not in {case_dir}")
+
+
+def _sun_case_lines(txt: Path) -> list[tuple[int, str, list[tuple[int, int, int, int]]]]:
+    """(line number, image path, boxes) of each non-blank line of a SUN ``case{N}.txt``."""
+    try:
+        lines = txt.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise FsgEndoError(f"{txt}: cannot read ({_one_line(err)})") from None
+    parsed = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        m = _SUN_LINE.fullmatch(line.strip())
+        if m is None:
+            raise FsgEndoError(f"{txt}: line {i}: cannot parse {line.strip()[:80]!r} "
+                               "(expected '<image path> xmin,ymin,xmax,ymax,class_id ...')")
+        boxes = [tuple(round(float(v)) for v in b.groups()[:4]) for b in _SUN_BOX.finditer(m["boxes"])]
+        parsed.append((i, m["path"], boxes))
+    return parsed
+
+
+def _sun_case_boxes(root: Path, n: int, txt: Path) -> list[_Box]:
+    """Every polyp box of SUN case ``n``; its video and lesion are both ``case{n}``."""
+    case = f"case{n}"
+    case_dir = require_dir(root / case, f"frames folder of {case}")
+    names = {e.name for e in os.scandir(case_dir) if e.name.lower().endswith(IMAGE_SUFFIXES)}
+    numbers = {}
+    for name in sorted(names):
+        m = _SUN_IMAGE_NUMBER.search(Path(name).stem)
+        if m:
+            numbers.setdefault(int(m["n"]), name)
+    lines = [(i, _sun_frame_name(case_dir, names, numbers, p, f"{txt}: line {i}"), boxes)
+             for i, p, boxes in _sun_case_lines(txt) if boxes]
+    frame_names = sorted({name for _, name, _ in lines})
+    frame_sizes = dict(zip(frame_names, parallel_map(_image_size, [case_dir / f for f in frame_names])))
+    out = []
+    for i, name, boxes in lines:
+        width, height = frame_sizes[name]
+        for box in boxes:
+            check_box(box, width, height, f"{txt}: line {i}")
+            out.append(_Box(case, case, Path(name).stem, f"{case}/{name}", *box, width, height))
+    return out
+
+
+def read_sun(root: str | os.PathLike, sizes_csv: str | os.PathLike | None) -> pd.DataFrame:
+    """Manifest rows (without ``fold``) of a SUN layout; ``video_id`` = ``lesion_id`` = ``case{N}``.
+
+    Sizes come from ``sizes_csv`` (columns ``case``, ``size_mm``); ``width``/``height`` from each frame's
+    image header.
+    """
+    root = require_dir(Path(root), "dataset root")
+    ann_dir = require_dir(root / "annotation_txt", "SUN 'annotation_txt' folder")
+    sizes_path, sizes = _sun_sizes(sizes_csv)
+    cases = sorted((int(m["n"]), ann_dir / e.name) for e in os.scandir(ann_dir)
+                   if (m := _SUN_CASE_FILE.fullmatch(e.name)))
+    if not cases:
+        raise FsgEndoError(f"{ann_dir}: no case<N>.txt annotation files")
+    missing = [n for n, _ in cases if n not in sizes]
+    if missing:
+        raise FsgEndoError(f"{sizes_path}: case {missing[0]} (annotation_txt/case{missing[0]}.txt) has no size")
+    boxes = [b for n, txt in cases for b in _sun_case_boxes(root, n, txt)]
+    return _frames_rows(boxes, {f"case{n}": s for n, s in sizes.items()}, "sun")
