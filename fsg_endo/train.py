@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 from fsg_endo import plots
 from fsg_endo.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fsg_endo.data.prepare import DataBundle
-from fsg_endo.data.sizes import CLASS2_NAMES, CLASS3_NAMES
 from fsg_endo.gates import fold_gates, gate_parameters, gate_statistics, gate_values, non_gate_parameters
 from fsg_endo.models import build_model
 from fsg_endo.routing import GradientRouter, train_step
@@ -204,8 +203,7 @@ def finish(cfg, data: DataBundle, tracker: Tracker, model, task: Task, device, u
     tracker.log_metrics({k: v for k, v in results.items() if k.startswith("test/") or k.startswith("lesion/test/")}
                         | {"best_epoch": state["best_epoch"]}, state["step"])
     if cfg["tracking"]["plots"]:
-        names = CLASS2_NAMES if task.name == "size_class2" else CLASS3_NAMES
-        tracker.log_figure(plots.confusion_figure(task.confusion(frames), names, "test, per frame"),
+        tracker.log_figure(plots.confusion_figure(task.confusion(frames), task.class_names, "test, per frame"),
                            "plots/confusion_test.png")
         tracker.log_figure(plots.learning_curves(pd.DataFrame(state["history"]), metric), "plots/learning_curves.png")
     if cfg["tracking"]["log_model"]:
