@@ -102,7 +102,9 @@ def write_realcolon(root: Path, sizes_per_video: Sequence[Sequence[float]], fram
                         for lesion, size in zip(lesions, sizes)]
         video_rows.append({"unique_video_name": video, "age": 60, "sex": "F", "endoscope_brand": "Olympus",
                            "fps": 30.0, "num_frames": len(plan), "num_lesions": len(lesions), "bbps": 7})
-    pd.DataFrame(lesion_rows).to_csv(root / "lesion_info.csv", index=False)
+    lesion_columns = ["unique_object_id", "unique_video_name", "size [mm]", "site", "histology_extended",
+                      "histology_class"]
+    pd.DataFrame(lesion_rows, columns=lesion_columns).to_csv(root / "lesion_info.csv", index=False)
     pd.DataFrame(video_rows).to_csv(root / "video_info.csv", index=False)
     return pd.DataFrame(expected, columns=EXPECTED_COLUMNS)
 

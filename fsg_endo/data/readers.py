@@ -278,10 +278,10 @@ def read_realcolon(root: str | os.PathLike, dataset: str = "realcolon") -> pd.Da
 # --- SUN -------------------------------------------------------------------------------------------
 
 
-def _sun_sizes(sizes_csv: str | os.PathLike | None) -> tuple[Path, dict[int, float]]:
+def _sun_sizes(root: Path, sizes_csv: str | os.PathLike | None) -> tuple[Path, dict[int, float]]:
     """Case number -> size (mm) from the ``case,size_mm`` CSV given with ``--sizes``."""
     if sizes_csv is None:
-        raise FsgEndoError("SUN layout: polyp sizes are not in the dataset; give them with --sizes CSV "
+        raise FsgEndoError(f"{root}: a SUN dataset has no polyp sizes; give them with --sizes CSV "
                            "(columns case,size_mm)")
     path = Path(sizes_csv)
     table = read_table(path, SUN_SIZES_COLUMNS)
@@ -370,7 +370,7 @@ def read_sun(root: str | os.PathLike, sizes_csv: str | os.PathLike | None) -> pd
     """
     root = require_dir(Path(root), "dataset root")
     ann_dir = require_dir(root / "annotation_txt", "SUN 'annotation_txt' folder")
-    sizes_path, sizes = _sun_sizes(sizes_csv)
+    sizes_path, sizes = _sun_sizes(root, sizes_csv)
     cases = sorted((int(m["n"]), ann_dir / e.name) for e in os.scandir(ann_dir)
                    if (m := _SUN_CASE_FILE.fullmatch(e.name)))
     if not cases:
