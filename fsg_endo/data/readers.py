@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -43,9 +43,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-@dataclass(frozen=True)
-class _Box:
-    """One annotated box of a frame, before its lesion is looked up."""
+class _Box(NamedTuple):
+    """One annotated box of a frame, before its lesion's size is looked up."""
 
     video_id: str
     lesion_id: str
@@ -115,7 +114,7 @@ def _to_int(text: str | None, what: str, where: str) -> int:
 
 def _frames_rows(boxes: list[_Box], sizes: dict[str, float], dataset: str) -> pd.DataFrame:
     """Rows of the manifest (without ``fold``) from boxes and a lesion -> size (mm) table."""
-    df = pd.DataFrame([b.__dict__ for b in boxes], columns=list(_Box.__dataclass_fields__))
+    df = pd.DataFrame(boxes, columns=list(_Box._fields))
     df.insert(0, "dataset", dataset)
     df["size_mm"] = df["lesion_id"].map(sizes).astype(float)
     df["size_class3"] = np.asarray(size_class3(df["size_mm"].to_numpy()), dtype=np.int64)
@@ -127,7 +126,10 @@ def _frames_rows(boxes: list[_Box], sizes: dict[str, float], dataset: str) -> pd
 
 def _positive_size(value: str | float, where: str) -> float:
     """A lesion size in mm: a finite number > 0."""
-    size = pd.to_numeric(pd.Series([value]), errors="coerce").iloc[0]
+    try:
+        size = float(value)
+    except (TypeError, ValueError):
+        size = float("nan")
     if not np.isfinite(size) or size <= 0:
         raise FsgEndoError(f"{where}: size is missing or not a positive number ({value!r})")
     return float(size)
@@ -194,8 +196,17 @@ def _video_annotations(ann_dir: Path, video: str) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _realcolon_video_boxes(root: Path, video: str, ann_dir: Path) -> list[_Box]:
-    """Every lesion box of one REAL-Colon video, in frame order."""
+def _check_lesion(lesion: str, video: str, video_of: dict[str, str], xml_path: Path) -> None:
+    """Refuse a lesion id missing from ``lesion_info.csv`` or listed there under another video."""
+    if lesion not in video_of:
+        raise FsgEndoError(f"{xml_path}: lesion '{lesion}' is not in lesion_info.csv")
+    if video_of[lesion] != video:
+        raise FsgEndoError(f"{xml_path}: lesion '{lesion}' belongs to video '{video_of[lesion]}' in "
+                           "lesion_info.csv")
+
+
+def _realcolon_video_boxes(root: Path, video: str, ann_dir: Path, video_of: dict[str, str]) -> list[_Box]:
+    """Every lesion box of one REAL-Colon video, in frame order; ``video_of`` maps lesion -> video."""
     annotations = _video_annotations(ann_dir, video)
     parsed = parallel_map(parse_voc, [p for _, p in annotations])
     frames_dir = root / f"{video}_frames"
@@ -211,6 +222,7 @@ def _realcolon_video_boxes(root: Path, video: str, ann_dir: Path) -> list[_Box]:
         if name is None:
             raise FsgEndoError(f"{xml_path}: its frame {xml_path.stem}.jpg is missing from {frames_dir}")
         for lesion, box in voc.objects:
+            _check_lesion(lesion, video, video_of, xml_path)
             check_box(box, voc.width, voc.height, str(xml_path))
             boxes.append(_Box(video, lesion, Path(name).stem, f"{video}_frames/{name}", *box,
                               voc.width, voc.height))
@@ -258,17 +270,8 @@ def read_realcolon(root: str | os.PathLike, dataset: str = "realcolon") -> pd.Da
     lesions = _realcolon_lesions(root)
     lesion_csv = root / "lesion_info.csv"
     video_of = lesions["unique_video_name"].to_dict()
-    boxes = []
-    for video, ann_dir in _annotation_dirs(root):
-        video_boxes = _realcolon_video_boxes(root, video, ann_dir)
-        for box in video_boxes:
-            where = ann_dir / f"{box.frame_id}.xml"
-            if box.lesion_id not in video_of:
-                raise FsgEndoError(f"{where}: lesion '{box.lesion_id}' is not in {lesion_csv.name}")
-            if video_of[box.lesion_id] != video:
-                raise FsgEndoError(f"{where}: lesion '{box.lesion_id}' belongs to video "
-                                   f"'{video_of[box.lesion_id]}' in {lesion_csv.name}")
-        boxes.extend(video_boxes)
+    boxes = [b for video, ann_dir in _annotation_dirs(root)
+             for b in _realcolon_video_boxes(root, video, ann_dir, video_of)]
     used = sorted({b.lesion_id for b in boxes})
     sizes = {lid: _positive_size(lesions.at[lid, "size [mm]"], f"{lesion_csv}: lesion '{lid}' 'size [mm]'")
              for lid in used}
