@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import sklearn.model_selection  # noqa: F401  (imported lazily by assign_folds: keep it out of the timing)
 
 from fsg_endo.data.manifest import build_manifest
 from fsg_endo.data.readers import read_realcolon
