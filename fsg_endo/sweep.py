@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import itertools
 import sys
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import pandas as pd
 
@@ -41,8 +42,9 @@ def run_sweep(cfg: Mapping[str, Any], uri: str, resume_run_id: str | None = None
     if resume_run_id:
         parent = Tracker.start(uri, cfg["name"], resume_run_id=resume_run_id)
     else:
-        parent = Tracker.start(uri, cfg["name"], run_name="sweep", params={"sweep.children": len(list(child_configs(cfg)))}
-                               | {f"sweep.{k}": str(v) for k, v in cfg["sweep"].items()},
+        params = {f"sweep.{k}": str(v) for k, v in cfg["sweep"].items()}
+        params["sweep.children"] = len(list(child_configs(cfg)))
+        parent = Tracker.start(uri, cfg["name"], run_name="sweep", params=params,
                                tags={"task": cfg["task"], "regularizer": "sweep"})
     done = existing_children(uri, parent) if resume_run_id else {}
     rows = []

@@ -13,8 +13,9 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -86,7 +87,7 @@ class Tracker:
     @classmethod
     def start(cls, uri: str, experiment: str, *, run_name: str | None = None, tags: Mapping[str, str] = (),
               params: Mapping[str, Any] = (), parent_run_id: str | None = None,
-              resume_run_id: str | None = None) -> "Tracker":
+              resume_run_id: str | None = None) -> Tracker:
         """Create (or reopen, for ``resume_run_id``) a run in ``experiment`` and log its params and tags."""
         client = mlflow.MlflowClient(tracking_uri=uri)
         if resume_run_id:
@@ -138,7 +139,7 @@ class Tracker:
             try:
                 if batch is None:
                     return
-                _retry(lambda: self.client.log_batch(self.run_id, metrics=batch))
+                _retry(lambda batch=batch: self.client.log_batch(self.run_id, metrics=batch))
             except Exception as err:  # surfaced to the caller on the next flush
                 self._error = err
             finally:
@@ -170,7 +171,7 @@ class Tracker:
         plt.close(figure)
         self.log_bytes(buf.getvalue(), artifact_file)
 
-    def log_gate_arrays(self, values: Mapping[str, "np.ndarray"], epoch: int) -> None:
+    def log_gate_arrays(self, values: Mapping[str, np.ndarray], epoch: int) -> None:
         """Every gate vector of an epoch as ``gates/epoch_EEE.npz`` (keys ``attn_LL``, ``mlp_LL``)."""
         buf = io.BytesIO()
         np.savez_compressed(buf, **values)

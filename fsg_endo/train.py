@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -138,7 +139,8 @@ def fit(cfg: Mapping[str, Any], data: DataBundle, tracker: Tracker, run_dir: Pat
         state = ckpt["state"]
         set_rng_state(ckpt["rng"])
 
-    threshold, gate_every, log_every = cfg["gates"]["sparsity_threshold"], cfg["gates"]["log_every"], cfg["tracking"]["log_every"]
+    threshold, gate_every = cfg["gates"]["sparsity_threshold"], cfg["gates"]["log_every"]
+    log_every = cfg["tracking"]["log_every"]
     for epoch in range(state["epoch"], epochs):
         t_epoch, log_seconds0 = time.perf_counter(), tracker.seconds
         data.sampler.set_epoch(epoch)
@@ -169,7 +171,8 @@ def fit(cfg: Mapping[str, Any], data: DataBundle, tracker: Tracker, run_dir: Pat
             values = {k: v.cpu().numpy() for k, v in gate_values(model).items()}
             tracker.log_gate_arrays(values, epoch + 1)
             if cfg["tracking"]["plots"]:
-                tracker.log_figure(plots.gate_heatmap(values, f"epoch {epoch + 1}"), f"plots/gates_epoch_{epoch + 1:03d}.png")
+                tracker.log_figure(plots.gate_heatmap(values, f"epoch {epoch + 1}"),
+                                   f"plots/gates_epoch_{epoch + 1:03d}.png")
         if (epoch + 1) % cfg["eval"]["every"] == 0 or epoch + 1 == epochs:
             val_metrics, _ = evaluate(model, data.loaders["val"], task, device, use_box, "val")
             row.update(val_metrics)
@@ -200,7 +203,7 @@ def finish(cfg, data: DataBundle, tracker: Tracker, model, task: Task, device, u
         metrics, frames = evaluate(model, data.loaders[split], task, device, use_box, split)
         results.update(metrics)
         tracker.log_text(frames.to_csv(index=False), f"predictions/{split}.csv")
-    tracker.log_metrics({k: v for k, v in results.items() if k.startswith("test/") or k.startswith("lesion/test/")}
+    tracker.log_metrics({k: v for k, v in results.items() if k.startswith(("test/", "lesion/test/"))}
                         | {"best_epoch": state["best_epoch"]}, state["step"])
     if cfg["tracking"]["plots"]:
         tracker.log_figure(plots.confusion_figure(task.confusion(frames), task.class_names, "test, per frame"),

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import pandas as pd
 
@@ -81,7 +82,7 @@ def prepare_data(cfg: Mapping[str, Any]) -> DataBundle:
     for name in ("val", "test"):
         splits[name] = cap_frames_per_lesion(splits[name], data["eval_frames_per_lesion"])
 
-    crop = dict(image_size=data["image_size"], context=data["context"], fov_mask=data["fov_mask"])
+    crop = {"image_size": data["image_size"], "context": data["context"], "fov_mask": data["fov_mask"]}
     mean, std = compute_mean_std(splits["train"], root, **crop)
     common = dict(crop, mean=mean, std=std, cache=data["cache"], source=data["source_media"],
                   cache_dir=cache_dir() / "persistent", workers=data["workers"])
@@ -92,6 +93,7 @@ def prepare_data(cfg: Mapping[str, Any]) -> DataBundle:
                                  class_balanced=data["class_balanced"], seed=seed)
     batch = cfg["optim"]["batch_size"]
     loaders = {"train": make_loader(train_ds, batch, sampler=sampler, workers=data["workers"], seed=seed)}
-    loaders.update({name: make_loader(ds, batch * 2, workers=data["workers"], seed=seed) for name, ds in eval_ds.items()})
+    for name, ds in eval_ds.items():
+        loaders[name] = make_loader(ds, batch * 2, workers=data["workers"], seed=seed)
     return DataBundle(root=root, manifest_sha256=hashlib.sha256(mpath.read_bytes()).hexdigest(),
                       splits=splits, summary=split_summary(splits), sampler=sampler, loaders=loaders)
