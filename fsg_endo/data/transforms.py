@@ -1,0 +1,250 @@
+"""MONAI dictionary transforms of the crop pipeline: load a frame, crop around the box, mask, resize, augment.
+
+Items are dicts built once from manifest rows (see :mod:`fsg_endo.data.pipeline`). The deterministic steps
+end with a small uint8 HWC crop that MONAI can cache; the random and float steps run after the cache.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from monai.transforms import MapTransform, Randomizable
+from monai.utils import MAX_SEED
+
+from fsg_endo.errors import FsgEndoError
+
+
+def read_frame(path: str) -> np.ndarray:
+    """Decode a JPEG (or any image OpenCV reads) as RGB uint8 HWC; FsgEndoError names the path on failure."""
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        problem = "not a decodable image" if Path(path).is_file() else "file missing"
+        raise FsgEndoError(f"cannot read frame {path}: {problem}")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+class VideoFrameReader:
+    """Frames of .mp4 files by index, keeping one open capture per video per thread and process (LRU).
+
+    Captures are never shared across threads (CacheDataset fills its cache with a thread pool) nor
+    inherited across a fork (DataLoader workers open their own); sequential reads skip the seek.
+    """
+
+    def __init__(self, max_open: int = 8) -> None:
+        self.max_open = max_open
+        self._local = threading.local()
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"max_open": self.max_open}
+
+    def __setstate__(self, state: Mapping[str, Any]) -> None:
+        self.__init__(**state)
+
+    def _captures(self) -> OrderedDict:
+        if self._pid != os.getpid():  # forked: the parent's captures share its file offsets
+            self._local, self._pid = threading.local(), os.getpid()
+        if not hasattr(self._local, "caps"):
+            self._local.caps = OrderedDict()
+        return self._local.caps
+
+    def _open(self, path: str) -> list:
+        caps = self._captures()
+        if path in caps:
+            caps.move_to_end(path)
+            return caps[path]
+        if not Path(path).is_file():
+            raise FsgEndoError(f"cannot read video {path}: file missing")
+        cap = cv2.VideoCapture(path)
+        if not cap.isOpened():
+            raise FsgEndoError(f"cannot read video {path}: not a decodable video")
+        if len(caps) >= self.max_open:
+            caps.popitem(last=False)[1][0].release()
+        caps[path] = [cap, 0]  # capture, index of the frame the next read returns
+        return caps[path]
+
+    def read(self, path: str, index: int) -> np.ndarray:
+        """Frame ``index`` (0-based) of the video at ``path`` as RGB uint8 HWC."""
+        entry = self._open(path)
+        cap, position = entry
+        if index != position:
+            cap.set(cv2.CAP_PROP_POS_FRAMES, index)
+        ok, image = cap.read()
+        entry[1] = index + 1
+        if not ok:
+            entry[1] = -1
+            raise FsgEndoError(f"cannot read frame {index} of video {path}: beyond its end or not decodable")
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+class LoadFramed(MapTransform):
+    """Load the item's frame into ``image``: from ``path`` (JPEG) or, with ``source="video"``, from
+    ``video`` at ``frame_index``. Checks the frame against the manifest's ``frame_size`` (width, height)."""
+
+    def __init__(self, keys: str | Sequence[Hashable] = "image", source: str = "frames") -> None:
+        super().__init__(keys)
+        if source not in ("frames", "video"):
+            raise FsgEndoError(f"data source must be 'frames' or 'video', not {source!r}")
+        self.source = source
+        self.videos = VideoFrameReader() if source == "video" else None
+
+    def _load(self, d: Mapping[str, Any]) -> tuple[np.ndarray, str]:
+        if self.videos is None:
+            return read_frame(d["path"]), d["path"]
+        where = f"{d['video']} frame {d['frame_index']}"
+        return self.videos.read(d["video"], d["frame_index"]), where
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image, where = self._load(d)
+        width, height = d["frame_size"]
+        if image.shape[:2] != (height, width):
+            raise FsgEndoError(f"{where}: frame is {image.shape[1]}x{image.shape[0]} "
+                               f"but the manifest says {width}x{height}")
+        for key in self.keys:
+            d[key] = image
+        return d
+
+
+def crop_window(bbox: Sequence[float], context: float) -> tuple[int, int, int]:
+    """Square ``(x0, y0, side)`` centred on the box, side = max(box w, h) * (1 + 2 * context) in pixels."""
+    xmin, ymin, xmax, ymax = (float(v) for v in bbox)
+    side = max(1, round(max(xmax - xmin, ymax - ymin) * (1.0 + 2.0 * context)))
+    x0 = math.floor((xmin + xmax) / 2.0 - side / 2.0 + 0.5)
+    y0 = math.floor((ymin + ymax) / 2.0 - side / 2.0 + 0.5)
+    return x0, y0, side
+
+
+def crop_square(image: np.ndarray, x0: int, y0: int, side: int) -> np.ndarray:
+    """The ``side``-pixel square at (x0, y0) of an HWC image, zero (black) where it leaves the image."""
+    height, width = image.shape[:2]
+    out = np.zeros((side, side) + image.shape[2:], dtype=image.dtype)
+    fx0, fy0 = max(x0, 0), max(y0, 0)
+    fx1, fy1 = min(x0 + side, width), min(y0 + side, height)
+    if fx1 > fx0 and fy1 > fy0:
+        out[fy0 - y0:fy1 - y0, fx0 - x0:fx1 - x0] = image[fy0:fy1, fx0:fx1]
+    return out
+
+
+def fov_mask(frame_size: Sequence[int], x0: int, y0: int, side: int) -> np.ndarray:
+    """Boolean (side, side) mask of the crop's pixels inside the frame's inscribed circle (the endoscope FOV)."""
+    width, height = frame_size
+    radius = min(width, height) / 2.0
+    dx = (x0 + np.arange(side) + 0.5 - width / 2.0) ** 2
+    dy = (y0 + np.arange(side) + 0.5 - height / 2.0) ** 2
+    return dy[:, None] + dx[None, :] <= radius * radius
+
+
+class CropBoxd(MapTransform):
+    """Replace ``image`` by the square around ``bbox`` with a context margin; records ``crop_window``."""
+
+    def __init__(self, keys: str | Sequence[Hashable] = "image", context: float = 0.5) -> None:
+        super().__init__(keys)
+        if context < 0:
+            raise FsgEndoError(f"crop context must be >= 0, not {context}")
+        self.context = context
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        d["crop_window"] = crop_window(d["bbox"], self.context)
+        for key in self.key_iterator(d):
+            d[key] = crop_square(d[key], *d["crop_window"])
+        return d
+
+
+class FovMaskd(MapTransform):
+    """Zero the crop's pixels outside the frame's inscribed circle, mapped through ``crop_window``."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        inside = fov_mask(d["frame_size"], *d["crop_window"])
+        for key in self.key_iterator(d):
+            d[key] = d[key] * inside[..., None].astype(d[key].dtype)
+        return d
+
+
+class ResizeImaged(MapTransform):
+    """Resize HWC images to ``size`` x ``size`` with OpenCV's area interpolation (anti-aliased shrink)."""
+
+    def __init__(self, keys: str | Sequence[Hashable] = "image", size: int = 64) -> None:
+        super().__init__(keys)
+        self.size = size
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = cv2.resize(d[key], (self.size, self.size), interpolation=cv2.INTER_AREA)
+        return d
+
+
+def paper_augmentation(seed: int = 0) -> A.Compose:
+    """The paper's training augmentation on uint8 HWC: rotation +-30 deg, flips, colour jitter, noise 0.01."""
+    return A.Compose([
+        A.Rotate(limit=30, border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0),
+        A.HorizontalFlip(p=0.5),
+        A.VerticalFlip(p=0.5),
+        A.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.15, hue=0.01, p=1.0),
+        A.GaussNoise(std_range=(0.01, 0.01), p=1.0),  # std as a fraction of the 255 range
+    ], seed=seed, strict=True)
+
+
+class Augmentd(Randomizable, MapTransform):
+    """Apply an albumentations pipeline to ``image``; seeded through MONAI's ``set_random_state``, which
+    MONAI's DataLoader calls per worker, so the same seed gives the same batches."""
+
+    def __init__(self, keys: str | Sequence[Hashable] = "image", augment: A.Compose | None = None,
+                 seed: int = 0) -> None:
+        MapTransform.__init__(self, keys)
+        self.augment = augment if augment is not None else paper_augmentation(seed)
+        self.set_random_state(seed=seed)
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> Augmentd:
+        super().set_random_state(seed=seed, state=state)
+        self.augment.set_random_seed(int(self.R.randint(MAX_SEED)))
+        return self
+
+    def randomize(self, data: Any = None) -> None:
+        """Randomness lives in the albumentations pipeline, reseeded by :meth:`set_random_state`."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.augment(image=np.asarray(d[key]))["image"]
+        return d
+
+
+class ToNormalizedTensor:
+    """Last step: uint8 HWC crop -> float32 CHW tensor, ``(x / 255 - mean) / std``; other fields to tensors.
+
+    Deliberately not a MONAI ``Transform``: CacheDataset caches up to the first random or non-MONAI step,
+    so the cache keeps the uint8 crop (4x smaller than float32) even when nothing random comes before.
+    """
+
+    def __init__(self, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
+        mean = np.zeros(3) if mean is None else np.asarray(mean, dtype=np.float64)
+        std = np.ones(3) if std is None else np.asarray(std, dtype=np.float64)
+        if mean.shape != (3,) or std.shape != (3,) or np.any(std <= 0):
+            raise FsgEndoError(f"normalisation needs 3 means and 3 positive stds, got mean={mean}, std={std}")
+        self.scale = (1.0 / (255.0 * std)).astype(np.float32)
+        self.offset = (-mean / std).astype(np.float32)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = np.asarray(d["image"], dtype=np.float32) * self.scale + self.offset
+        d["image"] = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        d["box"] = torch.as_tensor(d["box"], dtype=torch.float32)
+        for key in ("size_mm", "target_reg"):
+            d[key] = torch.tensor(float(d[key]), dtype=torch.float32)
+        for key in ("size_class3", "size_class2"):
+            d[key] = torch.tensor(int(d[key]), dtype=torch.int64)
+        return d
