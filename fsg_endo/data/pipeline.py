@@ -79,8 +79,8 @@ def rows_to_items(rows: pd.DataFrame, root: str | Path, source: str = "frames") 
     items = []
     for i, row in enumerate(ids):
         item = {"path": str(root / row.frame_path), "bbox": tuple(bbox[i].tolist()),
-                "frame_size": tuple(frame_size[i].tolist()), "box": boxes[i], "size_mm": float(size_mm[i]), "target_reg": float(targets[i]),
-                "size_class3": int(class3[i]), "size_class2": int(class2[i]),
+                "frame_size": tuple(frame_size[i].tolist()), "box": boxes[i], "size_mm": float(size_mm[i]),
+                "target_reg": float(targets[i]), "size_class3": int(class3[i]), "size_class2": int(class2[i]),
                 "lesion_id": str(row.lesion_id), "video_id": str(row.video_id), "frame_id": str(row.frame_id)}
         if source == "video":
             item["video"] = str(root / "videos" / f"{row.video_id}.mp4")
@@ -166,7 +166,7 @@ def build_dataset(rows: pd.DataFrame, root: str | Path, *, image_size: int = 64,
     steps = crop_transforms(image_size, context, fov_mask, source)
     if train:
         steps.append(Augmentd("image", seed=seed))
-    transform = Compose(steps + [ToNormalizedTensor(mean, std)])
+    transform = Compose(steps + [ToNormalizedTensor(mean, std)]).set_random_state(seed=seed)
     items = rows_to_items(rows, root, source)
     if cache == "none":
         return FrameDataset(items, transform)
