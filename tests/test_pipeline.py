@@ -158,10 +158,15 @@ def test_video_source_matches_frames(video):
     root, rows = video
     from_frames = build_dataset(rows, root, image_size=32, cache="none")
     from_video = build_dataset(rows, root, image_size=32, cache="none", source="video")
-    for t in (5, 2, 3, 7, 0, 1):  # out of order: seeks; 2 -> 3 and 0 -> 1: sequential reads
-        diffs = [(from_video[t]["image"] - from_frames[u]["image"]).abs().mean().item() for u in range(8)]
+    frames = [from_frames[u]["image"] for u in range(8)]
+    # 0 -> 5, 3 -> 7: decode forward; 5 -> 2, 7 -> 0: seek back; 2 -> 3, 0 -> 1: next frame; 1 -> 1: same frame
+    for t in (5, 2, 3, 7, 0, 1, 1):
+        diffs = [(from_video[t]["image"] - frame).abs().mean().item() for frame in frames]
         assert diffs[t] < 0.03
         assert int(np.argmin(diffs)) == t
+    beyond = build_dataset(rows.iloc[[0]].assign(frame_id=f"{VIDEO}_8"), root, cache="none", source="video")
+    with pytest.raises(FsgEndoError, match=r"cannot read frame 8 of video .*001-001\.mp4"):
+        beyond[0]
 
 
 def test_cache_modes_give_the_same_items(painted, tmp_path):

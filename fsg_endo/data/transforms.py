@@ -33,58 +33,72 @@ def read_frame(path: str) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+class _OpenVideo:
+    """One capture and where it stands: the index its next read returns, and the last frame decoded."""
+
+    def __init__(self, capture: cv2.VideoCapture) -> None:
+        self.capture, self.last = capture, None
+        self.next_index: int | None = 0  # None: position unknown, the next read seeks
+
+
 class VideoFrameReader:
     """Frames of .mp4 files by index, keeping one open capture per video per thread and process (LRU).
 
     Captures are never shared across threads (CacheDataset fills its cache with a thread pool) nor
-    inherited across a fork (DataLoader workers open their own); sequential reads skip the seek.
+    inherited across a fork (DataLoader workers open their own). Reading forward by up to ``max_skip``
+    frames decodes through instead of seeking; the same frame twice (two lesions) is decoded once.
     """
 
-    def __init__(self, max_open: int = 8) -> None:
-        self.max_open = max_open
+    def __init__(self, max_open: int = 8, max_skip: int = 32) -> None:
+        self.max_open, self.max_skip = max_open, max_skip
         self._local = threading.local()
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"max_open": self.max_open}
+        return {"max_open": self.max_open, "max_skip": self.max_skip}
 
     def __setstate__(self, state: Mapping[str, Any]) -> None:
         self.__init__(**state)
 
-    def _captures(self) -> OrderedDict:
+    def _videos(self) -> OrderedDict:
         if self._pid != os.getpid():  # forked: the parent's captures share its file offsets
             self._local, self._pid = threading.local(), os.getpid()
-        if not hasattr(self._local, "caps"):
-            self._local.caps = OrderedDict()
-        return self._local.caps
+        if not hasattr(self._local, "videos"):
+            self._local.videos = OrderedDict()
+        return self._local.videos
 
-    def _open(self, path: str) -> list:
-        caps = self._captures()
-        if path in caps:
-            caps.move_to_end(path)
-            return caps[path]
+    def _open(self, path: str) -> _OpenVideo:
+        videos = self._videos()
+        if path in videos:
+            videos.move_to_end(path)
+            return videos[path]
         if not Path(path).is_file():
             raise FsgEndoError(f"cannot read video {path}: file missing")
-        cap = cv2.VideoCapture(path)
-        if not cap.isOpened():
+        capture = cv2.VideoCapture(path)
+        if not capture.isOpened():
             raise FsgEndoError(f"cannot read video {path}: not a decodable video")
-        if len(caps) >= self.max_open:
-            caps.popitem(last=False)[1][0].release()
-        caps[path] = [cap, 0]  # capture, index of the frame the next read returns
-        return caps[path]
+        if len(videos) >= self.max_open:
+            videos.popitem(last=False)[1].capture.release()
+        videos[path] = _OpenVideo(capture)
+        return videos[path]
 
     def read(self, path: str, index: int) -> np.ndarray:
         """Frame ``index`` (0-based) of the video at ``path`` as RGB uint8 HWC."""
-        entry = self._open(path)
-        cap, position = entry
-        if index != position:
-            cap.set(cv2.CAP_PROP_POS_FRAMES, index)
-        ok, image = cap.read()
-        entry[1] = index + 1
+        video = self._open(path)
+        if video.last is not None and index == video.next_index - 1:
+            return video.last
+        gap = None if video.next_index is None else index - video.next_index
+        if gap is not None and 0 <= gap <= self.max_skip:
+            for _ in range(gap):
+                video.capture.grab()
+        else:
+            video.capture.set(cv2.CAP_PROP_POS_FRAMES, index)
+        ok, image = video.capture.read()
         if not ok:
-            entry[1] = -1
+            video.next_index, video.last = None, None
             raise FsgEndoError(f"cannot read frame {index} of video {path}: beyond its end or not decodable")
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        video.next_index, video.last = index + 1, cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        return video.last
 
 
 class LoadFramed(MapTransform):
