@@ -1,0 +1,122 @@
+"""Cost of FSG and Gradient Routing against a plain ViT: training steps and inference, CPU, 2 threads.
+
+ViT 64 px / patch 8 / 6 layers / 192 dim / 3 heads / batch 32, one regression output. All cases run
+in one process, interleaved (one timing of each case per round). The targets apply to the ratio
+of medians; the ratio of minima is printed too, as it is the steadier one on a shared machine:
+
+    python benchmarks/bench_gates.py [--rounds 30] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from fsg_endo.gates import fold_gates, gate_parameters, non_gate_parameters
+from fsg_endo.models import build_model
+from fsg_endo.routing import GradientRouter, train_step
+
+SIZE = {"image_size": 64, "patch_size": 8, "num_outputs": 1, "hidden_dim": 192, "depth": 6, "heads": 3,
+        "mlp_dim": 768}
+BATCH = 32
+TARGETS = {"gr_step": 1.70, "fsg_joint_step": 1.05, "folded_inference": 1.01}
+RATIOS = {"gr_step": "plain_step", "fsg_joint_step": "plain_step", "folded_inference": "plain_inference",
+          "gated_inference": "plain_inference"}
+
+
+def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return nn.functional.mse_loss(out, target)
+
+
+def adam(params) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=1e-5, foreach=True)
+
+
+def make_cases(x: torch.Tensor, y: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """Each benchmark case as a no-argument callable doing one step or one inference batch."""
+    torch.manual_seed(0)
+    plain = build_model(**SIZE).train()
+    joint = build_model(fsg=True, **SIZE).train()
+    routed = build_model(fsg=True, **SIZE).train()
+    plain_eval = build_model(**SIZE).eval()
+    gated_eval = build_model(fsg=True, **SIZE).eval()
+    folded_eval = fold_gates(gated_eval).eval()
+
+    plain_opt, joint_opt = adam(plain.parameters()), adam(joint.parameters())
+    router = GradientRouter(routed, adam(non_gate_parameters(routed)), adam(gate_parameters(routed)), mse)
+
+    def infer(model: nn.Module) -> Callable[[], object]:
+        def run() -> object:
+            with torch.inference_mode():
+                return model(x)
+        return run
+
+    return {
+        "plain_step": lambda: train_step(plain, plain_opt, mse, x, y),
+        "gr_step": lambda: router.step(x, y),
+        "fsg_joint_step": lambda: train_step(joint, joint_opt, mse, x, y),
+        "plain_inference": infer(plain_eval),
+        "folded_inference": infer(folded_eval),
+        "gated_inference": infer(gated_eval),
+    }
+
+
+def measure(cases: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Interleaved timings: every round times each case once, so drifts hit all cases alike."""
+    for _ in range(warmup):
+        for run in cases.values():
+            run()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, run in cases.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(BATCH, 3, 64, 64, generator=gen), torch.randn(BATCH, 1, generator=gen)
+    load_before = os.getloadavg()[0]
+    times = measure(make_cases(x, y), args.rounds, args.warmup)
+    load_after = os.getloadavg()[0]
+    median = {name: statistics.median(t) for name, t in times.items()}
+    best = {name: min(t) for name, t in times.items()}
+
+    print(f"# {cpu_name()}, {args.threads} threads, torch {torch.__version__}, {args.rounds} interleaved rounds, "
+          f"load average {load_before:.1f} -> {load_after:.1f}")
+    print(f"{'case':<18} {'median ms':>10} {'min ms':>8} {'max ms':>8}")
+    for name, t in times.items():
+        print(f"{name:<18} {median[name] * 1e3:>10.1f} {best[name] * 1e3:>8.1f} {max(t) * 1e3:>8.1f}")
+    print(f"\n{'ratio':<36} {'median':>7} {'min':>7}  target")
+    for name, baseline in RATIOS.items():
+        target = TARGETS.get(name)
+        ratio = median[name] / median[baseline]
+        verdict = "reported" if target is None else f"<= {target:.2f} " + ("ok" if ratio <= target else "MISSED")
+        print(f"{name + ' / ' + baseline:<36} {ratio:6.3f}x {best[name] / best[baseline]:6.3f}x  {verdict}")
+
+if __name__ == "__main__":
+    main()
