@@ -74,9 +74,9 @@ class GatedEncoderBlock(nn.Module):
         self.ln_2 = block.ln_2
         self.mlp = block.mlp
 
-        dim = block.self_attention.embed_dim
-        self.gate_attn = _new_gate(dim, block.self_attention.in_proj_weight)
-        self.gate_mlp = _new_gate(dim, block.self_attention.in_proj_weight)
+        dim, like = block.self_attention.embed_dim, next(block.parameters())
+        self.gate_attn = _new_gate(dim, like)
+        self.gate_mlp = _new_gate(dim, like)
 
     def forward(self, input: Tensor) -> Tensor:
         torch._assert(input.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {input.shape}")
@@ -133,9 +133,9 @@ class GatedTransformerEncoderLayer(nn.Module):
         self.activation_relu_or_gelu = layer.activation_relu_or_gelu
         self.activation = layer.activation
 
-        dim = layer.self_attn.embed_dim
-        self.gate_attn = _new_gate(dim, layer.linear1.weight)
-        self.gate_mlp = _new_gate(dim, layer.linear1.weight)
+        dim, like = layer.self_attn.embed_dim, next(layer.parameters())
+        self.gate_attn = _new_gate(dim, like)
+        self.gate_mlp = _new_gate(dim, like)
 
     def forward(
         self,
@@ -215,7 +215,9 @@ def inject_fsg(module: nn.Module) -> nn.Module:
     """Gate every known transformer block inside ``module`` in place; already gated ones are kept.
 
     Known blocks: torchvision ``EncoderBlock`` and ``torch.nn.TransformerEncoderLayer``. Returns
-    ``module`` (or the gated block when ``module`` itself is a block).
+    ``module`` (or the gated block when ``module`` itself is a block). An ``nn.TransformerEncoder``
+    holding gated layers no longer converts padded batches to nested tensors (a speed path that
+    assumes stock layers); folding keeps that setting.
     """
     module = _replace_blocks(module, _gate_block)
     for encoder in module.modules():
@@ -233,6 +235,8 @@ def vit_with_fsg(vit_backbone: VisionTransformer, num_outputs: int | None = None
     if not isinstance(vit_backbone, VisionTransformer):
         raise TypeError(f"vit_with_fsg expects a torchvision VisionTransformer, got {type(vit_backbone).__name__}")
     inject_fsg(vit_backbone.encoder)
+    if not gated_blocks(vit_backbone.encoder):
+        raise TypeError("vit_with_fsg: the encoder holds no EncoderBlock to gate")
     if num_outputs is not None:
         like = vit_backbone.class_token
         head = nn.Linear(vit_backbone.hidden_dim, num_outputs, device=like.device, dtype=like.dtype)

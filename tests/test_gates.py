@@ -320,3 +320,7 @@ def test_fold_gates_does_not_touch_the_global_rng():
 def test_vit_with_fsg_rejects_other_models():
     with pytest.raises(TypeError):
         vit_with_fsg(nn.Linear(2, 2))
+    vit = small_vit()
+    vit.encoder.layers = nn.Sequential(nn.Identity())
+    with pytest.raises(TypeError):
+        vit_with_fsg(vit)
