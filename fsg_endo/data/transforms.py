@@ -249,13 +249,14 @@ class ToNormalizedTensor:
         std = np.ones(3) if std is None else np.asarray(std, dtype=np.float64)
         if mean.shape != (3,) or std.shape != (3,) or np.any(std <= 0):
             raise FsgEndoError(f"normalisation needs 3 means and 3 positive stds, got mean={mean}, std={std}")
-        self.scale = (1.0 / (255.0 * std)).astype(np.float32)
-        self.offset = (-mean / std).astype(np.float32)
+        self.scale = torch.tensor(1.0 / (255.0 * std), dtype=torch.float32)[:, None, None]
+        self.offset = torch.tensor(-mean / std, dtype=torch.float32)[:, None, None]
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        image = np.asarray(d["image"], dtype=np.float32) * self.scale + self.offset
-        d["image"] = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        hwc = torch.as_tensor(np.ascontiguousarray(d["image"]))
+        chw = torch.empty(hwc.shape[2], hwc.shape[0], hwc.shape[1]).copy_(hwc.permute(2, 0, 1))
+        d["image"] = chw.mul_(self.scale).add_(self.offset)
         d["box"] = torch.as_tensor(d["box"], dtype=torch.float32)
         for key in ("size_mm", "target_reg"):
             d[key] = torch.tensor(float(d[key]), dtype=torch.float32)
