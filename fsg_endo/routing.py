@@ -25,12 +25,15 @@ def _trainable(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
 
 
-def _forward(model: nn.Module, inputs: Inputs, amp: bool) -> Any:
-    """``model(*inputs)`` (or ``model(inputs)`` for one tensor), under bf16 autocast on CUDA when ``amp``."""
+def _forward_loss(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Any, amp: bool) -> Tensor:
+    """``loss_fn(model(*inputs), targets)``, under bf16 autocast when ``amp`` and the model is on CUDA.
+
+    The loss is inside the autocast region, which runs losses in float32.
+    """
     args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-    device_type = args[0].device.type
+    device_type = next(model.parameters()).device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp and device_type == "cuda"):
-        return model(*args)
+        return loss_fn(model(*args), targets)
 
 
 def _clip_and_step(optimizer: torch.optim.Optimizer, params: list[Tensor], clip: float | None) -> float:
@@ -65,7 +68,7 @@ def train_step(
     zeroed. A non-finite loss or gradient norm skips the step: ``{"loss", "grad_norm", "skipped"}``.
     """
     params = _trainable(optimizer)
-    loss = loss_fn(_forward(model, inputs, amp), targets)
+    loss = _forward_loss(model, loss_fn, inputs, targets, amp)
     value = float(loss.detach())
     if not math.isfinite(value):
         optimizer.zero_grad(set_to_none=True)
@@ -131,7 +134,7 @@ class GradientRouter:
 
     def _gate_pass(self, inputs: Inputs, targets: Any) -> dict[str, float | bool]:
         """Forward, gate loss, gradients, clip and step of the gate optimiser only."""
-        loss = self.gate_loss(_forward(self.model, inputs, self.amp), targets)
+        loss = _forward_loss(self.model, self.gate_loss, inputs, targets, self.amp)
         value = float(loss.detach())
         if not math.isfinite(value):
             self.gate_optimizer.zero_grad(set_to_none=True)

@@ -240,6 +240,20 @@ def test_amp_is_ignored_on_cpu():
         assert torch.equal(p, q), name
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_amp_runs_the_forward_in_bfloat16_on_cuda():
+    model = gated_vit().cuda()
+    dtypes = []
+    model.heads.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    start = params_of(model)
+    x, y = (t.cuda() for t in batch())
+    result = router_for(model, amp=True).step(x, y)
+    assert dtypes == [torch.bfloat16, torch.bfloat16]
+    assert result["skipped"] is False and math.isfinite(result["loss"])
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(not torch.equal(p, start[n]) for n, p in model.named_parameters())
+
+
 def test_router_rejects_shared_or_empty_gate_parameters():
     model = gated_vit()
     everything = torch.optim.SGD(model.parameters(), lr=0.1)
