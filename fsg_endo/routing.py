@@ -28,7 +28,8 @@ def _trainable(optimizer: torch.optim.Optimizer) -> list[Tensor]:
 def _forward_loss(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: Any, amp: bool) -> Tensor:
     """``loss_fn(model(*inputs), targets)``, under bf16 autocast when ``amp`` and the model is on CUDA.
 
-    The loss is inside the autocast region, which runs losses in float32.
+    The loss is computed inside the autocast region, where standard losses (MSE, smooth-L1,
+    cross-entropy) run in float32.
     """
     args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     device_type = next(model.parameters()).device.type
