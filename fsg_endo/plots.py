@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 from collections.abc import Mapping, Sequence
 
 import matplotlib
@@ -10,6 +12,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+
+
+def to_png(figure) -> bytes:
+    """Render ``figure`` to PNG bytes and close it (figures are not kept alive between epochs)."""
+    buf = io.BytesIO()
+    figure.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return buf.getvalue()
 
 
 def gate_heatmap(values: Mapping[str, np.ndarray], title: str = ""):
@@ -45,7 +55,7 @@ def confusion_figure(matrix: np.ndarray, class_names: Sequence[str], title: str 
 def learning_curves(history: pd.DataFrame, val_metric: str):
     """Training loss (and gate loss) per epoch next to the validation metric."""
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(9, 3.2))
-    for col in ("train/loss", "train/gate_loss"):
+    for col in ("train/epoch_loss", "train/epoch_gate_loss"):
         if col in history and history[col].notna().any():
             ax_loss.plot(history["epoch"], history[col], marker="o", label=col)
     ax_loss.set_xlabel("epoch")

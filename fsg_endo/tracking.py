@@ -22,6 +22,7 @@ import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from fsg_endo import plots
 from fsg_endo.errors import FsgEndoError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -164,29 +165,38 @@ class Tracker:
         self.log_bytes(text.encode(), artifact_file)
 
     def log_figure(self, figure, artifact_file: str) -> None:
-        import matplotlib.pyplot as plt
+        """Store a matplotlib figure as a PNG artifact and close it."""
+        t0 = time.perf_counter()
+        png = plots.to_png(figure)
+        self.seconds += time.perf_counter() - t0
+        self.log_bytes(png, artifact_file)
 
+    def log_gate_epoch(self, values: Mapping[str, Any], epoch: int, plot: bool = True) -> None:
+        """Every gate vector of an epoch as ``gates/epoch_EEE.npz`` (keys ``attn_LL``, ``mlp_LL``),
+        and its layer x channel heatmap as ``plots/gates_epoch_EEE.png``."""
+        t0 = time.perf_counter()
+        arrays = {k: v.detach().cpu().numpy() for k, v in values.items()}
         buf = io.BytesIO()
-        figure.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        plt.close(figure)
-        self.log_bytes(buf.getvalue(), artifact_file)
-
-    def log_gate_arrays(self, values: Mapping[str, np.ndarray], epoch: int) -> None:
-        """Every gate vector of an epoch as ``gates/epoch_EEE.npz`` (keys ``attn_LL``, ``mlp_LL``)."""
-        buf = io.BytesIO()
-        np.savez_compressed(buf, **values)
+        np.savez_compressed(buf, **arrays)
+        self.seconds += time.perf_counter() - t0
         self.log_bytes(buf.getvalue(), f"gates/epoch_{epoch:03d}.npz")
+        if plot:
+            t0 = time.perf_counter()
+            figure = plots.gate_heatmap(arrays, f"epoch {epoch}")
+            self.seconds += time.perf_counter() - t0
+            self.log_figure(figure, f"plots/gates_epoch_{epoch:03d}.png")
 
     def log_model(self, model, artifact_path: str = "model") -> None:
-        """Save ``model`` with MLflow's PyTorch flavour and attach it to the run."""
+        """Save ``model`` with MLflow's PyTorch flavour (pickled module) and attach it to the run."""
         import mlflow.pytorch
 
-        def save_and_log() -> None:
-            with tempfile.TemporaryDirectory() as tmp:
-                mlflow.pytorch.save_model(model, Path(tmp) / artifact_path, pip_requirements=_pip_requirements())
-                self.client.log_artifacts(self.run_id, str(Path(tmp) / artifact_path), artifact_path)
-
-        self._timed(save_and_log)
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / artifact_path
+            mlflow.pytorch.save_model(model, local, pip_requirements=_pip_requirements(),
+                                      serialization_format="pickle")
+            self.seconds += time.perf_counter() - t0
+            self._timed(lambda: self.client.log_artifacts(self.run_id, str(local), artifact_path))
 
     def _timed(self, fn: Callable[[], Any]) -> Any:
         t0 = time.perf_counter()

@@ -145,7 +145,7 @@ def fit(cfg: Mapping[str, Any], data: DataBundle, tracker: Tracker, run_dir: Pat
         t_epoch, log_seconds0 = time.perf_counter(), tracker.seconds
         data.sampler.set_epoch(epoch)
         model.train()
-        sums = {"train/loss": 0.0, "train/gate_loss": 0.0}
+        sums = {"train/epoch_loss": 0.0, "train/epoch_gate_loss": 0.0}
         n_steps = 0
         for batch in tqdm(data.loaders["train"], desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True):
             out = step_fn(model_inputs(batch, device, use_box), task.targets(batch).to(device))
@@ -156,8 +156,8 @@ def fit(cfg: Mapping[str, Any], data: DataBundle, tracker: Tracker, run_dir: Pat
                 state["skipped"] += 1
                 continue
             n_steps += 1
-            sums["train/loss"] += out["loss"]
-            sums["train/gate_loss"] += out.get("gate_loss", float("nan"))
+            sums["train/epoch_loss"] += out["loss"]
+            sums["train/epoch_gate_loss"] += out.get("gate_loss", float("nan"))
             if state["step"] % log_every == 0:
                 tracker.log_metrics({"train/loss": out["loss"], "train/gate_loss": out.get("gate_loss", float("nan")),
                                      "train/lr": schedulers["main"].get_last_lr()[0]}, state["step"])
@@ -167,12 +167,9 @@ def fit(cfg: Mapping[str, Any], data: DataBundle, tracker: Tracker, run_dir: Pat
         row = {"epoch": epoch + 1, **{k: v / max(n_steps, 1) for k, v in sums.items()},
                "train/skipped_steps": state["skipped"]}
         if gated:
-            row.update(gate_statistics(model, threshold))
-            values = {k: v.cpu().numpy() for k, v in gate_values(model).items()}
-            tracker.log_gate_arrays(values, epoch + 1)
-            if cfg["tracking"]["plots"]:
-                tracker.log_figure(plots.gate_heatmap(values, f"epoch {epoch + 1}"),
-                                   f"plots/gates_epoch_{epoch + 1:03d}.png")
+            if state["step"] % gate_every:  # not already logged at this step
+                row.update(gate_statistics(model, threshold))
+            tracker.log_gate_epoch(gate_values(model), epoch + 1, plot=cfg["tracking"]["plots"])
         if (epoch + 1) % cfg["eval"]["every"] == 0 or epoch + 1 == epochs:
             val_metrics, _ = evaluate(model, data.loaders["val"], task, device, use_box, "val")
             row.update(val_metrics)

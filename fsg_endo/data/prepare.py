@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from fsg_endo.data.manifest import build_manifest, load_manifest, write_manifest
@@ -67,9 +68,9 @@ def cap_frames_per_lesion(rows: pd.DataFrame, n: int | None) -> pd.DataFrame:
     """Keep at most ``n`` evenly spaced frames of each lesion (deterministic; cheaper evaluation)."""
     if not n:
         return rows
-    keep = rows.groupby("lesion_id", group_keys=False, sort=False).apply(
-        lambda g: g.iloc[sorted({round(i * (len(g) - 1) / max(n - 1, 1)) for i in range(min(n, len(g)))})])
-    return keep.reset_index(drop=True)
+    keep = [idx[np.unique(np.linspace(0, len(idx) - 1, min(n, len(idx))).round().astype(int))]
+            for idx in rows.groupby("lesion_id", sort=False).indices.values()]
+    return rows.iloc[np.sort(np.concatenate(keep))].reset_index(drop=True)
 
 
 def prepare_data(cfg: Mapping[str, Any]) -> DataBundle:
