@@ -1,0 +1,146 @@
+"""End to end: smoke runs into temporary SQLite stores, read back with MLflow's client."""
+
+from __future__ import annotations
+
+import io
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import run_cli
+
+from fsg_endo.tracking import resolve_tracking_uri
+
+
+def _runs(uri: str, experiment: str):
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment}"
+    return client, client.search_runs([exp.experiment_id])
+
+
+def _artifacts(client, run_id: str, path: str | None = None) -> list[str]:
+    out = []
+    for item in client.list_artifacts(run_id, path):
+        out += _artifacts(client, run_id, item.path) if item.is_dir else [item.path]
+    return out
+
+
+def test_smoke_run_logs_spec_names(smoke_store):
+    client, runs = _runs(smoke_store["uri"], "polyp_size_fsg")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+    assert tags["regularizer"] == "fsg_gr" and tags["task"] == "size_regression"
+    assert len(tags["data.manifest_sha256"]) == 64 and tags["git_commit"]
+    assert params["fsg.enabled"] == "True" and params["gr.enabled"] == "True"
+    assert params["task"] == "size_regression" and "model.depth" in params and "data.train_fraction" in params
+    for name in ("train/loss", "train/gate_loss", "val/mae", "test/mae", "lesion/val/mae", "lesion/test/mae",
+                 "test/within_1mm", "test/cls3_balanced_accuracy", "gates/all/mean", "gates/all/sparsity",
+                 "gates/attn/layer_00/mean", "gates/mlp/layer_01/std", "gates/mlp/layer_01/sparsity"):
+        assert name in metrics, name
+    history = client.get_metric_history(run.info.run_id, "val/mae")
+    assert len(history) == 2 and len({m.step for m in history}) == 2  # one per epoch, distinct steps
+
+    files = _artifacts(client, run.info.run_id)
+    for name in ("config.yaml", "data/split_summary.csv", "gates/epoch_001.npz", "gates/epoch_002.npz",
+                 "plots/gates_epoch_002.png", "plots/confusion_test.png", "plots/learning_curves.png",
+                 "predictions/val.csv", "predictions/test.csv", "model/MLmodel"):
+        assert name in files, name
+
+    local = client.download_artifacts(run.info.run_id, "gates/epoch_002.npz", str(smoke_store["dir"] / "dl"))
+    gates = np.load(local)
+    assert sorted(gates.files) == ["attn_00", "attn_01", "mlp_00", "mlp_01"]
+    assert all(((g > 0) & (g < 1)).all() for g in gates.values())
+    preds = pd.read_csv(client.download_artifacts(run.info.run_id, "predictions/test.csv", str(smoke_store["dir"])))
+    assert {"lesion_id", "video_id", "frame_id", "target", "prediction"} <= set(preds.columns)
+    # the logged test MAE is the MAE of the logged predictions
+    assert np.isclose(metrics["test/mae"], (preds["prediction"] - preds["target"]).abs().mean(), atol=1e-4)
+
+
+def test_logged_model_is_a_folded_stock_vit(smoke_store):
+    from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
+
+    from fsg_endo.gates import gate_parameters
+
+    client, (run,) = _runs(smoke_store["uri"], "polyp_size_fsg")
+    model = mlflow.pytorch.load_model(client.download_artifacts(run.info.run_id, "model", str(smoke_store["dir"])))
+    vit = model if isinstance(model, VisionTransformer) else model.vit
+    assert isinstance(vit, VisionTransformer)
+    assert all(type(b) is EncoderBlock for b in vit.encoder.layers)
+    assert gate_parameters(model) == []
+
+
+def test_results_table_and_ui_hint_printed(smoke_store):
+    out = smoke_store["stdout"]
+    assert "frame/test" in out and "lesion/test" in out and "mae" in out
+    assert "mlflow ui --backend-store-uri sqlite:///" in out and "127.0.0.1" in out
+
+
+def test_same_seed_same_metrics(tmp_path, data_cache, smoke_store):
+    uri = f"sqlite:///{tmp_path / 'again.db'}"
+    proc = run_cli(["--exp", "polyp_size_fsg", "--smoke"], tmp_path, data_cache, uri)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _, (first,) = _runs(smoke_store["uri"], "polyp_size_fsg")
+    _, (second,) = _runs(uri, "polyp_size_fsg")
+    for key in ("test/mae", "val/mae", "lesion/test/rmse", "gates/all/mean", "train/loss"):
+        assert first.data.metrics[key] == pytest.approx(second.data.metrics[key], rel=1e-6, abs=1e-7), key
+
+
+def test_sweep_nests_children_under_one_parent(tmp_path, data_cache):
+    uri = f"sqlite:///{tmp_path / 'sweep.db'}"
+    proc = run_cli(["--exp", "regularization_sweep", "--smoke", "--set", "sweep.regularizers=[none, fsg_gr]",
+                    "--set", "sweep.train_fractions=[1.0]", "--set", "tracking.log_model=false"],
+                   tmp_path, data_cache, uri)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    client, runs = _runs(uri, "regularization_sweep")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert sorted(c.data.tags["regularizer"] for c in children) == ["fsg_gr", "none"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert parents[0].data.tags["n_failed"] == "0"
+    summary_path = client.download_artifacts(parents[0].info.run_id, "sweep/summary.csv", str(tmp_path))
+    summary = pd.read_csv(summary_path)
+    assert len(summary) == 2 and set(summary["status"]) == {"FINISHED"}
+    assert "lesion/test/mae" in summary
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--set", "optim.epochz=3"], "optim.epochz"),
+    (["--set", "optim.epochs=three"], "optim.epochs"),
+    (["--set", "regularizer=l2"], "regularizer"),
+    (["--profile", "nope"], "nope"),
+])
+def test_config_errors_are_one_line_before_any_work(tmp_path, data_cache, args, needle):
+    uri = f"sqlite:///{tmp_path / 'err.db'}"
+    proc = run_cli(["--exp", "polyp_size_fsg", "--smoke", *args], tmp_path, data_cache, uri, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "err.db").exists()  # nothing was started
+
+
+def test_unknown_experiment_is_one_line(tmp_path, data_cache):
+    proc = run_cli(["--exp", "no_such_exp"], tmp_path, data_cache, f"sqlite:///{tmp_path / 'x.db'}", timeout=120)
+    assert proc.returncode == 2 and "no_such_exp" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tracking_uri_precedence(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri() == "sqlite:///mlflow.db"
+    assert resolve_tracking_uri(None, "sqlite:///cfg.db") == "sqlite:///cfg.db"
+    assert resolve_tracking_uri("http://127.0.0.1:5000", "sqlite:///cfg.db") == "http://127.0.0.1:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert resolve_tracking_uri("http://127.0.0.1:5000", "sqlite:///cfg.db") == "sqlite:///env.db"
+
+
+def test_split_summary_artifact_counts_lesions(smoke_store):
+    client, (run,) = _runs(smoke_store["uri"], "polyp_size_fsg")
+    text = open(client.download_artifacts(run.info.run_id, "data/split_summary.csv", str(smoke_store["dir"]))).read()
+    summary = pd.read_csv(io.StringIO(text))
+    assert list(summary["split"]) == ["train", "val", "test"]
+    assert (summary["lesions"] > 0).all() and (summary["frames"] >= summary["lesions"]).all()
