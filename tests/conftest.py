@@ -19,7 +19,8 @@ def data_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("fsg_endo_cache")
 
 
-def run_cli(args: list[str], cwd: Path, cache: Path, uri: str, timeout: int = 600, **env) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cwd: Path, cache: Path, uri: str, timeout: int = 600,
+            **env: str) -> subprocess.CompletedProcess:
     """``python experiments/run.py ARGS`` in ``cwd`` against the store ``uri``; output captured."""
     full_env = {**os.environ, "FSG_ENDO_CACHE": str(cache), "MLFLOW_TRACKING_URI": uri, **env}
     return subprocess.run([sys.executable, str(REPO / "experiments" / "run.py"), *args], cwd=cwd, env=full_env,
