@@ -1,10 +1,11 @@
 """Throughput of the training data pipeline (cold and cached, 0 and 2 workers) next to the training step.
 
 Generates a small synthetic dataset (timing the generator), builds its manifest, then times epochs of
-the augmented training loader (batch 32, 64 px crops, 40 frames per lesion) and one Gradient Routing
-step of the default model (micro ViT with FSG and box features). Medians over repeats, 2 threads:
+the augmented training loader (batch 32, 64 px crops, 40 frames per lesion) interleaved with Gradient
+Routing steps of the default model (micro ViT with FSG and box features), so load drifts on a shared
+machine hit both alike; ratios are medians of per-round ratios. 2 threads:
 
-    python benchmarks/bench_data.py [--videos 4] [--frame-size 256 256] [--repeats 5] [--threads 2]
+    python benchmarks/bench_data.py [--videos 4] [--frame-size 256 256] [--rounds 5] [--threads 2]
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -31,7 +33,7 @@ from fsg_endo.gates import gate_parameters, non_gate_parameters
 from fsg_endo.models import build_model
 from fsg_endo.routing import GradientRouter
 
-BATCH, IMAGE_SIZE, FRAMES_PER_LESION = 32, 64, 40
+BATCH, IMAGE_SIZE, FRAMES_PER_LESION, STEPS_PER_ROUND = 32, 64, 40, 4
 
 
 def cpu_name() -> str:
@@ -55,23 +57,38 @@ def generate(root: Path, videos: int, frame_size: tuple[int, int]) -> float:
     return sum(1 for _ in root.glob("*_frames/*.jpg")) / seconds
 
 
-def loader_rate(rows, root: Path, cache: str, workers: int, repeats: int, train: bool = True) -> tuple[float, float]:
-    """(items/s over the median epoch, seconds to build the dataset incl. a memory cache fill)."""
+def gr_step() -> Callable[[], object]:
+    """One GR step of the default model on a batch of 32 crops with box features, as a callable."""
+    torch.manual_seed(0)
+    model = build_model(preset="micro", image_size=IMAGE_SIZE, patch_size=8, num_outputs=1, fsg=True,
+                        box_features=4).train()
+    main = torch.optim.Adam(non_gate_parameters(model), lr=5e-5, weight_decay=1e-5)
+    gates = torch.optim.Adam(gate_parameters(model), lr=1e-4)
+    router = GradientRouter(model, main, gates, nn.SmoothL1Loss())
+    x, box, y = torch.randn(BATCH, 3, IMAGE_SIZE, IMAGE_SIZE), torch.randn(BATCH, 4), torch.randn(BATCH, 1)
+    return lambda: router.step((x, box), y)
+
+
+def pipeline_vs_training(rows: pd.DataFrame, root: Path, step: Callable[[], object], cache: str, workers: int,
+                         rounds: int, train: bool = True) -> dict[str, float]:
+    """Rounds of one loader epoch then STEPS_PER_ROUND training steps; medians of items/s, samples/s, ratio."""
     mean, std = compute_mean_std(rows, root, image_size=IMAGE_SIZE)
     start = time.perf_counter()
-    ds = build_dataset(rows, root, image_size=IMAGE_SIZE, train=train, mean=mean, std=std, cache=cache,
-                       workers=2)
+    ds = build_dataset(rows, root, image_size=IMAGE_SIZE, train=train, mean=mean, std=std, cache=cache, workers=2)
     build_s = time.perf_counter() - start
     sampler = LesionFrameSampler(rows, frames_per_lesion=FRAMES_PER_LESION, seed=0)
     loader = make_loader(ds, BATCH, sampler=sampler, workers=workers, seed=0)
-    epochs = []
-    for epoch in range(repeats + 1):  # epoch 0 warms up (starts the persistent workers)
+    items, samples = [], []
+    for epoch in range(rounds + 1):  # round 0 warms up (starts the persistent workers)
         sampler.set_epoch(epoch)
-        epochs.append(timed(lambda: sum(len(b["frame_id"]) for b in loader)))
-    return len(sampler) / statistics.median(epochs[1:]), build_s
+        items.append(len(sampler) / timed(lambda: sum(len(b["frame_id"]) for b in loader)))
+        samples.append(BATCH / statistics.median(timed(step) for _ in range(STEPS_PER_ROUND)))
+    items, samples = items[1:], samples[1:]
+    return {"items_s": statistics.median(items), "train_s": statistics.median(samples),
+            "ratio": statistics.median(i / s for i, s in zip(items, samples)), "build_s": build_s}
 
 
-def fill_rate(rows, root: Path, source: str, workers: int) -> float:
+def fill_rate(rows: pd.DataFrame, root: Path, source: str, workers: int) -> float:
     """Items/s of filling a memory cache (decode, crop, mask, resize) from JPEG frames or from the mp4s."""
     seconds = timed(lambda: build_dataset(rows, root, image_size=IMAGE_SIZE, cache="memory", source=source,
                                           workers=workers))
@@ -85,25 +102,11 @@ def augment_us(repeats: int = 2000) -> float:
     return 1e6 * statistics.median(timed(lambda: augment(image=crop)) for _ in range(repeats))
 
 
-def training_rate(steps: int) -> float:
-    """Samples/s of one GR step of the default model on a batch of 32 crops with box features."""
-    torch.manual_seed(0)
-    model = build_model(preset="micro", image_size=IMAGE_SIZE, patch_size=8, num_outputs=1, fsg=True,
-                        box_features=4).train()
-    main = torch.optim.Adam(non_gate_parameters(model), lr=5e-5, weight_decay=1e-5)
-    gates = torch.optim.Adam(gate_parameters(model), lr=1e-4)
-    router = GradientRouter(model, main, gates, nn.SmoothL1Loss())
-    x, box, y = torch.randn(BATCH, 3, IMAGE_SIZE, IMAGE_SIZE), torch.randn(BATCH, 4), torch.randn(BATCH, 1)
-    times = [timed(lambda: router.step((x, box), y)) for _ in range(steps + 3)][3:]
-    return BATCH / statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--videos", type=int, default=4)
     parser.add_argument("--frame-size", type=int, nargs=2, default=(256, 256), metavar=("W", "H"))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -112,25 +115,26 @@ def main() -> None:
         root = Path(tmp) / "synthetic"
         gen_fps = generate(root, args.videos, tuple(args.frame_size))
         rows = build_manifest("synthetic", root, folds=2, seed=0)
-        print(f"# {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}")
+        print(f"# {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}, "
+              f"load average {os.getloadavg()[0]:.1f}")
         print(f"# synthetic {args.videos} videos {args.frame_size[0]}x{args.frame_size[1]}: {len(rows)} rows, "
-              f"{rows['lesion_id'].nunique()} lesions; {len(rows['lesion_id'].unique()) * FRAMES_PER_LESION} "
-              f"items/epoch; median of {args.repeats} epochs")
-        print(f"synthetic generator        {gen_fps:8.1f} frames/s (2 processes)")
-        train_sps = training_rate(args.steps)
-        print(f"training (micro FSG + GR)  {train_sps:8.1f} samples/s (batch {BATCH}, median of {args.steps})")
-        for cache in ("none", "memory"):
-            for workers in (0, 2):
-                rate, build_s = loader_rate(rows, root, cache, workers, args.repeats)
-                label = f"train pipeline {'cached' if cache == 'memory' else 'cold'}, {workers} workers"
-                print(f"{label:<34} {rate:8.1f} items/s  {rate / train_sps:5.2f}x training  "
-                      f"(dataset build {build_s:.2f} s)")
-        rate, _ = loader_rate(rows, root, "memory", 0, args.repeats, train=False)
-        print(f"{'eval pipeline cached, 0 workers':<34} {rate:8.1f} items/s")
+              f"{rows['lesion_id'].nunique()} lesions, {rows['lesion_id'].nunique() * FRAMES_PER_LESION} "
+              f"items/epoch; medians of {args.rounds} rounds (1 epoch + {STEPS_PER_ROUND} GR steps each)")
+        print(f"{'synthetic generator':<34} {gen_fps:8.1f} frames/s (2 processes)")
+        step = gr_step()
+        for _ in range(3):
+            step()
+        print(f"{'case':<34} {'items/s':>8}  {'train samples/s':>15}  {'ratio':>6}  build s")
+        cases = [(cache, workers, True) for cache in ("none", "memory") for workers in (0, 2)]
+        for cache, workers, train in cases + [("memory", 0, False)]:
+            r = pipeline_vs_training(rows, root, step, cache, workers, args.rounds, train)
+            label = f"{'train' if train else 'eval'} pipeline {'cached' if cache == 'memory' else 'cold'}, " \
+                    f"{workers} workers"
+            print(f"{label:<34} {r['items_s']:8.1f}  {r['train_s']:15.1f}  {r['ratio']:5.1f}x  {r['build_s']:.2f}")
         print(f"{'albumentations per 64 px crop':<34} {augment_us():8.1f} us")
         for source in ("frames", "video"):
             for workers in (1, 2):
-                rates = [fill_rate(rows, root, source, workers) for _ in range(args.repeats)]
+                rates = [fill_rate(rows, root, source, workers) for _ in range(args.rounds)]
                 label = f"cache fill from {source}, {workers} thread{'s' * (workers > 1)}"
                 print(f"{label:<34} {statistics.median(rates):8.1f} items/s")
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fsg_endo.data.pipeline import build_dataset, compute_mean_std, make_loader
+from fsg_endo.data.pipeline import build_dataset, compute_mean_std, make_loader, seed_augmentation
 from fsg_endo.data.sampling import LesionFrameSampler
 from fsg_endo.data.sizes import scale_size, size_class2, size_class3
 from fsg_endo.errors import FsgEndoError
@@ -197,6 +197,18 @@ def test_augmentation_changes_items_reproducibly(painted):
     assert not torch.equal(a, val) and not torch.equal(a, other[0]["image"])
     assert not torch.equal(first[0]["image"], a)  # the next draw differs
     assert a.shape == val.shape
+
+
+def test_seed_augmentation_fixes_the_next_draw(painted):
+    root, rows = painted
+    ds = build_dataset(rows, root, image_size=16, cache="memory", train=True, seed=0)
+    seed_augmentation(ds, 123)
+    a = ds[1]["image"]
+    ds[1]
+    seed_augmentation(ds, 123)
+    assert torch.equal(ds[1]["image"], a)
+    seed_augmentation(ds, 124)
+    assert not torch.equal(ds[1]["image"], a)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from monai.data.utils import worker_init_fn as monai_worker_init_fn
-from monai.transforms import Compose, SelectItemsd
+from monai.transforms import Compose, Randomizable, SelectItemsd
 from torch.utils.data import Sampler
 
 from fsg_endo.data.sizes import scale_size, size_class2, size_class3
@@ -204,6 +204,14 @@ def compute_mean_std(rows: pd.DataFrame, root: str | Path, *, image_size: int = 
     mean = total[:3] / total[6]
     std = np.sqrt(np.maximum(total[3:6] / total[6] - mean ** 2, 1e-12))
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def seed_augmentation(dataset: Dataset, seed: int) -> None:
+    """Reseed the dataset's random steps with ``seed`` itself, for per-item seeding: cheaper than
+    ``dataset.transform.set_random_state``, which first builds a RandomState for the Compose."""
+    for step in dataset.transform.transforms:
+        if isinstance(step, Randomizable):
+            step.set_random_state(seed=seed)
 
 
 def seed_worker(worker_id: int) -> None:
