@@ -39,6 +39,7 @@ class Polyp:
     aspect: float  # minor / major axis
     orientation: float  # major axis angle on the unrolled wall
     color: tuple[float, float, float]  # linear BGR albedo
+    histology: str = "AD"
 
 
 @dataclass

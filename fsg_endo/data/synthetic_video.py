@@ -19,7 +19,8 @@ MIN_BOX_PX = 6
 MIN_VISIBLE_SHARE = 0.5  # of the polyp's projected outline; less (FOV edge, occluded) is not annotated
 MIN_BRIGHTNESS = 40  # mean 8-bit intensity; darker polyps (deep in the lumen) are not annotated
 EXPOSURE_SHARE = 0.5  # of the frame interval: image motion during it becomes motion blur
-HISTOLOGY = ("AD", "HP", "SSL")
+# Per histology: range of the blue/green tint relative to the mucosa (low: redder), dome height / radius.
+HISTOLOGY_LOOK = {"AD": (0.6, 0.95, 0.85), "HP": (1.05, 1.4, 0.6), "SSL": (0.95, 1.25, 0.45)}
 SITE_WHITE_BALANCE = ((1.0, 1.0, 1.0), (1.06, 0.98, 0.96), (0.95, 1.02, 1.04), (1.02, 0.95, 1.03))
 
 
@@ -48,17 +49,26 @@ def sample_sizes(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def sample_polyps(rng: np.random.Generator, video: str, n: int, patient: Patient) -> list[Polyp]:
-    """``n`` polyps along the colon, 50-90 mm apart, each with its own shape and colour."""
+    """``n`` polyps along the colon, 50-90 mm apart, each with its own shape, histology and colour."""
     z = 100.0 + np.cumsum(rng.uniform(50.0, 90.0, n)) - 50.0
     polyps = []
     for k, (size, zk) in enumerate(zip(sample_sizes(rng, n), z), start=1):
-        tint = np.array([rng.uniform(0.6, 1.3), rng.uniform(0.6, 1.3), rng.uniform(0.95, 1.15)])
+        histology = _histology(rng, size)
+        low, high, flatness = HISTOLOGY_LOOK[histology]
+        tint = np.array([rng.uniform(low, high), rng.uniform(low, high), rng.uniform(0.95, 1.1)])
         polyps.append(Polyp(lesion_id=f"{video}_{k}", size_mm=float(size), z=float(zk),
                             theta=float(rng.uniform(0, 2 * np.pi)),
-                            height_mm=float(size / 2 * rng.uniform(0.35, 0.85)),
+                            height_mm=float(size / 2 * flatness * rng.uniform(0.6, 1.0)),
                             aspect=float(rng.uniform(0.75, 1.0)), orientation=float(rng.uniform(0, np.pi)),
-                            color=tuple(np.asarray(patient.mucosa) * tint)))
+                            color=tuple(np.asarray(patient.mucosa) * tint), histology=histology))
     return polyps
+
+
+def _histology(rng: np.random.Generator, size_mm: float) -> str:
+    """Adenoma, hyperplastic or sessile serrated; adenomas grow commoner with size."""
+    if rng.uniform() < min(0.9, 0.5 + 0.03 * size_mm):
+        return "AD"
+    return "SSL" if rng.uniform() < 0.3 else "HP"
 
 
 def sample_optics(rng: np.random.Generator, site: int) -> Optics:
@@ -181,7 +191,7 @@ def render_video(spec: VideoSpec, root: Path) -> dict:
     finally:
         writer.release()
     return {"video": _video_record(spec, len(scene.path), scene.patient),
-            "lesions": [_lesion_record(spec, p, seen[p.lesion_id], scene) for p in scene.polyps]}
+            "lesions": [_lesion_record(spec, p, seen[p.lesion_id]) for p in scene.polyps]}
 
 
 def _video_record(spec: VideoSpec, n_frames: int, patient: Patient) -> dict:
@@ -190,12 +200,9 @@ def _video_record(spec: VideoSpec, n_frames: int, patient: Patient) -> dict:
             "width": spec.width, "height": spec.height, "colon_radius_mm": round(patient.radius_mm, 2)}
 
 
-def _lesion_record(spec: VideoSpec, polyp: Polyp, frames: list[int], scene: _Scene) -> dict:
-    rng = np.random.default_rng([spec.seed, int(polyp.lesion_id.rsplit("_", 1)[1])])
-    p_adenoma = min(0.9, 0.5 + 0.03 * polyp.size_mm)
-    histology = HISTOLOGY[0] if rng.uniform() < p_adenoma else HISTOLOGY[1 + int(rng.uniform() < 0.3)]
+def _lesion_record(spec: VideoSpec, polyp: Polyp, frames: list[int]) -> dict:
     return {"unique_object_id": polyp.lesion_id, "unique_video_name": spec.name, "size [mm]": polyp.size_mm,
-            "site": f"{spec.site + 1:03d}", "histology_class": histology,
+            "site": f"{spec.site + 1:03d}", "histology_class": polyp.histology,
             "num_frames": len(frames), "first_frame": frames[0] if frames else -1,
             "last_frame": frames[-1] if frames else -1,
             "height_mm": round(polyp.height_mm, 2)}
