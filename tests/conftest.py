@@ -35,3 +35,28 @@ def smoke_store(tmp_path_factory, data_cache) -> dict:
     proc = run_cli(["--exp", "polyp_size_fsg", "--smoke"], work, data_cache, uri)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"uri": uri, "dir": work, "stdout": proc.stdout}
+
+
+@pytest.fixture(scope="session")
+def hand_store(tmp_path_factory) -> dict:
+    """A small hand-built MLflow store (no training) following the plan in ``fixtures_mlflow``."""
+    from fixtures_mlflow import build_hand_store
+
+    return build_hand_store(tmp_path_factory.mktemp("hand_store"))
+
+
+@pytest.fixture(scope="session")
+def analysis_store(tmp_path_factory, data_cache) -> dict:
+    """Smoke runs for the analysis notebooks and ``fsg-endo compare``, in one SQLite store.
+
+    ``polyp_size_fsg`` trained with ``fsg`` and then with ``fsg_gr`` (the latest), two epochs each, and a
+    smoke ``regularization_sweep`` (4 regularisers x 2 train fractions) of one epoch. No models are logged.
+    """
+    work = tmp_path_factory.mktemp("analysis_store")
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    quick = ["--smoke", "--set", "tracking.log_model=false"]
+    for args in (["--exp", "polyp_size_fsg", "--set", "regularizer=fsg"], ["--exp", "polyp_size_fsg"],
+                 ["--exp", "regularization_sweep", "--set", "optim.epochs=1", "--set", "tracking.plots=false"]):
+        proc = run_cli(args + quick, work, data_cache, uri)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"uri": uri, "dir": work}

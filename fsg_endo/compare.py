@@ -1,0 +1,55 @@
+"""``fsg-endo compare``: an experiment's runs by regulariser and train fraction, as a terminal table."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from fsg_endo.analysis import latest_per_cell, open_client, regularizer_order, search_runs, summarize
+from fsg_endo.errors import FsgEndoError
+from fsg_endo.tracking import resolve_tracking_uri
+
+NOT_FINISHED = ("FAILED", "KILLED")
+
+
+def default_metric(runs: pd.DataFrame, exp: str) -> str:
+    """The sweep's headline metric of the runs' task (lesion-level test MAE or balanced accuracy)."""
+    from fsg_endo.sweep import main_test_metric
+
+    tasks = sorted(runs["task"].dropna().unique())
+    if len(tasks) != 1:
+        raise FsgEndoError(f"experiment {exp!r}: runs of tasks {tasks or 'unknown'}; name one with --metric")
+    return main_test_metric(tasks[0])
+
+
+def compare_table(exp: str, tracking_uri: str | None = None, metric: str | None = None) -> pd.DataFrame:
+    """Per (regulariser, train fraction): finished runs, failed runs, mean and std of ``metric``.
+
+    ``metric`` may list several, comma-separated; default: the task's main test metric. Sweep parents
+    are left out, and a (regulariser, fraction, fold, seed) cell run more than once counts once, by
+    its latest finished run. The tracking URI resolves as for ``fsg-endo run``.
+    """
+    client = open_client(resolve_tracking_uri(tracking_uri))
+    runs = search_runs(client, exp)
+    runs = runs[runs["regularizer"].notna() & (runs["regularizer"] != "sweep")] if len(runs) else runs
+    if runs.empty:
+        raise FsgEndoError(f"{client.tracking_uri}: experiment {exp!r} has no runs")
+    metrics = [m.strip() for m in metric.split(",")] if metric else [default_metric(runs, exp)]
+    done = latest_per_cell(runs)
+    missing = [m for m in metrics if m not in done]
+    if missing:
+        known = sorted(c for c in done if c.startswith(("test/", "lesion/test/")))
+        raise FsgEndoError(f"experiment {exp!r}: no finished run logged {', '.join(missing)} "
+                           f"(test metrics: {', '.join(known) or 'none'})")
+    keys = ["regularizer", "train_fraction"]
+    stats = summarize(done, metrics)
+    finished = done.groupby(keys).size()
+    failed = runs[runs["status"].isin(NOT_FINISHED)].groupby(keys).size()
+    order = regularizer_order(set(finished.index.get_level_values(0)) | set(failed.index.get_level_values(0)))
+    index = pd.MultiIndex.from_tuples(sorted(set(finished.index) | set(failed.index),
+                                             key=lambda key: (order.index(key[0]), key[1])), names=keys)
+    table = pd.DataFrame({"runs": finished.reindex(index, fill_value=0),
+                          "failed": failed.reindex(index, fill_value=0)}, index=index)
+    for m in metrics:
+        table[f"{m} mean"] = stats[f"{m} mean"].reindex(index)
+        table[f"{m} std"] = stats[f"{m} std"].reindex(index)
+    return table
