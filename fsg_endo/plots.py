@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import io
-
 from collections.abc import Mapping, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
