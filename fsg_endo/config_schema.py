@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
         "clip": 10.0,
         "warmup_epochs": 1,
         "amp": True,  # bf16 autocast on CUDA only
+        "max_skipped_steps": 10,  # non-finite (NaN/Inf) steps skipped before the run stops as FAILED
     },
     "gr": {"gate_lr": 1.0e-3, "gate_clip": 32.0, "accumulate_gate_pass_grads": False},
     "loss": {"main_weights": [1.0, 3.0, 5.0], "gate_weights": [1.0, 5.0, 10.0]},  # size <=5, 5-10, >=10 mm
@@ -158,6 +159,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.stochastic_depth": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "optim.epochs": _AT_LEAST_1, "optim.batch_size": _AT_LEAST_1, "optim.lr": _POSITIVE,
     "optim.weight_decay": _NON_NEGATIVE, "optim.clip": _POSITIVE, "optim.warmup_epochs": _NON_NEGATIVE,
+    "optim.max_skipped_steps": _NON_NEGATIVE,
     "gr.gate_lr": _POSITIVE, "gr.gate_clip": _POSITIVE, "loss.main_weights": _POSITIVE,
     "loss.gate_weights": _POSITIVE, "eval.every": _AT_LEAST_1,
     "gates.sparsity_threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"), "gates.log_every": _AT_LEAST_1,
