@@ -1,8 +1,15 @@
-"""Atomic training checkpoints, loaded back with ``weights_only=True``."""
+"""Atomic training checkpoints, loaded back with ``weights_only=True``, and the progress they carry.
+
+A checkpoint holds everything a resumed run needs to continue exactly where it stopped: model,
+optimisers, schedulers, RNG states and :class:`Progress` (position in the epoch, running sums,
+history, and the metrics and gate vectors not yet confirmed by MLflow).
+"""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +17,35 @@ import numpy as np
 import torch
 
 from fsg_endo.io import atomic_path
+
+MetricRecord = tuple[str, float, int, int]  # key, value, step, timestamp (ms); see fsg_endo.tracking
+
+
+@dataclass
+class Progress:
+    """Where a run stands. ``batch`` > 0 marks a checkpoint taken inside epoch ``epoch`` (0-based).
+
+    ``metrics`` and ``gates`` are what the checkpoint covers but MLflow may not hold yet: published right
+    after the checkpoint is written, and again (without duplicates) when a run resumes from it.
+    """
+
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # batches done in the current epoch
+    step: int = 0  # optimiser steps (the MLflow step)
+    skipped: int = 0  # non-finite steps skipped so far
+    best: float | None = None
+    best_epoch: int = 0
+    sums: dict[str, float] = field(default_factory=dict)  # running sums of the current epoch
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch
+    metrics: list[MetricRecord] = field(default_factory=list)
+    gates: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # epoch number -> gate vectors
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> Progress:
+        return cls(**state)
 
 
 def rng_state() -> dict[str, Any]:
@@ -28,9 +64,9 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(_literal_tuple(state["python"]))
     np.random.set_state(("MT19937", state["numpy"]["keys"].numpy().astype(np.uint32), state["numpy"]["pos"], 0, 0.0))
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def _literal_tuple(text: str):
@@ -48,3 +84,22 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     return torch.load(path, map_location=device, weights_only=True)
+
+
+def training_state(model: torch.nn.Module, optimizers: Mapping[str, torch.optim.Optimizer],
+                   schedulers: Mapping[str, Any], progress: Progress) -> dict[str, Any]:
+    """The resumable state of a run, as :func:`save_checkpoint` stores it."""
+    return {"model": model.state_dict(), "progress": progress.state_dict(), "rng": rng_state(),
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in schedulers.items()}}
+
+
+def restore_training_state(state: Mapping[str, Any], model: torch.nn.Module,
+                           optimizers: Mapping[str, torch.optim.Optimizer], schedulers: Mapping[str, Any]) -> Progress:
+    """Load a :func:`training_state` into the run's objects and the RNGs; returns its progress."""
+    model.load_state_dict(state["model"])
+    for key, optimizer in optimizers.items():
+        optimizer.load_state_dict(state["optimizers"][key])
+        schedulers[key].load_state_dict(state["schedulers"][key])
+    set_rng_state(state["rng"])
+    return Progress.from_state_dict(state["progress"])

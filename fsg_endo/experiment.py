@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
+import contextlib
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 
 from fsg_endo.config import dump_config, flatten_config, load_config, load_config_file
+from fsg_endo.distributed import SINGLE, DistContext, init_distributed, shutdown
 from fsg_endo.errors import FsgEndoError
-from fsg_endo.tracking import Tracker, check_tracking_uri, git_commit, resolve_tracking_uri
+from fsg_endo.interrupt import RunInterrupted, StopSignals
+from fsg_endo.tracking import (
+    NullTracker,
+    Tracker,
+    TrackingOutage,
+    check_tracking_uri,
+    git_commit,
+    resolve_tracking_uri,
+)
 
 REPORT_METRICS = {
     "size_regression": ["mae", "rmse", "within_1mm", "cls3_balanced_accuracy", "cls2_balanced_accuracy"],
@@ -37,28 +48,47 @@ def start_run(cfg: Mapping[str, Any], uri: str, parent_run_id: str | None = None
                          parent_run_id=parent_run_id)
 
 
-def execute(cfg: Mapping[str, Any], tracker: Tracker, resumed: bool = False) -> dict[str, float]:
-    """Prepare data, train and test inside an open run; the run ends FINISHED, FAILED or KILLED."""
+def open_run(ctx: DistContext, opener: Callable[[], Tracker]) -> Tracker | NullTracker:
+    """Rank 0 opens (or reopens) the MLflow run; the other ranks of a torchrun job get its id only."""
+    tracker = opener() if ctx.is_main else None
+    run_id = ctx.broadcast(tracker.run_id if tracker else None)
+    return tracker or NullTracker(run_id)
+
+
+def record_config(cfg: Mapping[str, Any], tracker: Tracker, run_dir: Path) -> None:
+    """The resolved config in the run's folder and as an artifact; the folder as tag (what a resume reads)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    tracker.log_file(run_dir / "config.yaml")
+    tracker.set_tags({"checkpoint_dir": str(run_dir.resolve())})
+
+
+def end_run(tracker: Tracker | NullTracker, status: str) -> None:
+    """Mark the run ``status`` on the way out of an error; an unreachable store must not hide that error."""
+    with contextlib.suppress(TrackingOutage):
+        tracker.end(status)
+
+
+def execute(cfg: Mapping[str, Any], tracker: Tracker | NullTracker, run_dir: Path, ctx: DistContext = SINGLE,
+            stop: StopSignals | None = None) -> dict[str, float]:
+    """Prepare data, train (resuming from ``run_dir``'s checkpoint if any) and test inside an open run;
+    the run ends FINISHED, FAILED or KILLED."""
     from fsg_endo.data.prepare import prepare_data
     from fsg_endo.train import fit
 
-    run_dir = run_dir_for(cfg, tracker.run_id)
     try:
-        if not resumed:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, run_dir / "config.yaml")
-            tracker.log_file(run_dir / "config.yaml")
-            tracker.set_tags({"checkpoint_dir": str(run_dir.resolve())})
-        data = prepare_data(cfg)
-        if not resumed:
+        if ctx.is_main:
+            record_config(cfg, tracker, run_dir)
+        data = ctx.main_first(lambda: prepare_data(cfg, ctx.world_size, ctx.rank))
+        if ctx.is_main:
             tracker.set_tags({"data.manifest_sha256": data.manifest_sha256})
             tracker.log_text(data.summary.to_csv(index=False), "data/split_summary.csv")
-        results = fit(cfg, data, tracker, run_dir)
+        results = fit(cfg, data, tracker, run_dir, ctx, stop)
     except KeyboardInterrupt:
-        tracker.end("KILLED")
+        end_run(tracker, "KILLED")
         raise
     except BaseException:
-        tracker.end("FAILED")
+        end_run(tracker, "FAILED")
         raise
     tracker.end("FINISHED")
     return results
@@ -97,6 +127,23 @@ def find_run(uri: str, exp_name: str, run_id: str):
     return runs[0]
 
 
+class ResumeTarget(NamedTuple):
+    run_id: str
+    cfg: dict[str, Any]
+    run_dir: Path
+
+
+def resume_target(uri: str, exp_name: str, run_id: str) -> ResumeTarget:
+    """The run, config and checkpoint folder of ``--resume RUN_ID|last``."""
+    run = find_run(uri, exp_name, run_id)
+    if run.info.status == "FINISHED":
+        raise FsgEndoError(f"run {run.info.run_id} is already FINISHED: nothing to resume")
+    ckpt_dir = run.data.tags.get("checkpoint_dir")
+    if not ckpt_dir or not (Path(ckpt_dir) / "config.yaml").exists():
+        raise FsgEndoError(f"run {run.info.run_id}: no checkpoint folder to resume from ({ckpt_dir})")
+    return ResumeTarget(run.info.run_id, load_config_file(Path(ckpt_dir) / "config.yaml"), Path(ckpt_dir))
+
+
 def _overrides(args: argparse.Namespace) -> list[str]:
     overrides = []
     if args.data_root:
@@ -109,30 +156,46 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Entry of ``experiments/run.py`` and ``fsg-endo run``."""
+    """Entry of ``experiments/run.py`` and ``fsg-endo run`` (also one process of a torchrun job).
+
+    Exit code 0, or 128 + the signal number (130, 143) when SIGINT/SIGTERM stopped the run after a checkpoint.
+    """
     cfg = load_config(args.exp, _overrides(args), profile=args.profile, smoke=args.smoke)
     uri = resolve_tracking_uri(args.tracking_uri, cfg["tracking"]["uri"])
     check_tracking_uri(uri)
+    ctx = init_distributed(cfg["device"])
+    try:
+        with StopSignals() as stop:
+            _run(args, cfg, uri, ctx, stop)
+    except RunInterrupted as err:
+        if ctx.is_main:
+            print(f"fsg-endo: run stopped: {err}", file=sys.stderr)
+        return err.exit_code
+    finally:
+        shutdown(ctx)
+    return 0
+
+
+def _run(args: argparse.Namespace, cfg: dict[str, Any], uri: str, ctx: DistContext, stop: StopSignals) -> None:
+    resume = None
     if args.resume:
-        run = find_run(uri, cfg["name"], args.resume)
-        ckpt_dir = run.data.tags.get("checkpoint_dir")
-        if not ckpt_dir or not (Path(ckpt_dir) / "config.yaml").exists():
-            raise FsgEndoError(f"run {run.info.run_id}: no checkpoint folder to resume from ({ckpt_dir})")
-        cfg = load_config_file(Path(ckpt_dir) / "config.yaml")
+        resume = ctx.broadcast(resume_target(uri, cfg["name"], args.resume) if ctx.is_main else None)
+        cfg = resume.cfg
     if cfg["sweep"]["enabled"]:
         from fsg_endo.sweep import main_test_metric, run_sweep
 
-        summary = run_sweep(cfg, uri, resume_run_id=run.info.run_id if args.resume else None)
-        cols = [c for c in ("regularizer", "train_fraction", "fold", "seed", "status", main_test_metric(cfg["task"]))
-                if c in summary]
-        print(summary[cols].to_string(index=False))
+        summary = run_sweep(cfg, uri, resume_run_id=resume.run_id if resume else None, ctx=ctx, stop=stop)
+        if ctx.is_main:
+            cols = [c for c in ("regularizer", "train_fraction", "fold", "seed", "status",
+                                main_test_metric(cfg["task"])) if c in summary]
+            print(summary[cols].to_string(index=False))
     else:
-        if args.resume:
-            tracker = Tracker.start(uri, cfg["name"], resume_run_id=run.info.run_id)
-        else:
-            tracker = start_run(cfg, uri)
-        results = execute(cfg, tracker, resumed=bool(args.resume))
-        print(f"\n{cfg['name']} ({run_name(cfg)}), run {tracker.run_id}; best epoch {results['best_epoch']:.0f}")
-        print(results_table(results, REPORT_METRICS[cfg["task"]]).to_string(float_format=lambda v: f"{v:.3f}"))
-    print(f"\nMLflow UI: {ui_hint(uri)}")
-    return 0
+        tracker = open_run(ctx, lambda: Tracker.start(uri, cfg["name"], resume_run_id=resume.run_id) if resume
+                           else start_run(cfg, uri))
+        run_dir = resume.run_dir if resume else run_dir_for(cfg, tracker.run_id)
+        results = execute(cfg, tracker, run_dir, ctx, stop)
+        if ctx.is_main:
+            print(f"\n{cfg['name']} ({run_name(cfg)}), run {tracker.run_id}; best epoch {results['best_epoch']:.0f}")
+            print(results_table(results, REPORT_METRICS[cfg["task"]]).to_string(float_format=lambda v: f"{v:.3f}"))
+    if ctx.is_main:
+        print(f"\nMLflow UI: {ui_hint(uri)}")

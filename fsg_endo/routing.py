@@ -3,6 +3,12 @@
 The parameter split is read from the two optimisers, so the router works for any model whose
 gates and backbone are handed to different optimisers. Both passes refuse to step on a
 non-finite loss or gradient norm and report the skip instead.
+
+Under DistributedDataParallel (the model passed in is the DDP wrapper) the main pass runs through
+DDP, which averages the backbone gradients; the gate pass runs on the wrapped module, because
+``torch.autograd.grad`` bypasses DDP's hooks, and averages the gate gradients itself. Every rank
+takes the same skip decision (the loss check is agreed by an all-reduce; gradient norms are equal
+after averaging), so no rank waits for a collective another one skipped.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["GradientRouter", "train_step"]
 
@@ -35,6 +43,32 @@ def _forward_loss(model: nn.Module, loss_fn: LossFn, inputs: Inputs, targets: An
     device_type = next(model.parameters()).device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp and device_type == "cuda"):
         return loss_fn(model(*args), targets)
+
+
+def _process_group(model: nn.Module) -> dist.ProcessGroup | None:
+    """The process group of a DDP-wrapped model; None when training in one process."""
+    return model.process_group if isinstance(model, DistributedDataParallel) else None
+
+
+def _finite_everywhere(value: float, model: nn.Module) -> bool:
+    """Whether the loss is finite on every rank: all ranks then skip (or step) together."""
+    finite = math.isfinite(value)
+    group = _process_group(model)
+    if group is None:
+        return finite
+    flag = torch.tensor([0.0 if finite else 1.0], device=next(model.parameters()).device)
+    dist.all_reduce(flag, group=group)
+    return float(flag) == 0.0
+
+
+def _average_gradients(params: list[Tensor], group: dist.ProcessGroup) -> None:
+    """Average the gradients of ``params`` over the ranks of ``group`` (one flat all-reduce)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    for param, chunk in zip(params, flat.split([g.numel() for g in grads])):
+        param.grad = chunk.view_as(param)
 
 
 def _clip_and_step(optimizer: torch.optim.Optimizer, params: list[Tensor], clip: float | None) -> float:
@@ -67,11 +101,12 @@ def train_step(
     Gradients are computed for the optimiser's parameters only and added to any they already hold
     (how the released GR code carries the gate pass into the main step); the step leaves them
     zeroed. A non-finite loss or gradient norm skips the step: ``{"loss", "grad_norm", "skipped"}``.
+    ``model`` may be a DistributedDataParallel wrapper (the gradients are then averaged over ranks).
     """
     params = _trainable(optimizer)
     loss = _forward_loss(model, loss_fn, inputs, targets, amp)
     value = float(loss.detach())
-    if not math.isfinite(value):
+    if not _finite_everywhere(value, model):
         optimizer.zero_grad(set_to_none=True)
         return {"loss": value, "grad_norm": math.nan, "skipped": True}
     loss.backward(inputs=params)
@@ -87,6 +122,7 @@ class GradientRouter:
     both passes. With ``accumulate_gate_pass_grads`` the gate pass back-propagates into the
     backbone too and the main step sees the sum, as the paper's released code does.
     ``amp`` runs the forward passes under bfloat16 autocast on CUDA (ignored on CPU).
+    ``model`` may be a DistributedDataParallel wrapper whose gates DDP ignores (see the module docstring).
     """
 
     def __init__(
@@ -102,6 +138,7 @@ class GradientRouter:
         amp: bool = False,
     ) -> None:
         self.model = model
+        self.gate_model = model.module if isinstance(model, DistributedDataParallel) else model
         self.main_optimizer = main_optimizer
         self.gate_optimizer = gate_optimizer
         self.main_loss = main_loss
@@ -135,9 +172,9 @@ class GradientRouter:
 
     def _gate_pass(self, inputs: Inputs, targets: Any) -> dict[str, float | bool]:
         """Forward, gate loss, gradients, clip and step of the gate optimiser only."""
-        loss = _forward_loss(self.model, self.gate_loss, inputs, targets, self.amp)
+        loss = _forward_loss(self.gate_model, self.gate_loss, inputs, targets, self.amp)
         value = float(loss.detach())
-        if not math.isfinite(value):
+        if not _finite_everywhere(value, self.model):
             self.gate_optimizer.zero_grad(set_to_none=True)
             return {"loss": value, "grad_norm": math.nan, "skipped": True}
         if self.accumulate_gate_pass_grads:
@@ -147,6 +184,10 @@ class GradientRouter:
             grads = torch.autograd.grad(loss, self.gate_params, allow_unused=True)
             for param, grad in zip(self.gate_params, grads):
                 param.grad = grad
+        group = _process_group(self.model)
+        if group is not None:
+            # Backbone gradients of the accumulate mode stay local: DDP averages their sum in the main pass.
+            _average_gradients(self.gate_params, group)
         norm = _clip_and_step(self.gate_optimizer, self.gate_params, self.gate_clip)
         skipped = not math.isfinite(norm)
         if skipped:

@@ -6,14 +6,17 @@ import copy
 import itertools
 import sys
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from fsg_endo import plots
 from fsg_endo.config import resolve_derived
-from fsg_endo.experiment import execute, run_name, start_run
-from fsg_endo.tracking import Tracker
+from fsg_endo.distributed import SINGLE, DistContext
+from fsg_endo.experiment import end_run, execute, open_run, record_config, run_dir_for, run_name, start_run
+from fsg_endo.interrupt import StopSignals
+from fsg_endo.tracking import Tracker, TrackingOutage
 
 SWEEP_KEY_TAG = "sweep_key"
 
@@ -30,53 +33,72 @@ def child_configs(cfg: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
         yield resolve_derived(child)
 
 
-def existing_children(uri: str, parent: Tracker) -> dict[str, Any]:
-    """Child runs of a parent by sweep key (for resuming a sweep)."""
+def existing_children(parent: Tracker) -> dict[str, dict[str, Any]]:
+    """Child runs of a parent by sweep key: run id, status, metrics and checkpoint folder (to resume a sweep)."""
     run = parent.client.get_run(parent.run_id)
     children = parent.client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.run_id}'")
-    return {r.data.tags[SWEEP_KEY_TAG]: r for r in children if SWEEP_KEY_TAG in r.data.tags}
+    return {r.data.tags[SWEEP_KEY_TAG]: {"run_id": r.info.run_id, "status": r.info.status,
+                                         "metrics": dict(r.data.metrics),
+                                         "checkpoint_dir": r.data.tags.get("checkpoint_dir")}
+            for r in children if SWEEP_KEY_TAG in r.data.tags}
 
 
-def run_sweep(cfg: Mapping[str, Any], uri: str, resume_run_id: str | None = None) -> pd.DataFrame:
-    """Run (or resume) every child; a failed child is reported and recorded, and the sweep goes on."""
+def open_parent(cfg: Mapping[str, Any], uri: str, resume_run_id: str | None) -> Tracker:
+    """Start the sweep's parent run, or reopen it to resume the sweep."""
     if resume_run_id:
-        parent = Tracker.start(uri, cfg["name"], resume_run_id=resume_run_id)
-    else:
-        params = {f"sweep.{k}": str(v) for k, v in cfg["sweep"].items()}
-        params["sweep.children"] = len(list(child_configs(cfg)))
-        parent = Tracker.start(uri, cfg["name"], run_name="sweep", params=params,
-                               tags={"task": cfg["task"], "regularizer": "sweep"})
-    done = existing_children(uri, parent) if resume_run_id else {}
+        return Tracker.start(uri, cfg["name"], resume_run_id=resume_run_id)
+    params = {f"sweep.{k}": str(v) for k, v in cfg["sweep"].items()}
+    params["sweep.children"] = len(list(child_configs(cfg)))
+    return Tracker.start(uri, cfg["name"], run_name="sweep", params=params,
+                         tags={"task": cfg["task"], "regularizer": "sweep"})
+
+
+def run_sweep(cfg: Mapping[str, Any], uri: str, resume_run_id: str | None = None, ctx: DistContext = SINGLE,
+              stop: StopSignals | None = None) -> pd.DataFrame:
+    """Run every child, or resume the sweep: FINISHED children are kept, the others continue in their own
+    run from their last checkpoint. A failed child is reported and recorded, and the sweep goes on."""
+    parent = open_run(ctx, lambda: open_parent(cfg, uri, resume_run_id))
+    if ctx.is_main:
+        record_config(cfg, parent, run_dir_for(cfg, parent.run_id))
+    done = ctx.broadcast(existing_children(parent) if ctx.is_main and resume_run_id else {})
     rows = []
     for child in child_configs(cfg):
         key = run_name(child)
         row = {"regularizer": child["regularizer"], "train_fraction": child["data"]["train_fraction"],
                "fold": child["data"]["test_fold"], "seed": child["seed"]}
         previous = done.get(key)
-        if previous is not None and previous.info.status == "FINISHED":
-            rows.append(row | {"run_id": previous.info.run_id, "status": "FINISHED"} | previous.data.metrics)
+        if previous is not None and previous["status"] == "FINISHED":
+            rows.append(row | {"run_id": previous["run_id"], "status": "FINISHED"} | previous["metrics"])
             continue
-        resumed = previous is not None
-        tracker = (Tracker.start(uri, cfg["name"], resume_run_id=previous.info.run_id) if resumed
-                   else start_run(child, uri, parent_run_id=parent.run_id, extra_tags={SWEEP_KEY_TAG: key}))
+        tracker = open_run(ctx, lambda child=child, key=key, previous=previous: (
+            Tracker.start(uri, cfg["name"], resume_run_id=previous["run_id"]) if previous is not None
+            else start_run(child, uri, parent_run_id=parent.run_id, extra_tags={SWEEP_KEY_TAG: key})))
+        folder = previous and previous["checkpoint_dir"]
+        run_dir = Path(folder) if folder else run_dir_for(child, tracker.run_id)
         try:
-            results = execute(child, tracker, resumed=resumed)
+            results = execute(child, tracker, run_dir, ctx, stop)
             rows.append(row | {"run_id": tracker.run_id, "status": "FINISHED"} | results)
-        except KeyboardInterrupt:
-            parent.end("KILLED")
+        except (KeyboardInterrupt, TrackingOutage):
+            end_run(parent, "KILLED")
             raise
         except Exception as err:
             print(f"sweep: child {key} failed: {err}", file=sys.stderr)
             rows.append(row | {"run_id": tracker.run_id, "status": "FAILED", "error": str(err)})
     summary = pd.DataFrame(rows)
+    if ctx.is_main:
+        log_summary(parent, summary, cfg["task"])
+    parent.end("FINISHED")
+    return summary
+
+
+def log_summary(parent: Tracker, summary: pd.DataFrame, task: str) -> None:
+    """``sweep/summary.csv``, the failed-children tags and the headline metric against the train fraction."""
     parent.log_text(summary.to_csv(index=False), "sweep/summary.csv")
     failed = summary.loc[summary["status"] != "FINISHED", "run_id"].tolist()
     parent.set_tags({"failed_children": ",".join(failed) or "none", "n_failed": str(len(failed))})
-    metric = main_test_metric(cfg["task"])
+    metric = main_test_metric(task)
     if metric in summary and summary[metric].notna().any():
         parent.log_figure(plots.sweep_figure(summary, metric), f"sweep/{metric.replace('/', '_')}_vs_fraction.png")
-    parent.end("FINISHED")
-    return summary
 
 
 def main_test_metric(task: str) -> str:

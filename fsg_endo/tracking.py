@@ -1,7 +1,10 @@
 """MLflow tracking (SPEC §4): run lifecycle, buffered asynchronous metrics, gate statistics, artifacts.
 
 Metrics are queued and written by one background thread with ``log_batch``, so the training loop
-never waits on the store; transient store errors are retried with backoff and nothing is dropped.
+never waits on the store. A failing store call is retried with exponential backoff, keeping every
+queued metric, for up to ``max_outage`` seconds; past that the tracker is :attr:`~Tracker.failed` and
+the training loop saves a checkpoint (holding the metrics still :meth:`~Tracker.unconfirmed`) and stops.
+A (key, step) pair is logged at most once per run, also across a resume.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from fsg_endo import plots
+from fsg_endo.checkpoint import MetricRecord
 from fsg_endo.errors import FsgEndoError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -59,27 +63,44 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _retry(fn: Callable[[], Any], attempts: int = 5, base_delay: float = 0.5) -> Any:
-    for i in range(attempts):
-        try:
-            return fn()
-        except Exception:
-            if i == attempts - 1:
-                raise
-            time.sleep(base_delay * 2**i)
+class TrackingOutage(FsgEndoError):
+    """The tracking store failed for longer than the tracker tolerates."""
+
+
+def metric_records(metrics: Mapping[str, float], step: int) -> list[MetricRecord]:
+    """``metrics`` at ``step`` as records stamped now (non-finite values are kept: MLflow stores NaN)."""
+    now = int(time.time() * 1000)
+    return [(key, float(value), int(step), now) for key, value in metrics.items()]
+
+
+def stored_steps(client: mlflow.MlflowClient, run_id: str) -> set[tuple[str, int]]:
+    """Every (key, step) a run already holds, so a resumed run never logs one twice."""
+    keys = client.get_run(run_id).data.metrics
+    return {(key, m.step) for key in keys for m in client.get_metric_history(run_id, key)}
 
 
 class Tracker:
     """One MLflow run. Metrics go through a queue to a writer thread; artifacts are written directly.
 
     ``seconds`` accumulates the time the caller spent inside tracker calls (the logging overhead).
+    ``max_outage``: seconds a store call may keep failing (retried with backoff) before the tracker fails.
     """
 
-    def __init__(self, client: mlflow.MlflowClient, run_id: str):
+    max_outage: float = 300.0
+    max_backoff: float = 30.0
+
+    def __init__(self, client: mlflow.MlflowClient, run_id: str, logged: set[tuple[str, int]] | None = None,
+                 max_outage: float | None = None):
         self.client = client
         self.run_id = run_id
         self.seconds = 0.0
-        self._queue: queue.Queue[list[Metric] | None] = queue.Queue()
+        if max_outage is not None:
+            self.max_outage = max_outage
+        self._logged = set(logged or ())
+        self._unconfirmed: dict[int, list[Metric]] = {}
+        self._next_batch = 0
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[tuple[int, list[Metric]] | None] = queue.Queue()
         self._error: BaseException | None = None
         self._writer = threading.Thread(target=self._write_loop, name="mlflow-writer", daemon=True)
         self._writer.start()
@@ -93,7 +114,7 @@ class Tracker:
         client = mlflow.MlflowClient(tracking_uri=uri)
         if resume_run_id:
             client.update_run(resume_run_id, status="RUNNING")
-            return cls(client, resume_run_id)
+            return cls(client, resume_run_id, logged=stored_steps(client, resume_run_id))
         exp = client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
         all_tags = dict(tags)
@@ -105,25 +126,55 @@ class Tracker:
         tracker = cls(client, run.info.run_id)
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), _PARAM_BATCH):
-            _retry(lambda chunk=items[i:i + _PARAM_BATCH]: client.log_batch(tracker.run_id, params=chunk))
+            tracker._call(lambda chunk=items[i:i + _PARAM_BATCH]: client.log_batch(tracker.run_id, params=chunk))
         return tracker
 
+    @property
+    def failed(self) -> bool:
+        """Whether the store stayed unreachable past ``max_outage`` (nothing more will be written)."""
+        return self._error is not None
+
+    @property
+    def error(self) -> BaseException | None:
+        """The outage that made the tracker fail, if it did."""
+        return self._error
+
     def end(self, status: str = "FINISHED") -> None:
-        """Flush every queued metric, then mark the run ``status`` (FINISHED, FAILED, KILLED)."""
-        self.flush()
+        """Flush every queued metric, then mark the run ``status`` (FINISHED, FAILED, KILLED).
+
+        After a store outage the run cannot be marked: it stays RUNNING until resumed.
+        """
+        self._queue.join()
         self._queue.put(None)
         self._writer.join()
-        _retry(lambda: self.client.set_terminated(self.run_id, status=status))
+        if not self.failed:
+            self._timed(lambda: self.client.set_terminated(self.run_id, status=status))
 
     # -- metrics ---------------------------------------------------------------------------
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Queue metrics at ``step``; non-finite values are kept (MLflow stores NaN) so gaps are visible."""
+        self.log_records(metric_records(metrics, step))
+
+    def log_records(self, records: list[MetricRecord]) -> None:
+        """Queue metric records, leaving out every (key, step) this run already holds or has queued."""
         t0 = time.perf_counter()
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        batch = []
+        for key, value, step, timestamp in records:
+            if (key, step) not in self._logged:
+                self._logged.add((key, step))
+                batch.append(Metric(key, value, timestamp, step))
         for i in range(0, len(batch), _BATCH):
-            self._queue.put(batch[i:i + _BATCH])
+            with self._lock:
+                batch_id, self._next_batch = self._next_batch, self._next_batch + 1
+                self._unconfirmed[batch_id] = batch[i:i + _BATCH]
+            self._queue.put((batch_id, batch[i:i + _BATCH]))
         self.seconds += time.perf_counter() - t0
+
+    def unconfirmed(self) -> list[MetricRecord]:
+        """Queued metrics the store has not confirmed yet (a checkpoint keeps them to log after a resume)."""
+        with self._lock:
+            batches = list(self._unconfirmed.values())
+        return [(m.key, m.value, m.step, m.timestamp) for batch in batches for m in batch]
 
     def flush(self) -> None:
         """Block until the writer thread has stored everything queued so far."""
@@ -131,20 +182,39 @@ class Tracker:
         self._queue.join()
         self.seconds += time.perf_counter() - t0
         if self._error is not None:
-            err, self._error = self._error, None
-            raise FsgEndoError(f"MLflow store {self.client.tracking_uri} failed: {err}") from err
+            raise self._error
 
     def _write_loop(self) -> None:
         while True:
-            batch = self._queue.get()
+            item = self._queue.get()
             try:
-                if batch is None:
+                if item is None:
                     return
-                _retry(lambda batch=batch: self.client.log_batch(self.run_id, metrics=batch))
-            except Exception as err:  # surfaced to the caller on the next flush
+                batch_id, batch = item
+                if self._error is None:
+                    self._call(lambda batch=batch: self.client.log_batch(self.run_id, metrics=batch))
+                    with self._lock:
+                        del self._unconfirmed[batch_id]
+            except TrackingOutage as err:  # the batch stays unconfirmed; the training loop sees `failed`
                 self._error = err
             finally:
                 self._queue.task_done()
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """``fn()``, retried with exponential backoff while the store fails for less than ``max_outage``."""
+        first_failure, delay = None, 0.5
+        while True:
+            try:
+                return fn()
+            except Exception as err:
+                now = time.monotonic()
+                if first_failure is None:
+                    first_failure = now
+                if now - first_failure >= self.max_outage:
+                    raise TrackingOutage(f"tracking store {self.client.tracking_uri} failed for "
+                                         f"{now - first_failure:.0f} s: {str(err).splitlines()[0][:200]}") from err
+                time.sleep(min(delay, self.max_backoff, self.max_outage - (now - first_failure)))
+                delay *= 2
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self._timed(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
@@ -201,7 +271,7 @@ class Tracker:
     def _timed(self, fn: Callable[[], Any]) -> Any:
         t0 = time.perf_counter()
         try:
-            return _retry(fn)
+            return self._call(fn)
         finally:
             self.seconds += time.perf_counter() - t0
 
@@ -212,3 +282,20 @@ def _pip_requirements() -> list[str]:
     import torchvision
 
     return [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}"]
+
+
+class NullTracker:
+    """Stands in for :class:`Tracker` on ranks other than 0: every call is accepted, nothing is stored."""
+
+    seconds = 0.0
+    failed = False
+    error = None
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+
+    def unconfirmed(self) -> list[MetricRecord]:
+        return []
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None

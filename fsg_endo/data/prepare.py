@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fsg_endo.data.epochs import EpochSampler, SeededItems
 from fsg_endo.data.manifest import build_manifest, load_manifest, write_manifest
 from fsg_endo.data.pipeline import build_dataset, compute_mean_std, make_loader
 from fsg_endo.data.sampling import LesionFrameSampler
@@ -26,14 +27,18 @@ def cache_dir() -> Path:
 
 @dataclass
 class DataBundle:
-    """Everything the training loop needs from the data side of one run."""
+    """Everything the training loop needs from the data side of one run (of one process under torchrun)."""
 
     root: Path
     manifest_sha256: str
     splits: dict[str, pd.DataFrame]
     summary: pd.DataFrame
-    sampler: LesionFrameSampler
+    sampler: EpochSampler
     loaders: dict[str, Any]
+
+    def set_epoch(self, epoch: int, batches_done: int = 0) -> None:
+        """Draw epoch ``epoch`` and skip its first ``batches_done`` batches (a run resumed mid-epoch)."""
+        self.sampler.set_epoch(epoch, start=batches_done * self.loaders["train"].batch_size)
 
 
 def dataset_root(data: Mapping[str, Any], seed: int) -> Path:
@@ -73,9 +78,16 @@ def cap_frames_per_lesion(rows: pd.DataFrame, n: int | None) -> pd.DataFrame:
     return rows.iloc[np.sort(np.concatenate(keep))].reset_index(drop=True)
 
 
-def prepare_data(cfg: Mapping[str, Any]) -> DataBundle:
-    """Dataset, manifest, low-data split, train statistics, datasets and loaders for one run."""
+def prepare_data(cfg: Mapping[str, Any], num_replicas: int = 1, rank: int = 0) -> DataBundle:
+    """Dataset, manifest, low-data split, train statistics, datasets and loaders for one run.
+
+    With ``num_replicas`` processes, ``optim.batch_size`` is the global batch: this rank loads its
+    share of every batch, and only rank 0 (which evaluates) gets the val and test loaders.
+    """
     data, seed = cfg["data"], cfg["seed"]
+    batch = cfg["optim"]["batch_size"]
+    if batch % num_replicas:
+        raise FsgEndoError(f"optim.batch_size = {batch} is not divisible by the {num_replicas} training processes")
     root = dataset_root(data, seed)
     mpath = manifest_path(data, root, seed)
     manifest = load_manifest(mpath, root=root)
@@ -87,14 +99,14 @@ def prepare_data(cfg: Mapping[str, Any]) -> DataBundle:
     mean, std = compute_mean_std(splits["train"], root, **crop)
     common = dict(crop, mean=mean, std=std, cache=data["cache"], source=data["source_media"],
                   cache_dir=cache_dir() / "persistent", workers=data["workers"])
-    train_ds = build_dataset(splits["train"], root, train=data["augment"], seed=seed, **common)
-    eval_ds = {name: build_dataset(splits[name], root, train=False, seed=seed, **common) for name in ("val", "test")}
-
-    sampler = LesionFrameSampler(splits["train"], frames_per_lesion=data["frames_per_lesion"],
-                                 class_balanced=data["class_balanced"], seed=seed)
-    batch = cfg["optim"]["batch_size"]
-    loaders = {"train": make_loader(train_ds, batch, sampler=sampler, workers=data["workers"], seed=seed)}
-    for name, ds in eval_ds.items():
+    train_ds = SeededItems(build_dataset(splits["train"], root, train=data["augment"], seed=seed, **common))
+    sampler = EpochSampler(LesionFrameSampler(splits["train"], frames_per_lesion=data["frames_per_lesion"],
+                                              class_balanced=data["class_balanced"], seed=seed,
+                                              num_replicas=num_replicas, rank=rank), seed=seed)
+    loaders = {"train": make_loader(train_ds, batch // num_replicas, sampler=sampler, workers=data["workers"],
+                                    seed=seed)}
+    for name in ("val", "test") if rank == 0 else ():
+        ds = build_dataset(splits[name], root, train=False, seed=seed, **common)
         loaders[name] = make_loader(ds, batch * 2, workers=data["workers"], seed=seed)
     return DataBundle(root=root, manifest_sha256=hashlib.sha256(mpath.read_bytes()).hexdigest(),
                       splits=splits, summary=split_summary(splits), sampler=sampler, loaders=loaders)

@@ -1,0 +1,50 @@
+"""Evaluation of a sizing model: frame predictions, frame- and lesion-level metrics, best-epoch selection."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from fsg_endo.tasks import Task
+
+
+def model_inputs(batch: Mapping[str, Any], device: torch.device, use_box: bool) -> torch.Tensor | tuple:
+    """The model's inputs of a batch: the crops, and the box features when the model takes them."""
+    image = batch["image"].to(device, non_blocking=True)
+    return (image, batch["box"].to(device, non_blocking=True)) if use_box else image
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader, task: Task, device: torch.device, use_box: bool, desc: str) -> pd.DataFrame:
+    """Frame-level predictions of ``model`` over ``loader`` (ids, target, prediction)."""
+    model.eval()
+    frames = []
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        inputs = model_inputs(batch, device, use_box)
+        outputs = model(*inputs) if use_box else model(inputs)
+        frames.append(task.frame_predictions(batch, task.outputs_to_numpy(outputs.float().cpu())))
+    return pd.concat(frames, ignore_index=True)
+
+
+def evaluate(model, loader, task: Task, device, use_box: bool, split: str) -> tuple[dict[str, float], pd.DataFrame]:
+    """``{split}/*`` (per frame) and ``lesion/{split}/*`` (per lesion) metrics, and the frame predictions."""
+    frames = predict(model, loader, task, device, use_box, desc=split)
+    metrics = {f"{split}/{k}": v for k, v in task.compute_metrics(frames).items()}
+    metrics.update({f"lesion/{split}/{k}": v for k, v in task.compute_metrics(task.lesion_predictions(frames)).items()})
+    return metrics, frames
+
+
+def metric_mode(metric: str) -> str:
+    """Errors and losses are minimised, everything else (accuracy, F1, AUROC) maximised."""
+    return "min" if any(s in metric.rsplit("/", 1)[-1] for s in ("mae", "rmse", "loss")) else "max"
+
+
+def is_better(value: float, best: float | None, mode: str) -> bool:
+    if not np.isfinite(value):
+        return False
+    return best is None or (value < best if mode == "min" else value > best)

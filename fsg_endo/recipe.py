@@ -1,0 +1,96 @@
+"""What a run trains with, built from its config: model, optimisers, schedules and the training step."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+
+from fsg_endo.distributed import DistContext
+from fsg_endo.evaluation import metric_mode
+from fsg_endo.gates import gate_parameters, non_gate_parameters
+from fsg_endo.models import build_model
+from fsg_endo.routing import GradientRouter, train_step
+from fsg_endo.tasks import Task, get_task
+
+BOX_FEATURES = 4  # log box w, log box h (relative to the frame), box centre x, y
+
+
+def build_for(cfg: Mapping[str, Any], task: Task) -> torch.nn.Module:
+    """The model of the config's regulariser: FSG for ``fsg``/``fsg_gr``, dropout only for ``dropout``."""
+    m, reg = cfg["model"], cfg["regularizer"]
+    extra = {k: m[k] for k in ("dropout", "attention_dropout", "stochastic_depth")} if reg == "dropout" else {}
+    return build_model(m["preset"], cfg["data"]["image_size"], m["patch_size"], task.num_outputs,
+                       hidden_dim=m["hidden_dim"], depth=m["depth"], heads=m["heads"], mlp_dim=m["mlp_dim"],
+                       fsg=cfg["fsg"]["enabled"], box_features=BOX_FEATURES if m["box_features"] else 0,
+                       weights=m["weights"], **extra)
+
+
+def build_optimizers(cfg: Mapping[str, Any], model: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
+    """GR: two optimisers over disjoint sets. Joint FSG: one optimiser, gates in their own group."""
+    o, gr = cfg["optim"], cfg["gr"]
+    if cfg["gr"]["enabled"]:
+        return {"main": torch.optim.Adam(non_gate_parameters(model), lr=o["lr"], weight_decay=o["weight_decay"]),
+                "gate": torch.optim.Adam(gate_parameters(model), lr=gr["gate_lr"])}
+    groups = [{"params": non_gate_parameters(model)}]
+    if cfg["fsg"]["enabled"]:
+        groups.append({"params": gate_parameters(model), "lr": gr["gate_lr"], "weight_decay": 0.0})
+    return {"main": torch.optim.Adam(groups, lr=o["lr"], weight_decay=o["weight_decay"])}
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over ``warmup`` steps, then cosine decay to zero at ``total``."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class Recipe:
+    """The objects of one run. ``model`` is the plain module (evaluation, checkpoints, gates); ``step``
+    trains it on one batch, through DistributedDataParallel under torchrun."""
+
+    cfg: Mapping[str, Any]
+    task: Task
+    device: torch.device
+    model: torch.nn.Module
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR]
+    step: Callable[[Any, torch.Tensor], dict[str, float | bool]]
+    metric: str  # the validation metric that selects the best epoch
+    mode: str  # "min" or "max"
+
+    @property
+    def use_box(self) -> bool:
+        return self.cfg["model"]["box_features"]
+
+    @property
+    def gated(self) -> bool:
+        return self.cfg["fsg"]["enabled"]
+
+
+def build_recipe(cfg: Mapping[str, Any], ctx: DistContext, steps_per_epoch: int) -> Recipe:
+    """Model, optimisers, warmup-cosine schedules and the step (Gradient Routing for ``fsg_gr``)."""
+    device = ctx.device(cfg["device"])
+    amp = cfg["optim"]["amp"] and device.type == "cuda"
+    task = get_task(cfg["task"], cfg["loss"]["main_weights"], cfg["loss"]["gate_weights"])
+    model = build_for(cfg, task).to(device)
+    optimizers = build_optimizers(cfg, model)
+    epochs, warmup = cfg["optim"]["epochs"], cfg["optim"]["warmup_epochs"] * steps_per_epoch
+    schedulers = {k: warmup_cosine(o, warmup, epochs * steps_per_epoch) for k, o in optimizers.items()}
+    clip, gr = cfg["optim"]["clip"], cfg["gr"]
+    if gr["enabled"]:
+        trained = ctx.wrap(model, device, ignore=gate_parameters(model))  # the router all-reduces the gates
+        step = GradientRouter(trained, optimizers["main"], optimizers["gate"], task.main_loss, task.gate_loss,
+                              main_clip=clip, gate_clip=gr["gate_clip"], amp=amp,
+                              accumulate_gate_pass_grads=gr["accumulate_gate_pass_grads"]).step
+    else:
+        step = partial(train_step, ctx.wrap(model, device), optimizers["main"], task.main_loss, clip=clip, amp=amp)
+    metric = f"val/{task.main_metric}" if cfg["eval"]["metric"] == "auto" else cfg["eval"]["metric"]
+    return Recipe(cfg, task, device, model, optimizers, schedulers, step, metric, metric_mode(metric))
