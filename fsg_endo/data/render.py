@@ -190,24 +190,27 @@ class Renderer:
         Rays start where they reach ``inner_radius`` (no wall is nearer); ``d`` is (3, ...).
         """
         wall, far = self.wall, self.optics.march_depth_mm
+        to_col, to_row = np.float32(wall.n_theta / TWO_PI), np.float32(1.0 / wall.dz)
+        row0 = np.float32((o[2] - wall.z0) / wall.dz)
         start = np.maximum(_cylinder_hit(o, d, inner_radius), 1.0)
         hit = np.full(d[0].size, self.optics.max_depth_mm, np.float32)
         active = np.arange(d[0].size)
-        # rows: dx, dy, dz, t, t_prev, g_prev
-        state = np.concatenate([d.reshape(3, -1), start.reshape(1, -1), start.reshape(1, -1),
-                                np.full((1, d[0].size), -1.0, np.float32)])
+        # rows: dx, dy, dz in table rows per mm, t, t_prev, g_prev
+        state = np.concatenate([d[:2].reshape(2, -1), d[2].reshape(1, -1) * to_row, start.reshape(1, -1),
+                                start.reshape(1, -1), np.full((1, d[0].size), -1.0, np.float32)])
         for _ in range(iterations):
             dx, dy, dz, t, t_prev, g_prev = state
-            rho, theta = cv2.cartToPolar(o[0] + t * dx, o[1] + t * dy)
-            map_y = (o[2] + t * dz - wall.z0) / wall.dz
-            g = rho.ravel() - _lookup(wall.radius, theta.ravel() * np.float32(wall.n_theta / TWO_PI), map_y)
+            g, theta = cv2.cartToPolar(o[0] + t * dx, o[1] + t * dy)
+            theta *= to_col
+            g = g.ravel()
+            g -= _lookup(wall.radius, theta.ravel(), row0 + t * dz)
             crossed = g >= 0
             if crossed.any():
                 gp, tp = g_prev[crossed], t_prev[crossed]
                 hit[active[crossed]] = tp + gp / np.minimum(gp - g[crossed], -1e-6) * (t[crossed] - tp)
             state[4], state[5] = t, g
-            state[3] = t + np.maximum(-g / 1.5, 0.06 * t + 0.1)
-            keep = ~crossed & (t < far)
+            state[3] += np.maximum(g * np.float32(-1 / 1.5), t * np.float32(0.06) + np.float32(0.1))
+            keep = (g < 0) & (state[4] < far)
             if not keep.all():
                 if not keep.any():
                     break

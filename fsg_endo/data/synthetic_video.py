@@ -17,7 +17,7 @@ SIZE_LOGNORMAL = (1.513, 0.762)  # median 4.5 mm; ~55 % <= 5 mm, ~15 % >= 10 mm
 SIZE_RANGE_MM = (1.0, 20.0)
 MIN_BOX_PX = 6
 MIN_VISIBLE_SHARE = 0.5  # of the polyp's projected outline; less (FOV edge, occluded) is not annotated
-MIN_BRIGHTNESS = 40  # mean 8-bit intensity; darker polyps (deep in the lumen) are not annotated
+MIN_BRIGHTNESS = 40  # mean 8-bit intensity; darker polyps (deep in the dark lumen) are not annotated
 EXPOSURE_SHARE = 0.5  # of the frame interval: image motion during it becomes motion blur
 # Per histology: range of the blue/green tint relative to the mucosa (low: redder), dome height / radius.
 HISTOLOGY_LOOK = {"AD": (0.6, 0.95, 0.85), "HP": (1.05, 1.4, 0.6), "SSL": (0.95, 1.25, 0.45)}
@@ -138,7 +138,9 @@ def voc_xml(video: str, t: int, width: int, height: int, objects: list[tuple[str
 
 
 @dataclass
-class _Scene:
+class Scene:
+    """Everything drawn for one video before rendering."""
+
     patient: Patient
     polyps: list[Polyp]
     wall: Wall
@@ -146,15 +148,23 @@ class _Scene:
     optics: Optics
 
 
-def build_scene(spec: VideoSpec, camera: Camera) -> tuple[_Scene, np.random.Generator]:
-    """Patient, polyps, colon wall, camera path and optics of one video (all from the video's seed)."""
+def build_scene(spec: VideoSpec, camera: Camera) -> tuple[Scene, np.random.Generator]:
+    """Patient, polyps, colon wall, camera path and optics of one video, and the rng of its frames."""
     scene_rng, path_rng, optics_rng, frame_rng = (np.random.default_rng(s)
                                                   for s in np.random.SeedSequence(spec.seed).spawn(4))
     patient = sample_patient(scene_rng)
     polyps = sample_polyps(scene_rng, spec.name, spec.lesions, patient)
     wall = build_wall(scene_rng, patient, polyps[0].z - 80.0, polyps[-1].z + 150.0, polyps)
     path = plan_path(path_rng, wall, polyps, camera.focal, spec.frames)
-    return _Scene(patient, polyps, wall, path, sample_optics(optics_rng, spec.site)), frame_rng
+    return Scene(patient, polyps, wall, path, sample_optics(optics_rng, spec.site)), frame_rng
+
+
+def _video_writer(path: Path, spec: VideoSpec) -> cv2.VideoWriter:
+    path.parent.mkdir(exist_ok=True)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), spec.fps, (spec.width, spec.height))
+    if not writer.isOpened():
+        raise FsgEndoError(f"{path}: OpenCV cannot write mp4 (codec mp4v unavailable)")
+    return writer
 
 
 def render_video(spec: VideoSpec, root: Path) -> dict:
@@ -166,11 +176,7 @@ def render_video(spec: VideoSpec, root: Path) -> dict:
     frames_dir, ann_dir = root / f"{spec.name}_frames", root / f"{spec.name}_annotations"
     frames_dir.mkdir()
     ann_dir.mkdir()
-    (root / "videos").mkdir(exist_ok=True)
-    video_path = root / "videos" / f"{spec.name}.mp4"
-    writer = cv2.VideoWriter(str(video_path), cv2.VideoWriter_fourcc(*"mp4v"), spec.fps, (spec.width, spec.height))
-    if not writer.isOpened():
-        raise FsgEndoError(f"{video_path}: OpenCV cannot write mp4 (codec mp4v unavailable)")
+    writer = _video_writer(root / "videos" / f"{spec.name}.mp4", spec)
     seen = {p.lesion_id: [] for p in scene.polyps}
     box_id, previous = 0, None
     try:
@@ -183,9 +189,10 @@ def render_video(spec: VideoSpec, root: Path) -> dict:
                 box_id += 1
                 objects.append((scene.polyps[k].lesion_id, box_id, box))
                 seen[scene.polyps[k].lesion_id].append(t)
+            name = f"{spec.name}_{t}"
             cv2.imencode(".jpg", frame.image, [cv2.IMWRITE_JPEG_QUALITY, spec.jpeg_quality])[1].tofile(
-                frames_dir / f"{spec.name}_{t}.jpg")
-            (ann_dir / f"{spec.name}_{t}.xml").write_text(voc_xml(spec.name, t, spec.width, spec.height, objects))
+                frames_dir / f"{name}.jpg")
+            (ann_dir / f"{name}.xml").write_text(voc_xml(spec.name, t, spec.width, spec.height, objects))
             writer.write(frame.image)
             previous = (pose, frame)
     finally:
