@@ -169,7 +169,8 @@ class Renderer:
         o = pose.origin.astype(np.float32)
         d = np.einsum("ij,jhw->ihw", pose.rotation.astype(np.float32), self._rays)
         inner = self.wall.inner_radius(float(o[2]), self.optics.march_depth_mm)
-        coarse = self._march(o, np.ascontiguousarray(d[:, ::2, ::2]), inner)
+        coarse_d = np.ascontiguousarray(d[:, ::2, ::2])
+        coarse = self._march(o, coarse_d, _cylinder_hit(o, coarse_d, inner))
         size = (self.camera.width, self.camera.height)
         t = cv2.resize(coarse, size, interpolation=cv2.INTER_LINEAR).ravel()
         kernel = np.ones((3, 3), np.uint8)
@@ -177,22 +178,25 @@ class Renderer:
         edges = cv2.resize((high - low > 0.25 * low + 1.0).astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
         index = np.flatnonzero(edges)
         if index.size:
-            t[index] = self._march(o, d.reshape(3, -1)[:, index], inner)
+            # At a silhouette the nearer surface lies near the smallest coarse depth around it.
+            near = cv2.resize(low, size, interpolation=cv2.INTER_NEAREST).ravel()[index]
+            rays = d.reshape(3, -1)[:, index]
+            t[index] = self._march(o, rays, np.maximum(_cylinder_hit(o, rays, inner), 0.8 * near))
         return self._locate(o, d, np.clip(t.reshape(d.shape[1:]), 0.5, self.optics.max_depth_mm))
 
-    def _march(self, o: np.ndarray, d: np.ndarray, inner_radius: float, iterations: int = 16) -> np.ndarray:
+    def _march(self, o: np.ndarray, d: np.ndarray, start: np.ndarray, iterations: int = 16) -> np.ndarray:
         """Distance to the first wall crossing along each ray, by conservative stepping.
 
         While inside the lumen a ray advances by two thirds of its radial gap to the wall (a fold or
         polyp thinner than that may be stepped over), at least a few percent of its distance; a
         crossing is located by linear interpolation between the last two steps. Rays leave the work
         set once done; rays still in the lumen at ``march_depth_mm`` are dark and stop there.
-        Rays start where they reach ``inner_radius`` (no wall is nearer); ``d`` is (3, ...).
+        Rays (``d``: 3 x N) start at ``start`` (mm, at least 1), where no wall is nearer.
         """
         wall, far = self.wall, self.optics.march_depth_mm
         to_col, to_row = np.float32(wall.n_theta / TWO_PI), np.float32(1.0 / wall.dz)
         row0 = np.float32((o[2] - wall.z0) / wall.dz)
-        start = np.maximum(_cylinder_hit(o, d, inner_radius), 1.0)
+        start = np.maximum(start, 1.0)
         hit = np.full(d[0].size, self.optics.max_depth_mm, np.float32)
         active = np.arange(d[0].size)
         # rows: dx, dy, dz in table rows per mm, t, t_prev, g_prev
