@@ -66,7 +66,7 @@ def _keyframes(rng: np.random.Generator, wall: Wall, polyps: list[Polyp], focal_
                speed: float) -> tuple[list[float], list[np.ndarray], list[np.ndarray]]:
     """Times (frames), positions and targets of the path's keyframes."""
     radius = wall.radius_mean
-    start = _axis_point(rng, polyps[0].z - rng.uniform(40.0, 60.0), radius)
+    start = _axis_point(rng, polyps[0].z - rng.uniform(30.0, 50.0), radius)
     times, positions, targets = [0.0], [start], [_axis_point(rng, start[2] + LOOK_AHEAD_MM, radius, 0.5)]
 
     def add(position: np.ndarray, target: np.ndarray, frames: float | None = None) -> None:
@@ -85,7 +85,7 @@ def _keyframes(rng: np.random.Generator, wall: Wall, polyps: list[Polyp], focal_
             add(_viewpoint(apex, distance, tilt, azimuth, radius), _aim(rng, apex, distance), frames)
         leave = _axis_point(rng, polyp.z + rng.uniform(5.0, 15.0), radius)
         add(leave, _axis_point(rng, leave[2] + LOOK_AHEAD_MM, radius, 0.5))
-    end = _axis_point(rng, positions[-1][2] + speed * rng.uniform(2, 5), radius)
+    end = _axis_point(rng, positions[-1][2] + speed * rng.uniform(1, 3), radius)
     add(end, _axis_point(rng, end[2] + LOOK_AHEAD_MM, radius, 0.5))
     return times, positions, targets
 
@@ -101,7 +101,7 @@ def _smooth_noise(rng: np.random.Generator, n: int, scale: float, smooth: float)
 def plan_path(rng: np.random.Generator, wall: Wall, polyps: list[Polyp], focal_px: float,
               frames: int | None = None) -> CameraPath:
     """The camera path of one video; ``frames`` resamples it to that many frames (else one per time step)."""
-    speed = rng.uniform(5.0, 8.0)
+    speed = rng.uniform(6.0, 10.0)
     times, positions, targets = _keyframes(rng, wall, polyps, focal_px, speed)
     n = frames or int(times[-1]) + 1
     t = np.linspace(0.0, times[-1], n)
