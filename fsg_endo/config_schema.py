@@ -125,10 +125,10 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 REGULARIZERS = ("none", "dropout", "fsg", "fsg_gr")
 CHOICES: dict[str, tuple[str, ...]] = {
-    "task": ("size_regression", "size_class3", "size_class2"),
+    "task": ("size_regression", "size_class3", "size_class2", "image_class"),  # image_class: demos only
     "regularizer": REGULARIZERS,
     "device": ("auto", "cpu", "cuda"),
-    "data.source": ("synthetic", "realcolon", "sun"),
+    "data.source": ("synthetic", "realcolon", "sun", "cifar100"),  # cifar100: demos only
     "data.cache": ("none", "memory", "disk"),
     "data.source_media": ("frames", "video"),
     "model.preset": ("micro", "ti", "s", "b"),

@@ -1,0 +1,8 @@
+"""Predict the held-out split with the trained MNIST demo checkpoint (loaded with weights_only=True)."""
+
+import sys
+
+from fsg_endo.demo_cli import inference_main
+
+if __name__ == "__main__":
+    sys.exit(inference_main("mnist", sys.argv[1:], prog="demo_inference_mnist.py"))
