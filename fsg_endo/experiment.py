@@ -87,6 +87,9 @@ def execute(cfg: Mapping[str, Any], tracker: Tracker | NullTracker, run_dir: Pat
     except KeyboardInterrupt:
         end_run(tracker, "KILLED")
         raise
+    except TrackingOutage as err:  # the store cannot be told: the run stays RUNNING until resumed
+        raise TrackingOutage(f"{err}; the run's checkpoints are in {run_dir.resolve()}: "
+                             f"resume with --resume {tracker.run_id} once the store is back") from err
     except BaseException:
         end_run(tracker, "FAILED")
         raise

@@ -87,6 +87,7 @@ class Tracker:
     """
 
     max_outage: float = 300.0
+    first_backoff: float = 0.5  # seconds before the first retry, doubled after each failure
     max_backoff: float = 30.0
 
     def __init__(self, client: mlflow.MlflowClient, run_id: str, logged: set[tuple[str, int]] | None = None,
@@ -124,7 +125,7 @@ class Tracker:
             all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
         run = client.create_run(exp_id, tags=all_tags, run_name=run_name)
         tracker = cls(client, run.info.run_id)
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(k, str(v)[:6000]) for k, v in dict(params).items()]
         for i in range(0, len(items), _PARAM_BATCH):
             tracker._call(lambda chunk=items[i:i + _PARAM_BATCH]: client.log_batch(tracker.run_id, params=chunk))
         return tracker
@@ -202,7 +203,7 @@ class Tracker:
 
     def _call(self, fn: Callable[[], Any]) -> Any:
         """``fn()``, retried with exponential backoff while the store fails for less than ``max_outage``."""
-        first_failure, delay = None, 0.5
+        first_failure, delay = None, self.first_backoff
         while True:
             try:
                 return fn()
@@ -212,7 +213,7 @@ class Tracker:
                     first_failure = now
                 if now - first_failure >= self.max_outage:
                     raise TrackingOutage(f"tracking store {self.client.tracking_uri} failed for "
-                                         f"{now - first_failure:.0f} s: {str(err).splitlines()[0][:200]}") from err
+                                         f"{now - first_failure:.1f} s: {str(err).splitlines()[0][:200]}") from err
                 time.sleep(min(delay, self.max_backoff, self.max_outage - (now - first_failure)))
                 delay *= 2
 

@@ -33,7 +33,7 @@ from fsg_endo.evaluation import evaluate, is_better, model_inputs
 from fsg_endo.gates import fold_gates, gate_statistics, gate_values
 from fsg_endo.interrupt import RunInterrupted, StopSignals
 from fsg_endo.recipe import Recipe, build_recipe
-from fsg_endo.tracking import Tracker, TrackingOutage, metric_records
+from fsg_endo.tracking import Tracker, metric_records
 
 
 def fit(cfg: Mapping[str, Any], data: DataBundle, tracker: Tracker, run_dir: Path, ctx: DistContext = SINGLE,
@@ -154,11 +154,11 @@ def stop_run(r: Recipe, progress: Progress, tracker: Tracker, ctx: DistContext, 
              last_path: Path) -> None:
     """Checkpoint where the loop stands, then raise why it stopped: a tracking outage or a signal."""
     checkpoint(r, progress, tracker, ctx, last_path)
-    where = f"checkpoint {last_path} saved at step {progress.step}; resume with --resume {tracker.run_id}"
     if tracker.failed:
-        raise TrackingOutage(f"{tracker.error}; {where}")
+        raise tracker.error
     signum = stop.requested or signal.SIGTERM
-    raise RunInterrupted(signum, f"interrupted by {signal.Signals(signum).name}; {where}")
+    raise RunInterrupted(signum, f"interrupted by {signal.Signals(signum).name}; checkpoint {last_path} saved at "
+                                 f"step {progress.step}; resume with --resume {tracker.run_id}")
 
 
 class Clock:

@@ -60,3 +60,11 @@ def analysis_store(tmp_path_factory, data_cache) -> dict:
         proc = run_cli(args + quick, work, data_cache, uri)
         assert proc.returncode == 0, proc.stderr[-3000:]
     return {"uri": uri, "dir": work}
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, data_cache) -> dict:
+    """An uninterrupted run of ``fixtures_runs.RUN_ARGS``, which interrupted and resumed runs must reproduce."""
+    from fixtures_runs import reference_run
+
+    return reference_run(tmp_path_factory.mktemp("reference_run"), data_cache)

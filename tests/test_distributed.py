@@ -4,16 +4,16 @@ and ``torchrun --nproc_per_node 2 experiments/run.py`` reproduces a single-proce
 from __future__ import annotations
 
 import os
-from pathlib import Path
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import REPO
-from test_resume import histories, in_process, only_run
+from fixtures_runs import histories, in_process, only_run
 
 from fsg_endo.distributed import DistContext, init_distributed
 from fsg_endo.gates import gate_parameters, non_gate_parameters

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_resume import histories, in_process, only_run
+from fixtures_runs import histories, in_process, only_run
 
 import fsg_endo.train as train
 from fsg_endo.checkpoint import load_checkpoint

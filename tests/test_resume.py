@@ -15,59 +15,9 @@ import mlflow
 import pytest
 import torch
 from conftest import REPO, run_cli
+from fixtures_runs import EPOCHS, RUN_ARGS, assert_same_history, histories, in_process, only_run
 
-from fsg_endo import cli
 from fsg_endo.checkpoint import load_checkpoint
-
-EPOCHS = 3
-# 6 steps per epoch (48 draws, batch 8), no model or plots: the kill has room to land inside an epoch
-ARGS = ["--exp", "polyp_size_fsg", "--smoke", "--set", f"optim.epochs={EPOCHS}", "--set", "data.frames_per_lesion=8",
-        "--set", "tracking.log_model=false", "--set", "tracking.plots=false"]
-
-
-def in_process(args: list[str], cwd: Path, cache: Path, uri: str) -> int:
-    """``fsg-endo run ARGS`` in this process (faster than a subprocess; same numerics)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(cwd)
-        mp.setenv("FSG_ENDO_CACHE", str(cache))
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        return cli.main(["run", *args])
-
-
-def only_run(uri: str, experiment: str = "polyp_size_fsg"):
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    assert len(runs) == 1, [r.info.run_id for r in runs]
-    return client, runs[0]
-
-
-def histories(client, run) -> dict[str, list[tuple[int, float]]]:
-    """Every metric of a run as its (step, value) history, sorted by step."""
-    return {key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
-            for key in run.data.metrics}
-
-
-def assert_same_history(resumed: dict, reference: dict) -> None:
-    """Same metric keys, each logged once per step at the same steps, with the same values (perf/* aside)."""
-    assert set(resumed) == set(reference)
-    for key, points in resumed.items():
-        steps = [s for s, _ in points]
-        assert len(steps) == len(set(steps)), f"{key} logged twice at a step: {steps}"
-        assert steps == [s for s, _ in reference[key]], key
-        if not key.startswith("perf/"):
-            assert [v for _, v in points] == pytest.approx([v for _, v in reference[key]], rel=1e-6, abs=1e-7,
-                                                           nan_ok=True), key
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_cache) -> dict:
-    """The uninterrupted run the interrupted ones must reproduce."""
-    work = tmp_path_factory.mktemp("reference")
-    uri = f"sqlite:///{work / 'mlflow.db'}"
-    assert in_process(ARGS, work, data_cache, uri) == 0
-    client, run = only_run(uri)
-    history = histories(client, run)
-    return {"history": history, "metrics": run.data.metrics, "steps_per_epoch": history["epoch"][0][0]}
 
 
 def step_of(stderr: Path, epoch: int) -> bool:
@@ -75,12 +25,12 @@ def step_of(stderr: Path, epoch: int) -> bool:
     return re.search(rf"epoch {epoch}/{EPOCHS}:[^\r\n]*\| [1-9]\d*/", stderr.read_text(errors="replace")) is not None
 
 
-def test_sigkill_mid_epoch_then_resume_last(tmp_path, data_cache, reference):
+def test_sigkill_mid_epoch_then_resume_last(tmp_path, data_cache, reference_run):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "FSG_ENDO_CACHE": str(data_cache), "MLFLOW_TRACKING_URI": uri}
     stderr = tmp_path / "stderr.txt"
     with stderr.open("w") as err:
-        proc = subprocess.Popen([sys.executable, str(REPO / "experiments" / "run.py"), *ARGS], cwd=tmp_path,
+        proc = subprocess.Popen([sys.executable, str(REPO / "experiments" / "run.py"), *RUN_ARGS], cwd=tmp_path,
                                 env=env, stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.monotonic() + 300
         while not step_of(stderr, 2) and proc.poll() is None and time.monotonic() < deadline:
@@ -97,14 +47,14 @@ def test_sigkill_mid_epoch_then_resume_last(tmp_path, data_cache, reference):
     assert run.info.status == "RUNNING"
     assert max(s for s, _ in histories(client, run)["train/loss"]) <= progress["step"]
 
-    proc = run_cli([*ARGS, "--resume", "last"], tmp_path, data_cache, uri)
+    proc = run_cli([*RUN_ARGS, "--resume", "last"], tmp_path, data_cache, uri)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client, resumed = only_run(uri)
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
     history = histories(client, resumed)
-    assert [s for s, _ in history["epoch"]] == [s for s, _ in reference["history"]["epoch"]]
+    assert [s for s, _ in history["epoch"]] == [s for s, _ in reference_run["history"]["epoch"]]
     assert [v for _, v in history["epoch"]] == [1.0, 2.0, 3.0]
-    assert_same_history(history, reference["history"])
+    assert_same_history(history, reference_run["history"])
 
 
 def interrupt_at(monkeypatch, signum: int, step: int, run: int = 1) -> None:
@@ -133,13 +83,13 @@ def interrupt_at(monkeypatch, signum: int, step: int, run: int = 1) -> None:
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signal_saves_mid_epoch_checkpoint_and_resume_matches(tmp_path, data_cache, reference, monkeypatch, capsys,
+def test_signal_saves_mid_epoch_checkpoint_and_resume_matches(tmp_path, data_cache, reference_run, monkeypatch, capsys,
                                                                signum, code):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    step = reference["steps_per_epoch"] + 2  # the second step of epoch 2
+    step = reference_run["steps_per_epoch"] + 2  # the second step of epoch 2
     interrupt_at(monkeypatch, signum, step)
-    assert in_process(ARGS, tmp_path, data_cache, uri) == code
+    assert in_process(RUN_ARGS, tmp_path, data_cache, uri) == code
     monkeypatch.undo()
     assert handlers == {s: signal.getsignal(s) for s in handlers}  # the run's handlers are gone
     message = capsys.readouterr().err.strip().splitlines()[-1]
@@ -150,10 +100,10 @@ def test_signal_saves_mid_epoch_checkpoint_and_resume_matches(tmp_path, data_cac
     progress = load_checkpoint(last)["progress"]
     assert (progress["epoch"], progress["batch"], progress["step"]) == (1, 2, step)  # stopped after that step
 
-    assert in_process([*ARGS, "--resume", run.info.run_id], tmp_path, data_cache, uri) == 0
+    assert in_process([*RUN_ARGS, "--resume", run.info.run_id], tmp_path, data_cache, uri) == 0
     client, resumed = only_run(uri)
     assert resumed.info.status == "FINISHED"
-    assert_same_history(histories(client, resumed), reference["history"])
+    assert_same_history(histories(client, resumed), reference_run["history"])
 
 
 def test_resume_refuses_a_finished_run(tmp_path, data_cache, capsys):
