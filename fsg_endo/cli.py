@@ -88,12 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(err: FsgEndoError) -> str:
+    """The error's own message, also when a DataLoader worker re-raised it with the worker's traceback."""
+    last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    return last.split("FsgEndoError: ", 1)[-1]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except FsgEndoError as err:
-        print(f"fsg-endo: error: {err}", file=sys.stderr)
+        print(f"fsg-endo: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fsg-endo: interrupted", file=sys.stderr)

@@ -280,3 +280,14 @@ def test_sun_frame_found_by_image_number_when_padding_differs(sun):
     df = read_sun(root, sizes_csv)
     case1 = df[df["video_id"] == "case1"]
     assert case1["frame_path"].str.endswith("image0002.jpg").sum() == 1
+
+
+def test_cli_error_is_one_line_also_from_a_dataloader_worker():
+    from fsg_endo.cli import one_line
+    from fsg_endo.errors import FsgEndoError
+
+    wrapped = FsgEndoError("Caught FsgEndoError in DataLoader worker process 0.\nOriginal Traceback (most "
+                           "recent call last):\n  File \"x.py\", line 1\n"
+                           "fsg_endo.errors.FsgEndoError: cannot read frame a.jpg")
+    assert one_line(wrapped) == "cannot read frame a.jpg"
+    assert one_line(FsgEndoError("m.csv: bad column")) == "m.csv: bad column"
