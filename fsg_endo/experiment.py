@@ -18,7 +18,7 @@ from fsg_endo.interrupt import RunInterrupted, StopSignals
 from fsg_endo.tracking import (
     NullTracker,
     Tracker,
-    TrackingOutage,
+    TrackingError,
     check_tracking_uri,
     git_commit,
     resolve_tracking_uri,
@@ -65,7 +65,7 @@ def record_config(cfg: Mapping[str, Any], tracker: Tracker, run_dir: Path) -> No
 
 def end_run(tracker: Tracker | NullTracker, status: str) -> None:
     """Mark the run ``status`` on the way out of an error; an unreachable store must not hide that error."""
-    with contextlib.suppress(TrackingOutage):
+    with contextlib.suppress(TrackingError):
         tracker.end(status)
 
 
@@ -87,8 +87,9 @@ def execute(cfg: Mapping[str, Any], tracker: Tracker | NullTracker, run_dir: Pat
     except KeyboardInterrupt:
         end_run(tracker, "KILLED")
         raise
-    except TrackingOutage as err:  # the store cannot be told: the run stays RUNNING until resumed
-        raise TrackingOutage(f"{err}; the run's checkpoints are in {run_dir.resolve()}: "
+    except TrackingError as err:
+        end_run(tracker, "FAILED")  # after an outage the store cannot be told: the run stays RUNNING
+        raise TrackingError(f"{err}; the run's checkpoints are in {run_dir.resolve()}: "
                              f"resume with --resume {tracker.run_id} once the store is back") from err
     except BaseException:
         end_run(tracker, "FAILED")

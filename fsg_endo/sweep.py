@@ -16,7 +16,7 @@ from fsg_endo.config import resolve_derived
 from fsg_endo.distributed import SINGLE, DistContext
 from fsg_endo.experiment import end_run, execute, open_run, record_config, run_dir_for, run_name, start_run
 from fsg_endo.interrupt import StopSignals
-from fsg_endo.tracking import Tracker, TrackingOutage
+from fsg_endo.tracking import Tracker, TrackingError
 
 SWEEP_KEY_TAG = "sweep_key"
 
@@ -78,7 +78,7 @@ def run_sweep(cfg: Mapping[str, Any], uri: str, resume_run_id: str | None = None
         try:
             results = execute(child, tracker, run_dir, ctx, stop)
             rows.append(row | {"run_id": tracker.run_id, "status": "FINISHED"} | results)
-        except (KeyboardInterrupt, TrackingOutage):
+        except (KeyboardInterrupt, TrackingError):
             end_run(parent, "KILLED")
             raise
         except Exception as err:

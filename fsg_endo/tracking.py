@@ -23,6 +23,7 @@ from typing import Any
 import mlflow
 import numpy as np
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from fsg_endo import plots
@@ -63,8 +64,16 @@ def git_commit() -> str:
         return "unknown"
 
 
-class TrackingOutage(FsgEndoError):
-    """The tracking store failed for longer than the tracker tolerates."""
+class TrackingError(FsgEndoError):
+    """The tracking store failed for longer than the tracker tolerates, or rejected a request."""
+
+
+def _transient(err: Exception) -> bool:
+    """Whether a store error may pass on retry: anything but MLflow refusing the request itself (HTTP 4xx)."""
+    if isinstance(err, MlflowException):
+        status = err.get_http_status_code()
+        return not 400 <= status < 500 or status in (408, 429)
+    return True
 
 
 def metric_records(metrics: Mapping[str, float], step: int) -> list[MetricRecord]:
@@ -196,7 +205,7 @@ class Tracker:
                     self._call(lambda batch=batch: self.client.log_batch(self.run_id, metrics=batch))
                     with self._lock:
                         del self._unconfirmed[batch_id]
-            except TrackingOutage as err:  # the batch stays unconfirmed; the training loop sees `failed`
+            except TrackingError as err:  # the batch stays unconfirmed; the training loop sees `failed`
                 self._error = err
             finally:
                 self._queue.task_done()
@@ -208,12 +217,16 @@ class Tracker:
             try:
                 return fn()
             except Exception as err:
+                if not _transient(err):
+                    raise TrackingError(f"tracking store {self.client.tracking_uri} rejected a request: "
+                                        f"{str(err).splitlines()[0][:200]}") from err
                 now = time.monotonic()
                 if first_failure is None:
                     first_failure = now
                 if now - first_failure >= self.max_outage:
-                    raise TrackingOutage(f"tracking store {self.client.tracking_uri} failed for "
-                                         f"{now - first_failure:.1f} s: {str(err).splitlines()[0][:200]}") from err
+                    self._error = TrackingError(f"tracking store {self.client.tracking_uri} failed for "
+                                                f"{now - first_failure:.1f} s: {str(err).splitlines()[0][:200]}")
+                    raise self._error from err
                 time.sleep(min(delay, self.max_backoff, self.max_outage - (now - first_failure)))
                 delay *= 2
 

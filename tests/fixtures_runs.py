@@ -51,9 +51,10 @@ def assert_same_history(got: dict, want: dict) -> None:
 
 
 def reference_run(work: Path, cache: Path) -> dict:
-    """An uninterrupted run of :data:`RUN_ARGS`: its metric histories and steps per epoch."""
+    """An uninterrupted run of :data:`RUN_ARGS` in ``work``: its store, run id, metric histories, steps per epoch."""
     uri = f"sqlite:///{work / 'mlflow.db'}"
     assert in_process(RUN_ARGS, work, cache, uri) == 0
     client, run = only_run(uri)
     history = histories(client, run)
-    return {"history": history, "steps_per_epoch": history["epoch"][0][0]}
+    return {"dir": work, "uri": uri, "run_id": run.info.run_id, "history": history,
+            "steps_per_epoch": history["epoch"][0][0]}

@@ -4,7 +4,6 @@ with the metrics of an uninterrupted run; every (key, step) is logged exactly on
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -14,47 +13,51 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO
 from fixtures_runs import EPOCHS, RUN_ARGS, assert_same_history, histories, in_process, only_run
 
 from fsg_endo.checkpoint import load_checkpoint
 
 
-def step_of(stderr: Path, epoch: int) -> bool:
-    """Whether the progress bar shows a finished step of ``epoch`` (1-based)."""
-    return re.search(rf"epoch {epoch}/{EPOCHS}:[^\r\n]*\| [1-9]\d*/", stderr.read_text(errors="replace")) is not None
+def killed_at(where: str, cwd: Path, cache: Path, uri: str) -> None:
+    """Run RUN_ARGS in a subprocess that pauses at ``where`` (see ``paused_run.py``) and SIGKILL it there."""
+    env = {**os.environ, "FSG_ENDO_CACHE": str(cache), "MLFLOW_TRACKING_URI": uri}
+    marker = cwd / "paused"
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "paused_run.py"), str(marker), where, *RUN_ARGS],
+                            cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL and marker.exists(), err[-2000:]
 
 
-def test_sigkill_mid_epoch_then_resume_last(tmp_path, data_cache, reference_run):
+@pytest.mark.parametrize("where", ["mid-epoch", "after-checkpoint"])
+def test_sigkill_then_resume_last(tmp_path, data_cache, reference_run, where):
+    """SIGKILL inside epoch 2 (after its second step), or between epoch 2's checkpoint and the end of its
+    logging (metrics already stored); ``--resume last`` ends as the uninterrupted run, each metric once."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "FSG_ENDO_CACHE": str(data_cache), "MLFLOW_TRACKING_URI": uri}
-    stderr = tmp_path / "stderr.txt"
-    with stderr.open("w") as err:
-        proc = subprocess.Popen([sys.executable, str(REPO / "experiments" / "run.py"), *RUN_ARGS], cwd=tmp_path,
-                                env=env, stdout=subprocess.DEVNULL, stderr=err)
-        deadline = time.monotonic() + 300
-        while not step_of(stderr, 2) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, stderr.read_text()[-2000:]
+    spe = reference_run["steps_per_epoch"]
+    killed_at(f"step:{spe + 2}" if where == "mid-epoch" else "publish:2", tmp_path, data_cache, uri)
 
-    # killed inside epoch 2: the last checkpoint is epoch 1's, and MLflow holds nothing it does not cover
+    # the last checkpoint, and MLflow holds nothing that checkpoint does not cover
     (last,) = tmp_path.glob("runs/*/last.pt")
     progress = load_checkpoint(last)["progress"]
-    assert (progress["epoch"], progress["batch"]) == (1, 0)
+    assert (progress["epoch"], progress["batch"]) == ((1, 0) if where == "mid-epoch" else (2, 0))
     client, run = only_run(uri)
     assert run.info.status == "RUNNING"
-    assert max(s for s, _ in histories(client, run)["train/loss"]) <= progress["step"]
+    stored = max(s for s, _ in histories(client, run)["train/loss"])
+    assert stored <= progress["step"] and (where == "mid-epoch" or stored == progress["step"])
 
-    proc = run_cli([*RUN_ARGS, "--resume", "last"], tmp_path, data_cache, uri)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert in_process([*RUN_ARGS, "--resume", "last"], tmp_path, data_cache, uri) == 0
     client, resumed = only_run(uri)
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
     history = histories(client, resumed)
-    assert [s for s, _ in history["epoch"]] == [s for s, _ in reference_run["history"]["epoch"]]
     assert [v for _, v in history["epoch"]] == [1.0, 2.0, 3.0]
     assert_same_history(history, reference_run["history"])
+    gates = {a.path for a in client.list_artifacts(run.info.run_id, "gates")}
+    assert gates == {f"gates/epoch_{e:03d}.npz" for e in (1, 2, 3)}  # epoch 2's was logged by the resumed run
 
 
 def interrupt_at(monkeypatch, signum: int, step: int, run: int = 1) -> None:
@@ -106,16 +109,11 @@ def test_signal_saves_mid_epoch_checkpoint_and_resume_matches(tmp_path, data_cac
     assert_same_history(histories(client, resumed), reference_run["history"])
 
 
-def test_resume_refuses_a_finished_run(tmp_path, data_cache, capsys):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["--exp", "polyp_size_fsg", "--smoke", "--set", "optim.epochs=1", "--set", "tracking.log_model=false",
-            "--set", "tracking.plots=false"]
-    assert in_process(args, tmp_path, data_cache, uri) == 0
-    _, run = only_run(uri)
-    capsys.readouterr()
-    assert in_process([*args, "--resume", run.info.run_id], tmp_path, data_cache, uri) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "FINISHED" in err[0] and run.info.run_id in err[0]
+def test_resume_refuses_a_finished_run(data_cache, reference_run, capsys):
+    args = [*RUN_ARGS, "--resume", reference_run["run_id"]]
+    assert in_process(args, reference_run["dir"], data_cache, reference_run["uri"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fsg-endo:")]
+    assert len(err) == 1 and "FINISHED" in err[0] and reference_run["run_id"] in err[0]
 
 
 def test_sweep_resumes_only_unfinished_children(tmp_path, data_cache, monkeypatch):
@@ -145,14 +143,39 @@ def test_sweep_resumes_only_unfinished_children(tmp_path, data_cache, monkeypatc
     assert open(summary).read().count("FINISHED") == 2
 
 
-def test_checkpoint_loads_with_weights_only(tmp_path, data_cache):
-    """The last checkpoint holds only tensors and plain containers (torch.load(weights_only=True))."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["--exp", "polyp_size_fsg", "--smoke", "--set", "optim.epochs=1", "--set", "tracking.log_model=false",
-            "--set", "tracking.plots=false"]
-    assert in_process(args, tmp_path, data_cache, uri) == 0
-    (last,) = tmp_path.glob("runs/*/last.pt")
+def test_checkpoints_load_with_weights_only(reference_run):
+    """The checkpoints hold only tensors and plain containers (torch.load(weights_only=True))."""
+    (last,) = reference_run["dir"].glob("runs/*/last.pt")
     state = torch.load(last, weights_only=True)
     assert {"model", "optimizers", "schedulers", "rng", "progress"} <= set(state)
     assert set(state["optimizers"]) == {"main", "gate"}
-    assert not list(last.parent.glob("*.tmp*"))  # nothing half-written left behind
+    progress = state["progress"]
+    assert progress["epoch"] == EPOCHS and ("epoch", float(EPOCHS)) in {(k, v) for k, v, *_ in progress["metrics"]}
+    assert torch.load(last.parent / "best.pt", weights_only=True)["epoch"] >= 1
+    assert sorted(p.name for p in last.parent.iterdir()) == ["best.pt", "config.yaml", "last.pt"]  # no temp files
+
+
+def test_augmentation_depends_on_seed_epoch_position_only(tmp_path, data_cache):
+    """Augmented batches are the same with 0 or 2 loader workers, and an epoch resumed after its first
+    batch continues with exactly the batches of the uninterrupted epoch."""
+    from fsg_endo.config import load_config
+    from fsg_endo.data.prepare import prepare_data
+
+    def epoch(workers: int, batches_done: int = 0) -> list[torch.Tensor]:
+        cfg = load_config("polyp_size_fsg", [f"data.workers={workers}"], smoke=True)
+        data = prepare_data(cfg)
+        data.set_epoch(1, batches_done)
+        return [batch["image"] for batch in data.loaders["train"]]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FSG_ENDO_CACHE", str(data_cache))
+        whole, threaded, resumed = epoch(0), epoch(2), epoch(0, batches_done=1)
+    assert len(whole) == len(threaded) == len(resumed) + 1 > 1
+    assert all(torch.equal(a, b) for a, b in zip(whole, threaded))
+    assert all(torch.equal(a, b) for a, b in zip(whole[1:], resumed))
+    cfg = load_config("polyp_size_fsg", ["data.augment=false"], smoke=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FSG_ENDO_CACHE", str(data_cache))
+        plain = prepare_data(cfg)
+    plain.set_epoch(1)
+    assert not torch.equal(next(iter(plain.loaders["train"]))["image"], whole[0])  # augmentation did something

@@ -11,7 +11,7 @@ from conftest import run_cli
 from fixtures_runs import RUN_ARGS, assert_same_history, histories, in_process, only_run
 
 from fsg_endo.checkpoint import load_checkpoint
-from fsg_endo.tracking import Tracker, TrackingOutage
+from fsg_endo.tracking import Tracker, TrackingError
 
 
 def closed_port() -> int:
@@ -83,7 +83,7 @@ def test_persistent_failure_keeps_metrics_unconfirmed_and_fails(tmp_path, fast_r
     tracker.client = FlakyClient(tracker.client, failing=Everything())
     tracker.log_metrics({"a": 1.0}, 1)
     tracker.log_metrics({"a": 2.0, "b": 3.0}, 2)
-    with pytest.raises(TrackingOutage, match="tracking store sqlite:///.* failed for .*store hiccup"):
+    with pytest.raises(TrackingError, match="tracking store sqlite:///.* failed for .*store hiccup"):
         tracker.flush()
     assert tracker.failed
     assert sorted((k, v, s) for k, v, s, _ in tracker.unconfirmed()) == [("a", 1.0, 1), ("a", 2.0, 2), ("b", 3.0, 2)]
