@@ -66,7 +66,8 @@ class DemoConfig:
     shift: int = 0  # augmentation: random translation up to this many pixels
     flip: bool = False  # augmentation: random horizontal flip
     seed: int = 0
-    weights: str | None = None  # local torchvision / timm ViT checkpoint to fine-tune from
+    weights: str | None = None  # local torchvision / timm ViT checkpoint to fine-tune from ...
+    finetune_lr: float = 5e-5  # ... with this backbone learning rate (the paper's) instead of ``lr``
     tracking_uri: str | None = None
     log_every: int = 10
     gate_log_every: int = 20
@@ -194,7 +195,8 @@ def evaluate(model: nn.Module, split: ImageSet, mean: Tensor, std: Tensor,
 
 def _optimizers(cfg: DemoConfig, model: nn.Module, total_steps: int):
     """GR's two Adam optimisers over disjoint sets, each with the experiments' warmup + cosine schedule."""
-    main = torch.optim.Adam(non_gate_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr = cfg.finetune_lr if cfg.weights else cfg.lr
+    main = torch.optim.Adam(non_gate_parameters(model), lr=lr, weight_decay=cfg.weight_decay)
     gate = torch.optim.Adam(gate_parameters(model), lr=cfg.gate_lr)
     warmup = round(cfg.warmup_share * total_steps)
     return main, gate, [warmup_cosine(opt, warmup, total_steps) for opt in (main, gate)]

@@ -14,6 +14,7 @@ from dataclasses import asdict, replace
 from typing import Any
 
 import pandas as pd
+import torch
 
 from fsg_endo import plots
 from fsg_endo.config import flatten_config, load_config
@@ -37,6 +38,8 @@ from fsg_endo.tracking import Tracker, check_tracking_uri, git_commit, resolve_t
 CIFAR_EXPERIMENT = "cifar100_fsg"
 DEMO_NAMES = {"mnist": "MNIST", "imagenette": "Imagenette", "cifar100": "CIFAR-100"}
 CHECKPOINTS = {"cifar100": "checkpoints/fsg_vit_cifar100_demo.pth"}
+CIFAR_KEYS = {"data_root": "data.root", "epochs": "optim.epochs", "weights": "model.weights", "seed": "seed",
+              "batch_size": "optim.batch_size", "tracking_uri": "tracking.uri"}  # flags as config keys
 
 
 def config_from_experiment(cfg: Mapping[str, Any], checkpoint: str) -> DemoConfig:
@@ -60,19 +63,24 @@ def config_from_experiment(cfg: Mapping[str, Any], checkpoint: str) -> DemoConfi
 
 
 def _training_config(dataset: str, args: argparse.Namespace) -> tuple[DemoConfig, dict[str, Any]]:
-    """The demo config of the command line, and the experiment params to log besides it (CIFAR-100)."""
-    extra: dict[str, Any] = {}
-    checkpoint = args.checkpoint or CHECKPOINTS.get(dataset) or DEMOS[dataset].checkpoint
-    if dataset == "cifar100":
-        exp = load_config(CIFAR_EXPERIMENT, args.overrides, smoke=args.smoke)
-        cfg, extra = config_from_experiment(exp, checkpoint), flatten_config(exp)
-    else:
-        cfg = replace(DEMOS[dataset], checkpoint=checkpoint)
-    if args.smoke:
-        cfg = replace(cfg, **{k: v for k, v in SMOKE.items() if not (dataset == "cifar100" and k == "epochs")})
+    """The demo config of the command line, and the experiment params to log besides it (CIFAR-100).
+
+    For CIFAR-100 the flags become config overrides, so the logged experiment config agrees with them.
+    """
     given = {"data_root": args.data_root, "epochs": args.epochs, "weights": args.weights, "seed": args.seed,
              "batch_size": args.batch_size, "train_limit": args.train_limit, "tracking_uri": args.tracking_uri}
-    return replace(cfg, **{k: v for k, v in given.items() if v is not None}), extra
+    given = {k: v for k, v in given.items() if v is not None}
+    checkpoint = args.checkpoint or CHECKPOINTS.get(dataset) or DEMOS[dataset].checkpoint
+    if dataset != "cifar100":
+        cfg = replace(DEMOS[dataset], checkpoint=checkpoint, **(SMOKE if args.smoke else {}))
+        return replace(cfg, **given), {}
+    flags = [f"{CIFAR_KEYS[k]}={v}" for k, v in given.items() if k in CIFAR_KEYS]
+    smoke = ["tracking.log_model=false"] if args.smoke else []  # the config's smoke profile does the rest
+    exp = load_config(CIFAR_EXPERIMENT, [*smoke, *flags, *args.overrides], smoke=args.smoke)
+    cfg = config_from_experiment(exp, checkpoint)
+    limits = {k: SMOKE[k] for k in ("train_limit", "test_limit")} if args.smoke else {}
+    rest = {k: v for k, v in given.items() if k not in CIFAR_KEYS}
+    return replace(cfg, **limits, **rest), flatten_config(exp)
 
 
 def run_training(cfg: DemoConfig, extra_params: Mapping[str, Any] = (),
@@ -166,9 +174,21 @@ def _run_arguments(parser: argparse.ArgumentParser, dataset: str) -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--train-limit", type=int, default=None, help="use at most this many training images")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (MLFLOW_TRACKING_URI wins)")
+    _threads_argument(parser)
     if dataset == "cifar100":
         parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                             help=f"override a key of experiments/configs/{CIFAR_EXPERIMENT}.yaml (repeatable)")
+
+
+def _threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads per operation (default 1: these small ViTs gain little from more, and a "
+                             "busy machine makes extra threads wait on each other; 0 = PyTorch's default)")
+
+
+def _set_threads(threads: int) -> None:
+    if threads > 0:
+        torch.set_num_threads(threads)
 
 
 def _guarded(prog: str, fn: Callable[[], Any]) -> int:
@@ -193,8 +213,9 @@ def training_main(dataset: str, argv: Sequence[str] | None = None, prog: str | N
     args = parser.parse_args(argv)
 
     def train() -> None:
+        _set_threads(args.threads)
         cfg, extra = _training_config(dataset, args)
-        run_training(cfg, extra)
+        run_training(cfg, {**extra, "threads": torch.get_num_threads()})
 
     return _guarded(prog, train)
 
@@ -209,5 +230,7 @@ def inference_main(dataset: str, argv: Sequence[str] | None = None, prog: str | 
     parser.add_argument("--data-root", default=None, help="dataset root (default: the one used for training)")
     parser.add_argument("--show", type=int, default=8, help="number of per-image predictions to print")
     parser.add_argument("--smoke", action="store_true", help="a handful of held-out images (for tests)")
+    _threads_argument(parser)
     args = parser.parse_args(argv)
+    _set_threads(args.threads)
     return _guarded(prog, lambda: run_inference(args.checkpoint, args.data_root, args.show, args.smoke))

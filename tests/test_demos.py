@@ -24,7 +24,7 @@ from fsg_endo.data.image_folders import (
     load_mnist,
     stratified_subset,
 )
-from fsg_endo.demo import DEMOS, augment, build_demo_model, load_demo, with_weights_architecture
+from fsg_endo.demo import DEMOS, _optimizers, augment, build_demo_model, load_demo, with_weights_architecture
 from fsg_endo.demo_cli import inference_main, training_main
 from fsg_endo.errors import FsgEndoError
 
@@ -232,6 +232,8 @@ def test_weights_set_the_architecture_and_are_loaded(tmp_path, flavour):
     assert torch.equal(own["encoder.layers.encoder_layer_1.mlp.3.weight"],
                        vit.state_dict()["encoder.layers.encoder_layer_1.mlp.3.weight"])
     assert model.heads.head.out_features == 10  # a new head for the demo's classes
+    main, _, _ = _optimizers(cfg, model, total_steps=10)
+    assert main.param_groups[0]["initial_lr"] == cfg.finetune_lr != cfg.lr  # fine-tuning: the small backbone rate
 
 
 def test_weights_that_are_not_a_vit_are_one_clear_error(tmp_path):
@@ -249,10 +251,13 @@ def store(tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch, store) -> Path:
+def workdir(tmp_path, monkeypatch, store):
+    """A fresh working directory logging to the module's store; the demos' thread setting is undone after."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    return tmp_path
+    threads = torch.get_num_threads()
+    yield tmp_path
+    torch.set_num_threads(threads)
 
 
 def _finished_run(uri: str, experiment: str):
@@ -333,7 +338,8 @@ def test_cifar100_demo_round_trip_reads_the_yaml(workdir, store, capsys):
     client, run = _finished_run(store, "cifar100_fsg")
     params = run.data.params
     assert params["task"] == "image_class" and params["data.source"] == "cifar100" and params["seed"] == "3"
-    assert params["model.patch_size"] == "4" and params["epochs"] == "2"  # the YAML, then its smoke profile
+    assert params["model.patch_size"] == "4" and params["epochs"] == params["optim.epochs"] == "2"  # YAML + smoke
+    assert params["data.root"] == params["data_root"] == "cifar"  # flags become config overrides
     assert "plots/confusion_test.png" not in _artifact_paths(client, run.info.run_id)  # 100 classes: no plot
     assert "cifar100_test_" in inferred
     assert _printed_accuracy(inferred) == pytest.approx(run.data.metrics["test/accuracy"], abs=1e-4)
