@@ -24,7 +24,7 @@ from fsg_endo.data.image_folders import DemoData, ImageSet, load_cifar100, load_
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.gates import fold_gates, gate_parameters, gate_statistics, gate_values, non_gate_parameters
 from fsg_endo.metrics import classification_metrics
-from fsg_endo.models import _read_state_dict, build_model, timm_to_torchvision
+from fsg_endo.models import read_state_dict, build_model, timm_to_torchvision
 from fsg_endo.routing import GradientRouter
 from fsg_endo.recipe import warmup_cosine
 
@@ -114,7 +114,7 @@ def with_weights_architecture(cfg: DemoConfig) -> DemoConfig:
     """
     if cfg.weights is None:
         return cfg
-    state = _read_state_dict(cfg.weights)
+    state = read_state_dict(cfg.weights)
     if "cls_token" in state or "patch_embed.proj.weight" in state:
         state = timm_to_torchvision(state)
     if "conv_proj.weight" not in state or "class_token" not in state:

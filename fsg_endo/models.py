@@ -207,7 +207,7 @@ def _load_error_reason(err: Exception) -> str:
     return reason.split(". Please")[0].strip()
 
 
-def _read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """Load a local checkpoint safely (``weights_only``) and unwrap ``state_dict`` / ``model`` / DDP prefixes."""
     if not os.path.isfile(path):
         raise FsgEndoError(f"{path}: weight file not found")
@@ -239,7 +239,7 @@ def load_local_weights(model_or_vit: nn.Module, path: str | os.PathLike) -> Load
     a ViT checkpoint, or whose backbone shapes do not fit, raises :class:`FsgEndoError`.
     """
     vit = _find_vit(model_or_vit)
-    state = _read_state_dict(path)
+    state = read_state_dict(path)
     if "cls_token" in state or "patch_embed.proj.weight" in state:
         state = timm_to_torchvision(state)
     if "class_token" not in state or "encoder.pos_embedding" not in state:
