@@ -29,7 +29,7 @@ DEFAULTS: dict[str, Any] = {
         "image_size": 64,
         "context": 0.5,  # crop margin around the box, as a share of the box side on each side
         "fov_mask": True,
-        "frames_per_lesion": 40,  # frames drawn per lesion per training epoch (paper: 40)
+        "frames_per_lesion": 20,  # frames drawn per lesion per training epoch (paper: 40, the paper profile)
         "eval_frames_per_lesion": None,  # cap on frames per lesion at evaluation (None = all)
         "class_balanced": False,
         "cache": "memory",
@@ -51,7 +51,7 @@ DEFAULTS: dict[str, Any] = {
         "stochastic_depth": 0.1,  # used by regularizer=dropout only
     },
     "optim": {
-        "epochs": 10,
+        "epochs": 15,
         "batch_size": 32,
         "lr": 5.0e-4,
         "weight_decay": 1.0e-5,
