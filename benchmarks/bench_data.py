@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -24,6 +23,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from machine import cpu_name
+
 from fsg_endo.data.manifest import build_manifest
 from fsg_endo.data.pipeline import build_dataset, compute_mean_std, make_loader
 from fsg_endo.data.sampling import LesionFrameSampler
@@ -34,14 +35,6 @@ from fsg_endo.models import build_model
 from fsg_endo.routing import GradientRouter
 
 BATCH, IMAGE_SIZE, FRAMES_PER_LESION, STEPS_PER_ROUND = 32, 64, 40, 4
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def timed(fn: Callable[[], object]) -> float:

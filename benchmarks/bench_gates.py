@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from machine import cpu_name
 
 from fsg_endo.gates import fold_gates, gate_parameters, non_gate_parameters
 from fsg_endo.models import build_model
@@ -81,14 +82,6 @@ def measure(cases: dict[str, Callable[[], object]], rounds: int, warmup: int) ->
             run()
             times[name].append(time.perf_counter() - start)
     return times
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
