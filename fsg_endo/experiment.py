@@ -165,6 +165,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     Exit code 0, or 128 + the signal number (130, 143) when SIGINT/SIGTERM stopped the run after a checkpoint.
     """
     cfg = load_config(args.exp, _overrides(args), profile=args.profile, smoke=args.smoke)
+    if cfg["task"] == "image_class":
+        raise FsgEndoError(f"{args.exp}: task image_class is a demo; train it with "
+                           "python experiments/demos/demo_training_cifar100.py (run.py runs the polyp experiments)")
     uri = resolve_tracking_uri(args.tracking_uri, cfg["tracking"]["uri"])
     check_tracking_uri(uri)
     ctx = init_distributed(cfg["device"])

@@ -388,8 +388,6 @@ def test_load_demo_refuses_other_checkpoints(tmp_path):
         load_demo(tmp_path / "other.pth")
 
 
-@pytest.mark.xfail(reason="needs a guard in fsg_endo.experiment.run_from_args (owned by the runner; see the "
-                          "demo report): run.py must point image_class configs to the demo script", strict=False)
 def test_run_py_points_cifar100_fsg_to_the_demo_script(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'run.db'}", "FSG_ENDO_CACHE": str(tmp_path)}
     proc = subprocess.run([sys.executable, str(REPO / "experiments" / "run.py"), "--exp", "cifar100_fsg"], cwd=tmp_path,
