@@ -45,6 +45,7 @@ def metric_mode(metric: str) -> str:
 
 
 def is_better(value: float, best: float | None, mode: str) -> bool:
+    """Whether ``value`` beats ``best`` in ``mode`` ("min" or "max"); a non-finite value never does."""
     if not np.isfinite(value):
         return False
-    return best is None or (value < best if mode == "min" else value > best)
+    return best is None or not np.isfinite(best) or (value < best if mode == "min" else value > best)

@@ -7,6 +7,8 @@ model outputs into numpy predictions, and predictions into frame- and lesion-lev
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,7 +32,7 @@ def _numpy(value: Any) -> np.ndarray:
     return np.asarray(value).reshape(-1)
 
 
-class Task:
+class Task(ABC):
     """Common interface of the sizing tasks; subclasses fill in the task-specific parts."""
 
     name: str
@@ -40,43 +42,37 @@ class Task:
     mode: str
     class_names: tuple[str, ...]  # labels of the confusion matrix
 
+    @abstractmethod
     def targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """The tensor that :meth:`main_loss` and :meth:`gate_loss` compare the outputs with."""
-        raise NotImplementedError
 
+    @abstractmethod
     def main_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Scalar loss of the backbone (main) optimiser."""
-        raise NotImplementedError
 
+    @abstractmethod
     def gate_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Scalar loss of the gate optimiser in Gradient Routing."""
-        raise NotImplementedError
 
+    @abstractmethod
     def outputs_to_numpy(self, outputs: torch.Tensor) -> np.ndarray:
         """Model outputs as predictions: mm (B,) for regression, probabilities (B, C) for classes."""
-        raise NotImplementedError
 
+    @abstractmethod
     def frame_predictions(self, batch: Mapping[str, Any], outputs_np: np.ndarray) -> pd.DataFrame:
         """One row per frame: ids, ``target``, ``prediction``, ``size_mm`` (+ ``prob_k`` for classes)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def lesion_predictions(self, frame_df: pd.DataFrame) -> pd.DataFrame:
         """One row per lesion, predicted from the mean over its frames; adds ``n_frames``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def compute_metrics(self, pred_df: pd.DataFrame) -> dict[str, float]:
         """Metrics of a frame- or lesion-level prediction table (see :mod:`fsg_endo.metrics`)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def confusion(self, pred_df: pd.DataFrame) -> np.ndarray:
         """Confusion matrix (rows true, columns predicted) over :attr:`class_names`."""
-        raise NotImplementedError
-
-    def is_better(self, value: float, best: float | None) -> bool:
-        """Whether ``value`` of :attr:`main_metric` beats ``best`` (None or NaN: always)."""
-        if best is None or np.isnan(best):
-            return not np.isnan(value)
-        return value < best if self.mode == "min" else value > best
 
     def _id_frame(self, batch: Mapping[str, Any]) -> pd.DataFrame:
         """The id columns and ``size_mm`` of a batch."""

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fsg_endo.errors import FsgEndoError
+from fsg_endo.evaluation import is_better
 from fsg_endo.tasks import get_task
 
 
@@ -160,6 +161,7 @@ def test_classification_metrics_and_confusion():
 
 def test_is_better_follows_the_mode():
     reg, cls = get_task("size_regression"), get_task("size_class3")
-    assert reg.is_better(1.0, 2.0) and not reg.is_better(2.0, 1.0) and reg.is_better(3.0, None)
-    assert cls.is_better(0.8, 0.5) and not cls.is_better(0.5, 0.8) and cls.is_better(0.1, float("nan"))
-    assert not cls.is_better(float("nan"), 0.5)
+    assert is_better(1.0, 2.0, reg.mode) and not is_better(2.0, 1.0, reg.mode) and is_better(3.0, None, reg.mode)
+    assert is_better(0.8, 0.5, cls.mode) and not is_better(0.5, 0.8, cls.mode)
+    assert is_better(0.1, float("nan"), cls.mode)
+    assert not is_better(float("nan"), 0.5, cls.mode)
