@@ -17,7 +17,14 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from fsg_endo.data.readers import READER_COLUMNS, parallel_map, read_realcolon, read_sun, require_dir
+from fsg_endo.data.readers import (
+    READER_COLUMNS,
+    parallel_map,
+    read_csv_strings,
+    read_realcolon,
+    read_sun,
+    require_dir,
+)
 from fsg_endo.data.sizes import size_class2, size_class3
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.io import atomic_path
@@ -138,12 +145,7 @@ def leaves_root(frame_path: str) -> bool:
 
 def _read_manifest_csv(path: Path) -> pd.DataFrame:
     """The manifest CSV as strings, with its columns checked."""
-    if not path.is_file():
-        raise FsgEndoError(f"{path}: manifest not found")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as err:
-        raise FsgEndoError(f"{path}: cannot read manifest CSV ({' '.join(str(err).split())})") from None
+    df = read_csv_strings(path, "manifest", keep_default_na=False)
     if tuple(df.columns) != MANIFEST_COLUMNS:
         missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
         extra = [c for c in df.columns if c not in MANIFEST_COLUMNS]

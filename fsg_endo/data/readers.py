@@ -77,14 +77,19 @@ def require_dir(path: Path, what: str) -> Path:
     return path
 
 
+def read_csv_strings(path: Path, what: str = "CSV file", **read_kw) -> pd.DataFrame:
+    """A CSV as strings, or one error line saying that ``what`` is missing or does not parse."""
+    if not path.is_file():
+        raise FsgEndoError(f"{path}: {what} not found")
+    try:
+        return pd.read_csv(path, dtype=str, **read_kw)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as err:
+        raise FsgEndoError(f"{path}: cannot read {what} ({_one_line(err)})") from None
+
+
 def read_table(path: Path, required: Iterable[str]) -> pd.DataFrame:
     """Read a CSV as strings, checking that it exists, parses and has the ``required`` columns."""
-    if not path.is_file():
-        raise FsgEndoError(f"{path}: file not found")
-    try:
-        table = pd.read_csv(path, dtype=str, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as err:
-        raise FsgEndoError(f"{path}: cannot read CSV ({_one_line(err)})") from None
+    table = read_csv_strings(path, skipinitialspace=True)
     table.columns = [str(c).strip() for c in table.columns]
     missing = [c for c in required if c not in table.columns]
     if missing:
