@@ -29,7 +29,7 @@ VIDEO_INFO_COLUMNS = ("unique_video_name",)
 SUN_SIZES_COLUMNS = ("case", "size_mm")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
-_FRAME_NAME = re.compile(r"(?P<video>.+)_(?P<t>\d+)")
+_FRAME_NAME = re.compile(r"(?P<video>.+)_(?P<t>\d+)$")
 _ANNOTATION_DIR = re.compile(r"(?P<video>.+)_annotations?")
 _SUN_CASE_FILE = re.compile(r"case(?P<n>\d+)\.txt")
 _SUN_IMAGE_NUMBER = re.compile(r"image(?P<n>\d+)$")
@@ -177,14 +177,18 @@ def parse_voc(path: Path) -> _VocFrame:
     return _VocFrame(width, height, tuple(objects))
 
 
-def _frame_index(frames_dir: Path) -> tuple[set[str], dict[int, str]]:
-    """File names of a frames folder, and frame number -> file name (zero-padded or not)."""
+def _frame_index(frames_dir: Path, number: re.Pattern = _FRAME_NAME) -> tuple[set[str], dict[int, str]]:
+    """File names of a frames folder, and frame number -> file name (zero-padded or not).
+
+    ``number`` finds the frame number (its last group) in a file stem: REAL-Colon ``{video}_{t}``,
+    SUN ``...image{N}``.
+    """
     names = {e.name for e in os.scandir(frames_dir) if e.name.lower().endswith(IMAGE_SUFFIXES)}
     by_number = {}
     for name in sorted(names):
-        m = _FRAME_NAME.fullmatch(Path(name).stem)
+        m = number.search(Path(name).stem)
         if m:
-            by_number.setdefault(int(m["t"]), name)
+            by_number.setdefault(int(m.groups()[-1]), name)
     return names, by_number
 
 
@@ -351,12 +355,7 @@ def _sun_case_boxes(root: Path, n: int, txt: Path) -> list[_Box]:
     """Every polyp box of SUN case ``n``; its video and lesion are both ``case{n}``."""
     case = f"case{n}"
     case_dir = require_dir(root / case, f"frames folder of {case}")
-    names = {e.name for e in os.scandir(case_dir) if e.name.lower().endswith(IMAGE_SUFFIXES)}
-    numbers = {}
-    for name in sorted(names):
-        m = _SUN_IMAGE_NUMBER.search(Path(name).stem)
-        if m:
-            numbers.setdefault(int(m["n"]), name)
+    names, numbers = _frame_index(case_dir, _SUN_IMAGE_NUMBER)
     lines = [(i, _sun_frame_name(case_dir, names, numbers, p, f"{txt}: line {i}"), boxes)
              for i, p, boxes in _sun_case_lines(txt) if boxes]
     frame_names = sorted({name for _, name, _ in lines})
