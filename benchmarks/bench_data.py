@@ -28,11 +28,11 @@ from machine import cpu_name
 from fsg_endo.data.manifest import build_manifest
 from fsg_endo.data.pipeline import build_dataset, compute_mean_std, make_loader
 from fsg_endo.data.sampling import LesionFrameSampler
-from fsg_endo.data.synthetic import generate_dataset
+from fsg_endo.synth.dataset import generate_dataset
 from fsg_endo.data.transforms import paper_augmentation
-from fsg_endo.gates import gate_parameters, non_gate_parameters
-from fsg_endo.models import build_model
-from fsg_endo.routing import GradientRouter
+from fsg_endo.nn.gates import gate_parameters, non_gate_parameters
+from fsg_endo.nn.models import build_model
+from fsg_endo.nn.routing import GradientRouter
 
 BATCH, IMAGE_SIZE, FRAMES_PER_LESION, STEPS_PER_ROUND = 32, 64, 40, 4
 

@@ -21,9 +21,9 @@ from torch import nn
 
 from machine import cpu_name
 
-from fsg_endo.gates import fold_gates, gate_parameters, non_gate_parameters
-from fsg_endo.models import build_model
-from fsg_endo.routing import GradientRouter, train_step
+from fsg_endo.nn.gates import fold_gates, gate_parameters, non_gate_parameters
+from fsg_endo.nn.models import build_model
+from fsg_endo.nn.routing import GradientRouter, train_step
 
 SIZE = {"image_size": 64, "patch_size": 8, "num_outputs": 1, "hidden_dim": 192, "depth": 6, "heads": 3,
         "mlp_dim": 768}

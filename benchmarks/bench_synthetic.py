@@ -22,9 +22,9 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import balanced_accuracy_score
 
-from fsg_endo.data.baseline import box_features, box_only_baseline, cross_validated_proba, grouped_folds
+from fsg_endo.engine.baselines import box_features, box_only_baseline, cross_validated_proba, grouped_folds
 from fsg_endo.data.manifest import build_manifest
-from fsg_endo.data.synthetic import generate_dataset
+from fsg_endo.synth.dataset import generate_dataset
 
 CROP, CONTEXT = 64, 0.5
 

@@ -9,14 +9,14 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _API = {
-    "vit_with_fsg": "fsg_endo.gates",
-    "inject_fsg": "fsg_endo.gates",
-    "gate_parameters": "fsg_endo.gates",
-    "non_gate_parameters": "fsg_endo.gates",
-    "gate_values": "fsg_endo.gates",
-    "gate_statistics": "fsg_endo.gates",
-    "fold_gates": "fsg_endo.gates",
-    "GradientRouter": "fsg_endo.routing",
+    "vit_with_fsg": "fsg_endo.nn.gates",
+    "inject_fsg": "fsg_endo.nn.gates",
+    "gate_parameters": "fsg_endo.nn.gates",
+    "non_gate_parameters": "fsg_endo.nn.gates",
+    "gate_values": "fsg_endo.nn.gates",
+    "gate_statistics": "fsg_endo.nn.gates",
+    "fold_gates": "fsg_endo.nn.gates",
+    "GradientRouter": "fsg_endo.nn.routing",
 }
 
 __all__ = sorted(_API)

@@ -14,7 +14,7 @@ from fsg_endo.errors import FsgEndoError
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``fsg-endo run``, shared with ``experiments/run.py``."""
-    p.add_argument("--exp", required=True, help="experiment name (a YAML in experiments/configs/) or a YAML path")
+    p.add_argument("--exp", required=True, help="experiment name (a YAML shipped in fsg_endo/experiment/configs/) or a YAML path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set optim.epochs=3 (repeatable)")
     p.add_argument("--profile", default=None, help="apply a named profile of the config, e.g. 'paper'")
@@ -26,13 +26,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fsg_endo.experiment import run_from_args
+    from fsg_endo.experiment.launch import run_from_args
 
     return run_from_args(args)
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from fsg_endo.data.synthetic import generate_dataset
+    from fsg_endo.synth.dataset import generate_dataset
 
     out = generate_dataset(args.out, n_videos=args.videos, seed=args.seed)
     print(f"synthetic dataset written to {out}")
@@ -50,7 +50,7 @@ def _manifest(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from fsg_endo.compare import compare_table
+    from fsg_endo.experiment.compare import compare_table
 
     print(compare_table(args.exp, tracking_uri=args.tracking_uri, metric=args.metric).to_string())
     return 0

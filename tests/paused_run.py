@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-import fsg_endo.train as train
+import fsg_endo.engine.train as train
 from fsg_endo import cli
 
 

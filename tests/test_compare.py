@@ -13,7 +13,7 @@ import pytest
 from fixtures_mlflow import METRIC, OLD_CHILD, SWEEP
 
 from fsg_endo.cli import main
-from fsg_endo.compare import compare_table
+from fsg_endo.experiment.compare import compare_table
 
 
 def _expected(rows) -> dict:

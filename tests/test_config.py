@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from fsg_endo.config import (
+from fsg_endo.experiment.config import (
     DEFAULTS,
     SMOKE,
     dump_config,

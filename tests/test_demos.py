@@ -24,8 +24,8 @@ from fsg_endo.data.image_folders import (
     load_mnist,
     stratified_subset,
 )
-from fsg_endo.demo import DEMOS, _optimizers, augment, build_demo_model, load_demo, with_weights_architecture
-from fsg_endo.demo_cli import inference_main, training_main
+from fsg_endo.experiment.demo import DEMOS, _optimizers, augment, build_demo_model, load_demo, with_weights_architecture
+from fsg_endo.experiment.demo_cli import inference_main, training_main
 from fsg_endo.errors import FsgEndoError
 
 REPO = Path(__file__).resolve().parents[1]

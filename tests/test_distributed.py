@@ -15,10 +15,10 @@ import torch.multiprocessing as mp
 from conftest import REPO
 from fixtures_runs import histories, in_process, only_run
 
-from fsg_endo.distributed import DistContext, init_distributed
-from fsg_endo.gates import gate_parameters, non_gate_parameters
-from fsg_endo.models import build_model
-from fsg_endo.routing import GradientRouter
+from fsg_endo.engine.distributed import DistContext, init_distributed
+from fsg_endo.nn.gates import gate_parameters, non_gate_parameters
+from fsg_endo.nn.models import build_model
+from fsg_endo.nn.routing import GradientRouter
 
 WORLD, STEPS, BATCH = 2, 4, 8
 
@@ -127,8 +127,8 @@ def test_torchrun_two_processes_match_one(tmp_path, data_cache):
 
 
 def test_batch_size_must_split_across_processes(tmp_path, data_cache, capsys):
-    from fsg_endo.config import load_config
-    from fsg_endo.data.prepare import prepare_data
+    from fsg_endo.experiment.config import load_config
+    from fsg_endo.engine.prepare import prepare_data
     from fsg_endo.errors import FsgEndoError
 
     cfg = load_config("polyp_size_fsg", ["optim.batch_size=7"], smoke=True)
@@ -140,8 +140,8 @@ def test_batch_size_must_split_across_processes(tmp_path, data_cache, capsys):
 
 def test_ranks_share_an_epoch_without_overlap(tmp_path, data_cache):
     """The two ranks' loaders together hold the single-process epoch, each global batch split between them."""
-    from fsg_endo.config import load_config
-    from fsg_endo.data.prepare import prepare_data
+    from fsg_endo.experiment.config import load_config
+    from fsg_endo.engine.prepare import prepare_data
 
     cfg = load_config("polyp_size_fsg", ["data.augment=false"], smoke=True)
     with pytest.MonkeyPatch.context() as m:

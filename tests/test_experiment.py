@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from conftest import run_cli
 
-from fsg_endo.tracking import resolve_tracking_uri
+from fsg_endo.tracking.tracker import resolve_tracking_uri
 
 
 def _runs(uri: str, experiment: str):
@@ -63,7 +63,7 @@ def test_smoke_run_logs_spec_names(smoke_store):
 def test_logged_model_is_a_folded_stock_vit(smoke_store):
     from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
 
-    from fsg_endo.gates import gate_parameters
+    from fsg_endo.nn.gates import gate_parameters
 
     client, (run,) = _runs(smoke_store["uri"], "polyp_size_fsg")
     model = mlflow.pytorch.load_model(client.download_artifacts(run.info.run_id, "model", str(smoke_store["dir"])))

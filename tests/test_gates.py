@@ -10,7 +10,7 @@ from torch import nn
 from torchvision.models import vit_b_16
 from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
 
-from fsg_endo.gates import (
+from fsg_endo.nn.gates import (
     GatedEncoderBlock,
     GatedTransformerEncoderLayer,
     fold_gates,

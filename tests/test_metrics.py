@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from fsg_endo.metrics import classification_metrics, confusion_matrix, metric_key, regression_metrics
+from fsg_endo.engine.metrics import classification_metrics, confusion_matrix, metric_key, regression_metrics
 
 
 def test_regression_metrics_by_hand():

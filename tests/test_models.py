@@ -9,15 +9,15 @@ from torch import nn
 from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
 
 from fsg_endo.errors import FsgEndoError
-from fsg_endo.gates import GatedEncoderBlock, fold_gates, gate_parameters, non_gate_parameters
-from fsg_endo.models import (
+from fsg_endo.nn.gates import GatedEncoderBlock, fold_gates, gate_parameters, non_gate_parameters
+from fsg_endo.nn.models import (
     VIT_PRESETS,
     SizingModel,
     StochasticDepthBlock,
     build_model,
     load_local_weights,
 )
-from fsg_endo.routing import GradientRouter
+from fsg_endo.nn.routing import GradientRouter
 
 SMALL = {"hidden_dim": 16, "depth": 2, "heads": 2, "mlp_dim": 32}
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from fixtures_runs import histories, in_process, only_run
 
-import fsg_endo.train as train
-from fsg_endo.checkpoint import load_checkpoint
-from fsg_endo.tasks import RegressionTask
+import fsg_endo.engine.train as train
+from fsg_endo.engine.checkpoint import load_checkpoint
+from fsg_endo.engine.tasks import RegressionTask
 
 ARGS = ["--exp", "polyp_size_fsg", "--smoke", "--set", "tracking.log_model=false", "--set", "tracking.plots=false"]
 

@@ -14,7 +14,7 @@ import pytest
 from fixtures_mlflow import GATE_MEAN_HISTORY, GATE_RUNS, GATE_THRESHOLD, GATES, METRIC, PREDICTIONS, SWEEP
 from nbclient import NotebookClient
 
-from fsg_endo import analysis
+from fsg_endo.experiment import analysis
 from fsg_endo.errors import FsgEndoError
 
 REPO = Path(__file__).resolve().parents[1]

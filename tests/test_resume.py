@@ -16,7 +16,7 @@ import torch
 from conftest import REPO
 from fixtures_runs import EPOCHS, RUN_ARGS, assert_same_history, histories, in_process, only_run
 
-from fsg_endo.checkpoint import load_checkpoint
+from fsg_endo.engine.checkpoint import load_checkpoint
 
 
 def killed_at(where: str, cwd: Path, cache: Path, uri: str) -> None:
@@ -62,7 +62,7 @@ def test_sigkill_then_resume_last(tmp_path, data_cache, reference_run, where):
 
 def interrupt_at(monkeypatch, signum: int, step: int, run: int = 1) -> None:
     """Send ``signum`` to this process during optimiser step ``step`` of the ``run``-th training run."""
-    import fsg_endo.train as train
+    import fsg_endo.engine.train as train
 
     build, builds = train.build_recipe, [0]
 
@@ -158,8 +158,8 @@ def test_checkpoints_load_with_weights_only(reference_run):
 def test_augmentation_depends_on_seed_epoch_position_only(tmp_path, data_cache):
     """Augmented batches are the same with 0 or 2 loader workers, and an epoch resumed after its first
     batch continues with exactly the batches of the uninterrupted epoch."""
-    from fsg_endo.config import load_config
-    from fsg_endo.data.prepare import prepare_data
+    from fsg_endo.experiment.config import load_config
+    from fsg_endo.engine.prepare import prepare_data
 
     def epoch(workers: int, batches_done: int = 0) -> list[torch.Tensor]:
         cfg = load_config("polyp_size_fsg", [f"data.workers={workers}"], smoke=True)

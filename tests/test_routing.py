@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
-from fsg_endo.gates import gate_parameters, non_gate_parameters, vit_with_fsg
-from fsg_endo.routing import GradientRouter, train_step
+from fsg_endo.nn.gates import gate_parameters, non_gate_parameters, vit_with_fsg
+from fsg_endo.nn.routing import GradientRouter, train_step
 
 LR_MAIN, LR_GATE = 0.05, 0.5
 

@@ -13,13 +13,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fsg_endo.data import synthetic
-from fsg_endo.data.baseline import box_only_baseline
-from fsg_endo.data.render import Camera, Optics, Renderer, look_at
-from fsg_endo.data.scene import Patient, Polyp, build_wall
+from fsg_endo.synth import dataset as synthetic
+from fsg_endo.engine.baselines import box_only_baseline
+from fsg_endo.synth.render import Camera, Optics, Renderer, look_at
+from fsg_endo.synth.scene import Patient, Polyp, build_wall
 from fsg_endo.data.sizes import size_class3
-from fsg_endo.data.synthetic import ensure_synthetic, generate_dataset
-from fsg_endo.data.synthetic_video import lesion_boxes, sample_sizes
+from fsg_endo.synth.dataset import ensure_synthetic, generate_dataset
+from fsg_endo.synth.video import lesion_boxes, sample_sizes
 from fsg_endo.errors import FsgEndoError
 
 SIZE = 128

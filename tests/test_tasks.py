@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fsg_endo.errors import FsgEndoError
-from fsg_endo.evaluation import is_better
-from fsg_endo.tasks import get_task
+from fsg_endo.engine.evaluation import is_better
+from fsg_endo.engine.tasks import get_task
 
 
 def _scaled(size_mm):

@@ -10,8 +10,8 @@ import pytest
 from conftest import run_cli
 from fixtures_runs import RUN_ARGS, assert_same_history, histories, in_process, only_run
 
-from fsg_endo.checkpoint import load_checkpoint
-from fsg_endo.tracking import Tracker, TrackingError
+from fsg_endo.engine.checkpoint import load_checkpoint
+from fsg_endo.tracking.tracker import Tracker, TrackingError
 
 
 def closed_port() -> int:

@@ -1,1 +1,1 @@
-"""Data: synthetic videos, REAL-Colon/SUN readers, manifests, splits, the MONAI pipeline."""
+"""Data: REAL-Colon/SUN/image-folder readers, manifests, splits, sampling and the MONAI pipeline."""

@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from fsg_endo.io import atomic_path
-
-MetricRecord = tuple[str, float, int, int]  # key, value, step, timestamp (ms); see fsg_endo.tracking
+from fsg_endo.tracking.tracker import MetricRecord
 
 
 @dataclass

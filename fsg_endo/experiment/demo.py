@@ -1,6 +1,6 @@
 """Image-classification demos of FSG + Gradient Routing (MNIST, Imagenette, CIFAR-100): train, save, infer.
 
-A compact loop, because ``fsg_endo.train.fit`` is built around the polyp data bundle (lesions, box
+A compact loop, because ``fsg_endo.engine.train.fit`` is built around the polyp data bundle (lesions, box
 features): in-memory images, a gated torchvision ViT from :func:`build_model`, one
 :class:`GradientRouter` step per batch, MLflow through :class:`Tracker`, and a checkpoint that
 ``torch.load(..., weights_only=True)`` reads back.
@@ -22,11 +22,11 @@ from torch import Tensor, nn
 
 from fsg_endo.data.image_folders import DemoData, ImageSet, load_cifar100, load_image_folder, load_mnist
 from fsg_endo.errors import FsgEndoError
-from fsg_endo.gates import fold_gates, gate_parameters, gate_statistics, gate_values, non_gate_parameters
-from fsg_endo.metrics import classification_metrics
-from fsg_endo.models import read_state_dict, build_model, timm_to_torchvision
-from fsg_endo.routing import GradientRouter
-from fsg_endo.recipe import warmup_cosine
+from fsg_endo.nn.gates import fold_gates, gate_parameters, gate_statistics, gate_values, non_gate_parameters
+from fsg_endo.engine.metrics import classification_metrics
+from fsg_endo.nn.models import read_state_dict, build_model, timm_to_torchvision
+from fsg_endo.nn.routing import GradientRouter
+from fsg_endo.engine.recipe import warmup_cosine
 
 __all__ = ["DEMOS", "SMOKE", "DemoConfig", "build_demo_model", "evaluate", "load_demo", "load_demo_data",
            "predict_table", "train_demo", "with_weights_architecture"]
@@ -258,7 +258,7 @@ def train_demo(cfg: DemoConfig, data: DemoData, tracker=None,
 
 def save_demo(path: str | Path, model: nn.Module, cfg: DemoConfig, data: DemoData, state: dict[str, Any]) -> Path:
     """The gated model's state dict with what inference needs; plain types only (``weights_only`` loading)."""
-    from fsg_endo.checkpoint import save_checkpoint
+    from fsg_endo.engine.checkpoint import save_checkpoint
 
     save_checkpoint(path, {
         "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": asdict(replace(cfg, weights=None)),

@@ -11,12 +11,12 @@ from typing import Any
 
 import pandas as pd
 
-from fsg_endo import plots
-from fsg_endo.config import resolve_derived
-from fsg_endo.distributed import SINGLE, DistContext
-from fsg_endo.experiment import end_run, execute, open_run, record_config, run_dir_for, run_name, start_run
-from fsg_endo.interrupt import StopSignals
-from fsg_endo.tracking import Tracker, TrackingError
+from fsg_endo.tracking import plots
+from fsg_endo.experiment.config import resolve_derived
+from fsg_endo.engine.distributed import SINGLE, DistContext
+from fsg_endo.experiment.runs import end_run, execute, open_run, record_config, run_dir_for, run_name, start_run
+from fsg_endo.engine.interrupt import StopSignals
+from fsg_endo.tracking.tracker import Tracker, TrackingError
 
 SWEEP_KEY_TAG = "sweep_key"
 

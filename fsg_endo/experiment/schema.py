@@ -1,6 +1,6 @@
 """The config schema: :data:`DEFAULTS` (every key, its type and default), built-in profiles and checks.
 
-:mod:`fsg_endo.config` validates every experiment YAML, profile and ``--set`` override against
+:mod:`fsg_endo.experiment.config` validates every experiment YAML, profile and ``--set`` override against
 these tables, so a new config key is added here (and only here) with its default.
 """
 

@@ -17,7 +17,7 @@ from torchvision.models.vision_transformer import EncoderBlock, VisionTransforme
 from torchvision.ops import StochasticDepth
 
 from fsg_endo.errors import FsgEndoError
-from fsg_endo.gates import vit_with_fsg
+from fsg_endo.nn.gates import vit_with_fsg
 
 __all__ = [
     "VIT_PRESETS",

@@ -26,9 +26,10 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from fsg_endo import plots
-from fsg_endo.checkpoint import MetricRecord
 from fsg_endo.errors import FsgEndoError
+from fsg_endo.tracking import plots
+
+MetricRecord = tuple[str, float, int, int]  # key, value, step, timestamp (ms)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _BATCH = 1000  # MLflow's log_batch limit on metrics per call

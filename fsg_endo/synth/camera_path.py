@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.interpolate import PchipInterpolator
 
-from fsg_endo.data.render import Pose, look_at
-from fsg_endo.data.scene import Polyp, Wall
+from fsg_endo.synth.render import Pose, look_at
+from fsg_endo.synth.scene import Polyp, Wall
 
 LOOK_AHEAD_MM = 80.0
 FRAMING_PX = (30.0, 110.0)  # apparent diameter the endoscopist aims for at the closest approach

@@ -20,10 +20,10 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from fsg_endo.config_schema import REGULARIZERS
+from fsg_endo.experiment.schema import REGULARIZERS
 from fsg_endo.data.sizes import CLASS3_NAMES, size_class3
 from fsg_endo.errors import FsgEndoError
-from fsg_endo.tracking import check_tracking_uri
+from fsg_endo.tracking.tracker import check_tracking_uri
 
 STORE_FILE = "mlflow.db"
 GATED = ("fsg_gr", "fsg")  # regularisers whose runs carry gates
@@ -249,7 +249,7 @@ def paired_comparison(runs: pd.DataFrame, metric: str, reference: str = "fsg_gr"
     """
     from scipy import stats
 
-    from fsg_endo.evaluation import metric_mode
+    from fsg_endo.engine.evaluation import metric_mode
 
     if lower_is_better is None:
         lower_is_better = metric_mode(metric) == "min"
@@ -282,7 +282,7 @@ def lesion_errors(client: mlflow.MlflowClient, runs: pd.DataFrame, split: str = 
 
     A lesion's prediction is the task's lesion aggregation of its frames (the mean, SPEC §3).
     """
-    from fsg_endo.tasks import get_task
+    from fsg_endo.engine.tasks import get_task
 
     frames = []
     for run in runs.itertuples(index=False):

@@ -50,7 +50,7 @@ def dataset_root(data: Mapping[str, Any], seed: int) -> Path:
         if not root.is_dir():
             raise FsgEndoError(f"{root}: dataset root does not exist")
         return root
-    from fsg_endo.data.synthetic import ensure_synthetic
+    from fsg_endo.synth.dataset import ensure_synthetic
 
     gen_seed = seed if data["synthetic_seed"] is None else data["synthetic_seed"]
     root = Path(data["root"]) if data["root"] else cache_dir() / f"synthetic_s{gen_seed}_v{data['videos'] or 'default'}"

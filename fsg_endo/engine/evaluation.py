@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from fsg_endo.tasks import Task
+from fsg_endo.engine.tasks import Task
 
 
 def model_inputs(batch: Mapping[str, Any], device: torch.device, use_box: bool) -> torch.Tensor | tuple:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from fsg_endo.data.sizes import CLASS2_NAMES, CLASS3_NAMES, scale_size, size_class2, size_class3, unscale_size
 from fsg_endo.errors import FsgEndoError
-from fsg_endo.metrics import classification_metrics, confusion_matrix, regression_metrics
+from fsg_endo.engine.metrics import classification_metrics, confusion_matrix, regression_metrics
 
 ID_COLUMNS = ("lesion_id", "video_id", "frame_id")
 TASK_NAMES = ("size_regression", "size_class3", "size_class2")
@@ -68,7 +68,7 @@ class Task(ABC):
 
     @abstractmethod
     def compute_metrics(self, pred_df: pd.DataFrame) -> dict[str, float]:
-        """Metrics of a frame- or lesion-level prediction table (see :mod:`fsg_endo.metrics`)."""
+        """Metrics of a frame- or lesion-level prediction table (see :mod:`fsg_endo.engine.metrics`)."""
 
     @abstractmethod
     def confusion(self, pred_df: pd.DataFrame) -> np.ndarray:

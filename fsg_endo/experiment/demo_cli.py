@@ -1,7 +1,7 @@
 """Command lines of the demos (``experiments/demos/*.py``): train with MLflow tracking, or infer from a checkpoint.
 
-MNIST and Imagenette take their settings from :data:`fsg_endo.demo.DEMOS`; CIFAR-100 from
-``experiments/configs/cifar100_fsg.yaml`` (read with the config loader, so ``--set`` works as for
+MNIST and Imagenette take their settings from :data:`fsg_endo.experiment.demo.DEMOS`; CIFAR-100 from
+``fsg_endo/experiment/configs/cifar100_fsg.yaml`` (read with the config loader, so ``--set`` works as for
 experiments). Expected errors are one line on stderr and exit code 2.
 """
 
@@ -16,9 +16,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from fsg_endo import plots
-from fsg_endo.config import flatten_config, load_config
-from fsg_endo.demo import (
+from fsg_endo.tracking import plots
+from fsg_endo.experiment.config import flatten_config, load_config
+from fsg_endo.experiment.demo import (
     DEMOS,
     MAX_NAMED_CLASSES,
     SMOKE,
@@ -31,9 +31,9 @@ from fsg_endo.demo import (
     with_weights_architecture,
 )
 from fsg_endo.errors import FsgEndoError
-from fsg_endo.gates import fold_gates
-from fsg_endo.metrics import confusion_matrix
-from fsg_endo.tracking import Tracker, check_tracking_uri, git_commit, resolve_tracking_uri
+from fsg_endo.nn.gates import fold_gates
+from fsg_endo.engine.metrics import confusion_matrix
+from fsg_endo.tracking.tracker import Tracker, check_tracking_uri, git_commit, resolve_tracking_uri
 
 CIFAR_EXPERIMENT = "cifar100_fsg"
 DEMO_NAMES = {"mnist": "MNIST", "imagenette": "Imagenette", "cifar100": "CIFAR-100"}
@@ -177,7 +177,7 @@ def _run_arguments(parser: argparse.ArgumentParser, dataset: str) -> None:
     _threads_argument(parser)
     if dataset == "cifar100":
         parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                            help=f"override a key of experiments/configs/{CIFAR_EXPERIMENT}.yaml (repeatable)")
+                            help=f"override a key of fsg_endo/experiment/configs/{CIFAR_EXPERIMENT}.yaml (repeatable)")
 
 
 def _threads_argument(parser: argparse.ArgumentParser) -> None:

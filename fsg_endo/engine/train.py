@@ -24,16 +24,16 @@ import pandas as pd
 from monai.utils import set_determinism
 from tqdm.auto import tqdm
 
-from fsg_endo import plots
-from fsg_endo.checkpoint import Progress, load_checkpoint, restore_training_state, save_checkpoint, training_state
-from fsg_endo.data.prepare import DataBundle
-from fsg_endo.distributed import SINGLE, DistContext
+from fsg_endo.tracking import plots
+from fsg_endo.engine.checkpoint import Progress, load_checkpoint, restore_training_state, save_checkpoint, training_state
+from fsg_endo.engine.prepare import DataBundle
+from fsg_endo.engine.distributed import SINGLE, DistContext
 from fsg_endo.errors import FsgEndoError
-from fsg_endo.evaluation import evaluate, is_better, model_inputs
-from fsg_endo.gates import fold_gates, gate_statistics, gate_values
-from fsg_endo.interrupt import RunInterrupted, StopSignals
-from fsg_endo.recipe import Recipe, build_recipe
-from fsg_endo.tracking import Tracker, metric_records
+from fsg_endo.engine.evaluation import evaluate, is_better, model_inputs
+from fsg_endo.nn.gates import fold_gates, gate_statistics, gate_values
+from fsg_endo.engine.interrupt import RunInterrupted, StopSignals
+from fsg_endo.engine.recipe import Recipe, build_recipe
+from fsg_endo.tracking.tracker import Tracker, metric_records
 
 
 def fit(cfg: Mapping[str, Any], data: DataBundle, tracker: Tracker, run_dir: Path, ctx: DistContext = SINGLE,

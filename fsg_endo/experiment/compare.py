@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pandas as pd
 
-from fsg_endo.analysis import latest_per_cell, open_client, regularizer_order, search_runs, summarize
+from fsg_endo.experiment.analysis import latest_per_cell, open_client, regularizer_order, search_runs, summarize
 from fsg_endo.errors import FsgEndoError
-from fsg_endo.tracking import resolve_tracking_uri
+from fsg_endo.tracking.tracker import resolve_tracking_uri
 
 NOT_FINISHED = ("FAILED", "KILLED")
 
 
 def default_metric(runs: pd.DataFrame, exp: str) -> str:
     """The sweep's headline metric of the runs' task (lesion-level test MAE or balanced accuracy)."""
-    from fsg_endo.sweep import main_test_metric
+    from fsg_endo.experiment.sweep import main_test_metric
 
     tasks = sorted(runs["task"].dropna().unique())
     if len(tasks) != 1:

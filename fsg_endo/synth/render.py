@@ -1,7 +1,7 @@
 """Render one endoscope frame: a fisheye camera with its light source inside a textured colon tube.
 
 The colon wall is a tube ``r = R(z, theta)`` stored as tables over (z, theta) (see
-:mod:`fsg_endo.data.scene`). Every pixel's ray is marched to its first crossing of the wall, then
+:mod:`fsg_endo.synth.scene`). Every pixel's ray is marched to its first crossing of the wall, then
 shaded with the light at the camera: inverse-square fall-off, vignetting, Lambert diffuse, wet
 specular highlights, auto-exposure, depth-dependent defocus, motion blur, sensor noise and the
 circular field of view.
@@ -15,7 +15,7 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
-from fsg_endo.data.scene import Wall
+from fsg_endo.synth.scene import Wall
 
 TWO_PI = 2.0 * np.pi
 

@@ -10,12 +10,12 @@ from typing import Any
 
 import torch
 
-from fsg_endo.distributed import DistContext
-from fsg_endo.evaluation import metric_mode
-from fsg_endo.gates import gate_parameters, non_gate_parameters
-from fsg_endo.models import build_model
-from fsg_endo.routing import GradientRouter, train_step
-from fsg_endo.tasks import Task, get_task
+from fsg_endo.engine.distributed import DistContext
+from fsg_endo.engine.evaluation import metric_mode
+from fsg_endo.nn.gates import gate_parameters, non_gate_parameters
+from fsg_endo.nn.models import build_model
+from fsg_endo.nn.routing import GradientRouter, train_step
+from fsg_endo.engine.tasks import Task, get_task
 
 BOX_FEATURES = 4  # log box w, log box h (relative to the frame), box centre x, y
 

@@ -1,6 +1,6 @@
 """Experiment configs: the schema (:data:`DEFAULTS`), YAML loading, overrides and validation.
 
-An experiment YAML (``experiments/configs/NAME.yaml``) overrides only what differs from
+An experiment YAML (``fsg_endo/experiment/configs/NAME.yaml``) overrides only what differs from
 :data:`DEFAULTS`, may hold named ``profiles:`` (partial configs, e.g. ``paper``) and a ``sweep:``
 section. Every key, type and choice is checked before any work starts; a mistake is one
 :class:`FsgEndoError` line naming the file (or ``--set``) and the dotted key.
@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from fsg_endo.config_schema import (
+from fsg_endo.experiment.schema import (
     CHOICES,
     DEFAULTS,
     DERIVED,
@@ -32,7 +32,7 @@ from fsg_endo.config_schema import (
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.io import atomic_path
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 CONFIG_DIR_ENV = "FSG_ENDO_CONFIG_DIR"
 
 def _leaves(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:

@@ -22,7 +22,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from fsg_endo.data.sizes import CLASS3_NAMES, size_class3
-from fsg_endo.data.synthetic_video import VideoSpec, render_video
+from fsg_endo.synth.video import VideoSpec, render_video
 from fsg_endo.errors import FsgEndoError
 
 GENERATOR_VERSION = 1
@@ -98,7 +98,7 @@ def generate_dataset(out: str | os.PathLike, n_videos: int | None = None, seed: 
     try:
         results = _render_all(video_specs(params), tmp, progress, workers)
         lesions, videos = _write_tables(tmp, results)
-        meta = {"generator": "fsg_endo.data.synthetic", "params": asdict(params), "summary": summary(lesions, videos)}
+        meta = {"generator": "fsg_endo.synth.dataset", "params": asdict(params), "summary": summary(lesions, videos)}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         _replace_dir(tmp, out)
     finally:

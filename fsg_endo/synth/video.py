@@ -8,9 +8,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from fsg_endo.data.camera_path import CameraPath, plan_path
-from fsg_endo.data.render import Camera, Frame, Optics, Pose, Renderer
-from fsg_endo.data.scene import Patient, Polyp, Wall, build_wall, polyp_points, sample_patient
+from fsg_endo.synth.camera_path import CameraPath, plan_path
+from fsg_endo.synth.render import Camera, Frame, Optics, Pose, Renderer
+from fsg_endo.synth.scene import Patient, Polyp, Wall, build_wall, polyp_points, sample_patient
 from fsg_endo.errors import FsgEndoError
 
 SIZE_LOGNORMAL = (1.513, 0.762)  # median 4.5 mm; ~55 % <= 5 mm, ~15 % >= 10 mm

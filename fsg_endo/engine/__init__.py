@@ -1,0 +1,1 @@
+"""Training engine: joins data, models and tracking into one run (recipe, loop, evaluation, checkpoints, DDP)."""

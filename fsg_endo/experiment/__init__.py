@@ -1,0 +1,1 @@
+"""Experiments: typed config, the run lifecycle, sweeps, comparisons and analysis over MLflow runs."""

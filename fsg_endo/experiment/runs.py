@@ -1,0 +1,80 @@
+"""One MLflow run's lifecycle: start or reopen it, record its config, execute data + training inside it, end it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from fsg_endo.engine.distributed import SINGLE, DistContext
+from fsg_endo.engine.interrupt import StopSignals
+from fsg_endo.experiment.config import dump_config, flatten_config
+from fsg_endo.tracking.tracker import NullTracker, Tracker, TrackingError, git_commit
+
+
+def run_name(cfg: Mapping[str, Any]) -> str:
+    d = cfg["data"]
+    return f"{cfg['regularizer']}-frac{d['train_fraction']:g}-fold{d['test_fold']}-seed{cfg['seed']}"
+
+
+def run_dir_for(cfg: Mapping[str, Any], run_id: str) -> Path:
+    """Checkpoints and the resolved config of a run: ``checkpoint.dir`` or ``runs/<run_id>``."""
+    return Path(cfg["checkpoint"]["dir"] or "runs") / run_id
+
+
+def start_run(cfg: Mapping[str, Any], uri: str, parent_run_id: str | None = None,
+              extra_tags: Mapping[str, str] = ()) -> Tracker:
+    tags = {"regularizer": cfg["regularizer"], "task": cfg["task"], "git_commit": git_commit(), **dict(extra_tags)}
+    return Tracker.start(uri, cfg["name"], run_name=run_name(cfg), tags=tags, params=flatten_config(cfg),
+                         parent_run_id=parent_run_id)
+
+
+def open_run(ctx: DistContext, opener: Callable[[], Tracker]) -> Tracker | NullTracker:
+    """Rank 0 opens (or reopens) the MLflow run; the other ranks of a torchrun job get its id only."""
+    tracker = opener() if ctx.is_main else None
+    run_id = ctx.broadcast(tracker.run_id if tracker else None)
+    return tracker or NullTracker(run_id)
+
+
+def record_config(cfg: Mapping[str, Any], tracker: Tracker, run_dir: Path) -> None:
+    """The resolved config in the run's folder and as an artifact; the folder as tag (what a resume reads)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    tracker.log_file(run_dir / "config.yaml")
+    tracker.set_tags({"checkpoint_dir": str(run_dir.resolve())})
+
+
+def end_run(tracker: Tracker | NullTracker, status: str) -> None:
+    """Mark the run ``status`` on the way out of an error; an unreachable store must not hide that error."""
+    with contextlib.suppress(TrackingError):
+        tracker.end(status)
+
+
+def execute(cfg: Mapping[str, Any], tracker: Tracker | NullTracker, run_dir: Path, ctx: DistContext = SINGLE,
+            stop: StopSignals | None = None) -> dict[str, float]:
+    """Prepare data, train (resuming from ``run_dir``'s checkpoint if any) and test inside an open run;
+    the run ends FINISHED, FAILED or KILLED."""
+    from fsg_endo.engine.prepare import prepare_data
+    from fsg_endo.engine.train import fit
+
+    try:
+        if ctx.is_main:
+            record_config(cfg, tracker, run_dir)
+        data = ctx.main_first(lambda: prepare_data(cfg, ctx.world_size, ctx.rank))
+        if ctx.is_main:
+            tracker.set_tags({"data.manifest_sha256": data.manifest_sha256})
+            tracker.log_text(data.summary.to_csv(index=False), "data/split_summary.csv")
+        results = fit(cfg, data, tracker, run_dir, ctx, stop)
+    except KeyboardInterrupt:
+        end_run(tracker, "KILLED")
+        raise
+    except TrackingError as err:
+        end_run(tracker, "FAILED")  # after an outage the store cannot be told: the run stays RUNNING
+        raise TrackingError(f"{err}; the run's checkpoints are in {run_dir.resolve()}: "
+                             f"resume with --resume {tracker.run_id} once the store is back") from err
+    except BaseException:
+        end_run(tracker, "FAILED")
+        raise
+    tracker.end("FINISHED")
+    return results

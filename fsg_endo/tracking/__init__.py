@@ -1,0 +1,1 @@
+"""MLflow tracking: the buffered, outage-tolerant tracker and the plots it logs."""
