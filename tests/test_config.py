@@ -5,17 +5,17 @@ import textwrap
 
 import pytest
 
+from fsg_endo.errors import FsgEndoError
 from fsg_endo.experiment.config import (
-    DEFAULTS,
-    SMOKE,
     dump_config,
     flatten_config,
     load_config,
     load_config_file,
-    resolve_derived,
+    revalidate,
     set_in,
 )
-from fsg_endo.errors import FsgEndoError
+from fsg_endo.experiment.runs import run_params
+from fsg_endo.experiment.schema import DEFAULTS, SMOKE
 
 
 @pytest.fixture
@@ -102,10 +102,12 @@ def test_set_values_read_as_yaml(configs):
 
 @pytest.mark.parametrize("regularizer, fsg, gr", [("none", False, False), ("dropout", False, False),
                                                   ("fsg", True, False), ("fsg_gr", True, True)])
-def test_derived_keys(configs, regularizer, fsg, gr):
+def test_derived_facts_are_params_not_keys(configs, regularizer, fsg, gr):
     configs("exp", f"regularizer: {regularizer}\n")
     cfg = load_config("exp")
-    assert (cfg["fsg"]["enabled"], cfg["gr"]["enabled"]) == (fsg, gr)
+    assert "fsg" not in cfg and "enabled" not in cfg["gr"]
+    params = run_params(cfg)
+    assert (params["fsg.enabled"], params["gr.enabled"]) == (fsg, gr)
 
 
 @pytest.mark.parametrize("yaml_text, expected", [
@@ -198,7 +200,7 @@ def test_flatten_config(configs):
     configs("exp", "sweep:\n  seeds: [0, 1]\n")
     flat = flatten_config(load_config("exp"))
     assert flat["model.depth"] == "null" and flat["data.train_fraction"] == 1.0
-    assert flat["fsg.enabled"] is True and flat["gr.enabled"] is True
+    assert "fsg.enabled" not in flat and "gr.enabled" not in flat
     assert flat["task"] == "size_regression" and flat["seed"] == 0
     assert flat["sweep.seeds"] == "[0, 1]" and flat["optim.lr"] == 5e-4
     assert all(isinstance(v, (str, int, float, bool)) for v in flat.values())
@@ -214,21 +216,20 @@ def test_dump_round_trip(configs, tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]  # no temporary left
 
 
-def test_resolve_derived_rechecks_and_rederives(configs):
+def test_revalidate_rechecks_every_key_and_across_keys(configs):
     configs("exp", "{}\n")
     cfg = load_config("exp")
     child = copy.deepcopy(cfg)
     child["regularizer"] = "fsg"
     child["data"]["train_fraction"] = 1
-    out = resolve_derived(child)
-    assert out["fsg"]["enabled"] is True and out["gr"]["enabled"] is False
-    assert type(out["data"]["train_fraction"]) is float
+    out = revalidate(child)
+    assert out["regularizer"] == "fsg" and type(out["data"]["train_fraction"]) is float
     child["data"]["test_fold"] = 1
     with pytest.raises(FsgEndoError, match="test_fold"):
-        resolve_derived(child)
+        revalidate(child)
     child["data"]["test_fold"] = "0"
     with pytest.raises(FsgEndoError, match="'data.test_fold' must be int"):
-        resolve_derived(child)
+        revalidate(child)
 
 
 def test_set_in_returns_a_validated_copy(configs):
@@ -237,7 +238,7 @@ def test_set_in_returns_a_validated_copy(configs):
     before = copy.deepcopy(cfg)
     child = set_in(cfg, "regularizer", "none")
     assert cfg == before
-    assert child["regularizer"] == "none" and child["fsg"]["enabled"] is False and child["gr"]["enabled"] is False
+    assert child["regularizer"] == "none" and run_params(child)["fsg.enabled"] is False
     assert set_in(cfg, "data.train_fraction", "0.25")["data"]["train_fraction"] == 0.25
     with pytest.raises(FsgEndoError, match="'data.train_fraction'"):
         set_in(cfg, "data.train_fraction", 2.0)
@@ -252,3 +253,14 @@ def test_real_config_errors_stop_the_cli_with_one_line(configs, capsys):
     assert main(["run", "--exp", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "exp.yaml" in err and "'optim.lrr'" in err
+
+
+@pytest.mark.parametrize("override, rule", [
+    ("data.videos=0", ">= 1"), ("sweep.train_fractions=[2]", "in (0, 1]"), ("sweep.seeds=[-1]", ">= 0"),
+    ("model.dropout=1", "in [0, 1)"), ("optim.lr=0", "> 0"), ("loss.main_weights=[1, 2]", "3 values"),
+    ("sweep.folds=[]", "at least one value"),
+])
+def test_constraints_are_stated_in_the_error(configs, override, rule):
+    configs("exp", "{}\n")
+    message = _error("exp", overrides=[override])
+    assert f"'{override.split('=')[0]}'" in message and rule in message

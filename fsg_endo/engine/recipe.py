@@ -20,24 +20,34 @@ from fsg_endo.engine.tasks import Task, get_task
 BOX_FEATURES = 4  # log box w, log box h (relative to the frame), box centre x, y
 
 
+def uses_gates(regularizer: str) -> bool:
+    """Whether the arm's model carries FSG gates (logged as the param ``fsg.enabled``)."""
+    return regularizer in ("fsg", "fsg_gr")
+
+
+def uses_routing(regularizer: str) -> bool:
+    """Whether the arm trains with Gradient Routing (logged as the param ``gr.enabled``)."""
+    return regularizer == "fsg_gr"
+
+
 def build_for(cfg: Mapping[str, Any], task: Task) -> torch.nn.Module:
     """The model of the config's regulariser: FSG for ``fsg``/``fsg_gr``, dropout only for ``dropout``."""
     m, reg = cfg["model"], cfg["regularizer"]
     extra = {k: m[k] for k in ("dropout", "attention_dropout", "stochastic_depth")} if reg == "dropout" else {}
     return build_model(m["preset"], cfg["data"]["image_size"], m["patch_size"], task.num_outputs,
                        hidden_dim=m["hidden_dim"], depth=m["depth"], heads=m["heads"], mlp_dim=m["mlp_dim"],
-                       fsg=cfg["fsg"]["enabled"], box_features=BOX_FEATURES if m["box_features"] else 0,
+                       fsg=uses_gates(reg), box_features=BOX_FEATURES if m["box_features"] else 0,
                        weights=m["weights"], **extra)
 
 
 def build_optimizers(cfg: Mapping[str, Any], model: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
     """GR: two optimisers over disjoint sets. Joint FSG: one optimiser, gates in their own group."""
     o, gr = cfg["optim"], cfg["gr"]
-    if cfg["gr"]["enabled"]:
+    if uses_routing(cfg["regularizer"]):
         return {"main": torch.optim.Adam(non_gate_parameters(model), lr=o["lr"], weight_decay=o["weight_decay"]),
                 "gate": torch.optim.Adam(gate_parameters(model), lr=gr["gate_lr"])}
     groups = [{"params": non_gate_parameters(model)}]
-    if cfg["fsg"]["enabled"]:
+    if uses_gates(cfg["regularizer"]):
         groups.append({"params": gate_parameters(model), "lr": gr["gate_lr"], "weight_decay": 0.0})
     return {"main": torch.optim.Adam(groups, lr=o["lr"], weight_decay=o["weight_decay"])}
 
@@ -72,7 +82,7 @@ class Recipe:
 
     @property
     def gated(self) -> bool:
-        return self.cfg["fsg"]["enabled"]
+        return uses_gates(self.cfg["regularizer"])
 
 
 def build_recipe(cfg: Mapping[str, Any], ctx: DistContext, steps_per_epoch: int) -> Recipe:
@@ -85,7 +95,7 @@ def build_recipe(cfg: Mapping[str, Any], ctx: DistContext, steps_per_epoch: int)
     epochs, warmup = cfg["optim"]["epochs"], cfg["optim"]["warmup_epochs"] * steps_per_epoch
     schedulers = {k: warmup_cosine(o, warmup, epochs * steps_per_epoch) for k, o in optimizers.items()}
     clip, gr = cfg["optim"]["clip"], cfg["gr"]
-    if gr["enabled"]:
+    if uses_routing(cfg["regularizer"]):
         trained = ctx.wrap(model, device, ignore=gate_parameters(model))  # the router all-reduces the gates
         step = GradientRouter(trained, optimizers["main"], optimizers["gate"], task.main_loss, task.gate_loss,
                               main_clip=clip, gate_clip=gr["gate_clip"], amp=amp,

@@ -1,9 +1,10 @@
-"""Experiment configs: the schema (:data:`DEFAULTS`), YAML loading, overrides and validation.
+"""Experiment configs: YAML loading, profiles, ``--set`` overrides, validation against the typed schema.
 
-An experiment YAML (``fsg_endo/experiment/configs/NAME.yaml``) overrides only what differs from
-:data:`DEFAULTS`, may hold named ``profiles:`` (partial configs, e.g. ``paper``) and a ``sweep:``
-section. Every key, type and choice is checked before any work starts; a mistake is one
-:class:`FsgEndoError` line naming the file (or ``--set``) and the dotted key.
+An experiment YAML (``fsg_endo/experiment/configs/NAME.yaml``, shipped with the package, or any path)
+overrides only what differs from the defaults of :class:`~fsg_endo.experiment.schema.Config`, may hold
+named ``profiles:`` (partial configs, e.g. ``paper``) and a ``sweep:`` section. Every key, type and choice
+is checked before any work starts; a mistake is one :class:`FsgEndoError` line naming the file (or
+``--set``), the dotted key, the value and what is allowed. The resolved config is a plain nested dict.
 """
 
 from __future__ import annotations
@@ -12,41 +13,111 @@ import copy
 import difflib
 import os
 import re
+import types
+import typing
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import annotated_types
 import yaml
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
-from fsg_endo.experiment.schema import (
-    CHOICES,
-    DEFAULTS,
-    DERIVED,
-    LIST_LENGTHS,
-    NULLABLE,
-    PROFILES,
-    RANGES,
-    REGULARIZERS,
-    SMOKE,
-)
 from fsg_endo.errors import FsgEndoError
+from fsg_endo.experiment.schema import DERIVED, PROFILES, REGULARIZERS, SMOKE, Config
 from fsg_endo.io import atomic_path
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 CONFIG_DIR_ENV = "FSG_ENDO_CONFIG_DIR"
 
-def _leaves(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, value) of every leaf of a nested dict, in order."""
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _leaves(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
+
+def _fields(model: type[BaseModel] = Config, prefix: str = "") -> Iterator[tuple[str, FieldInfo, bool]]:
+    """(dotted key, field, is_section) of every key of the schema, sections before their keys."""
+    for name, info in model.model_fields.items():
+        section = isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
+        yield f"{prefix}{name}", info, section
+        if section:
+            yield from _fields(info.annotation, f"{prefix}{name}.")
 
 
-_LEAF_DEFAULTS = dict(_leaves(DEFAULTS))
-_SECTIONS = {key for key, value in DEFAULTS.items() if isinstance(value, dict)}
-_DERIVED_SECTIONS = {"fsg"}  # sections made only of derived keys
+FIELDS = {key: info for key, info, _ in _fields()}
+LEAVES = [key for key, _, section in _fields() if not section]
+
+
+def _describe(annotation: Any) -> str:
+    """A type as users read it: ``int``, ``str or null``, ``list[float]``, ``one of a, b``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _describe(args[0])
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is list:
+        return f"list[{_describe(args[0])}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _bounds(metadata: Sequence[Any]) -> str:
+    """Numeric constraints as users read them: ``> 0``, ``>= 1``, ``in (0, 1]``."""
+    lo = hi = None
+    metadata = [inner for m in metadata for inner in (m.metadata if isinstance(m, FieldInfo) else [m])]
+    for m in metadata:
+        if isinstance(m, (annotated_types.Gt, annotated_types.Ge)):
+            lo = ("(", m.gt) if isinstance(m, annotated_types.Gt) else ("[", m.ge)
+        if isinstance(m, (annotated_types.Lt, annotated_types.Le)):
+            hi = (")", m.lt) if isinstance(m, annotated_types.Lt) else ("]", m.le)
+    if lo and hi:
+        return f"in {lo[0]}{lo[1]:g}, {hi[1]:g}{hi[0]}"
+    if lo:
+        return f"{'>' if lo[0] == '(' else '>='} {lo[1]:g}"
+    return f"{'<' if hi[0] == ')' else '<='} {hi[1]:g}" if hi else ""
+
+
+def _element_bounds(annotation: Any) -> str:
+    """The constraint of a value, or of each element of a list, of a field's annotation."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _bounds(args[1:]) or _element_bounds(args[0])
+    if origin in (list, typing.Union, types.UnionType):
+        return next((b for b in map(_element_bounds, args) if b), "")
+    return ""
+
+
+def _unknown_key(key: str, where: str) -> FsgEndoError:
+    """The error for an unknown dotted key, with the closest known key as a suggestion."""
+    match = difflib.get_close_matches(key, list(FIELDS), n=1, cutoff=0.6)
+    if not match:  # a misplaced or misspelt leaf name, e.g. 'lr' or 'optim.learning_rat'
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in LEAVES}
+        match = [by_leaf[m] for m in difflib.get_close_matches(key.rsplit(".", 1)[-1], by_leaf, n=1, cutoff=0.7)]
+    hint = f" (did you mean '{match[0]}'?)" if match else ""
+    return FsgEndoError(f"{where}: unknown config key '{key}'{hint}")
+
+
+def _one_line(err: ValidationError, where: str) -> FsgEndoError:
+    """The first problem of a validation error as one line naming ``where``, the key, the value and the rule."""
+    first = err.errors(include_url=False)[0]
+    kind, value = first["type"], first.get("input")
+    key = ".".join(str(part) for part in first["loc"] if not isinstance(part, int))
+    if kind == "extra_forbidden":
+        return _unknown_key(key, where)
+    if not key:  # a check across keys
+        return FsgEndoError(f"{where}: {first['ctx']['error'] if 'ctx' in first else first['msg']}")
+    info = FIELDS[key]
+    if kind == "model_type":
+        return FsgEndoError(f"{where}: '{key}' must be a mapping of keys, got {type(value).__name__}")
+    if kind in ("too_short", "too_long"):
+        size = info.metadata[0].min_length if info.metadata else None
+        want = f"{size} values" if kind == "too_long" or size != 1 else "at least one value"
+        return FsgEndoError(f"{where}: config key '{key}' must have {want}, got {len(value)}")
+    if kind == "literal_error":
+        return FsgEndoError(f"{where}: config key '{key}' must be {_describe(info.annotation)}; got {value!r}")
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return FsgEndoError(f"{where}: config key '{key}' must be {_bounds(info.metadata) or _element_bounds(info.annotation)}, "
+                             f"got {value!r}")
+    return FsgEndoError(f"{where}: config key '{key}' must be {_describe(info.annotation)}, "
+                        f"got {type(value).__name__} {value!r}")
 
 
 class _Loader(yaml.SafeLoader):
@@ -68,93 +139,6 @@ _Loader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
 )
-
-
-def _expected_type(key: str) -> type:
-    """The Python type of a leaf key (of its elements for lists)."""
-    default = _LEAF_DEFAULTS[key]
-    if key in NULLABLE:
-        return NULLABLE[key]
-    return type(default[0]) if isinstance(default, list) else type(default)
-
-
-def _coerce(value: Any, expected: type, is_list: bool) -> Any:
-    """``value`` as ``expected`` (or a list of it); ints pass as floats; anything else raises TypeError."""
-    if is_list:
-        if not isinstance(value, list):
-            raise TypeError
-        return [_coerce(v, expected, False) for v in value]
-    if expected is float and type(value) is int:
-        return float(value)
-    if type(value) is not expected:  # also keeps bools out of int keys
-        raise TypeError
-    return value
-
-
-def _check_leaf(key: str, value: Any, where: str) -> Any:
-    """Validate (and coerce) one leaf value; errors name ``where`` and the key."""
-    if value is None and key in NULLABLE:
-        return None
-    expected, is_list = _expected_type(key), isinstance(_LEAF_DEFAULTS[key], list)
-    try:
-        value = _coerce(value, expected, is_list)
-    except TypeError:
-        want = f"list[{expected.__name__}]" if is_list else expected.__name__
-        want += " or null" if key in NULLABLE else ""
-        raise FsgEndoError(f"{where}: config key '{key}' must be {want}, "
-                           f"got {type(value).__name__} {value!r}") from None
-    items = value if is_list else [value]
-    if is_list and not items:
-        raise FsgEndoError(f"{where}: config key '{key}' must not be an empty list")
-    if key in LIST_LENGTHS and len(items) != LIST_LENGTHS[key]:
-        raise FsgEndoError(f"{where}: config key '{key}' must have {LIST_LENGTHS[key]} values, got {len(items)}")
-    for item in items:
-        if key in CHOICES and item not in CHOICES[key]:
-            raise FsgEndoError(f"{where}: config key '{key}' must be one of {', '.join(CHOICES[key])}; got {item!r}")
-        if key in RANGES and not RANGES[key][0](item):
-            raise FsgEndoError(f"{where}: config key '{key}' must be {RANGES[key][1]}, got {item!r}")
-    return value
-
-
-def _unknown_key(key: str, where: str) -> FsgEndoError:
-    """The error for an unknown dotted key, with the closest known key as a suggestion."""
-    known = list(_LEAF_DEFAULTS) + sorted(_SECTIONS)
-    match = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    if not match:  # a misplaced or misspelt leaf name, e.g. 'lr' or 'optim.learning_rat'
-        by_leaf = {k.rsplit(".", 1)[-1]: k for k in _LEAF_DEFAULTS}
-        match = [by_leaf[m] for m in difflib.get_close_matches(key.rsplit(".", 1)[-1], by_leaf, n=1, cutoff=0.7)]
-    hint = f" (did you mean '{match[0]}'?)" if match else ""
-    return FsgEndoError(f"{where}: unknown config key '{key}'{hint}")
-
-
-def _assignments(partial: Any, where: str, prefix: str = "", keep_derived: bool = False) -> list[tuple[str, Any]]:
-    """Validated (dotted key, value) pairs of a partial config (``keep_derived``: skip derived keys)."""
-    if partial is None:
-        return []
-    if not isinstance(partial, dict):
-        section = prefix.rstrip(".") or "the config"
-        raise FsgEndoError(f"{where}: '{section}' must be a mapping of keys, got {type(partial).__name__}")
-    pairs = []
-    for key, value in partial.items():
-        dotted = f"{prefix}{key}"
-        if dotted in DERIVED and not keep_derived:
-            raise FsgEndoError(f"{where}: '{dotted}' cannot be set: it derives from 'regularizer' "
-                               f"({DERIVED[dotted]}); set regularizer to one of {', '.join(REGULARIZERS)}")
-        if dotted in _SECTIONS or dotted in _DERIVED_SECTIONS:
-            pairs.extend(_assignments(value, where, f"{dotted}.", keep_derived))
-        elif dotted in _LEAF_DEFAULTS:
-            pairs.append((dotted, _check_leaf(dotted, value, where)))
-        elif dotted not in DERIVED:
-            raise _unknown_key(dotted, where)
-    return pairs
-
-
-def _apply(cfg: dict[str, Any], pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """Write validated assignments into a full config."""
-    for key, value in pairs:
-        section, _, leaf = key.rpartition(".")
-        (cfg[section] if section else cfg)[leaf] = copy.deepcopy(value)
-    return cfg
 
 
 def _display(path: Path) -> str:
@@ -210,121 +194,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"key=value"`` as (key, value), the value read as YAML (``1e-4`` is a float, ``null`` is None).
-
-    For a string key, a value that reads as a number or bool stays its text.
-    """
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise FsgEndoError(f"--set {text!r}: expected KEY=VALUE, e.g. --set optim.epochs=3")
-    try:
-        value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw  # not YAML: keep the text, validation decides whether a string fits
-    is_text_key = key in _LEAF_DEFAULTS and _expected_type(key) is str
-    if is_text_key and value is not None and not isinstance(value, (str, list, dict)):
-        value = raw.strip()  # e.g. --set data.root=2024 names a folder, not a number
-    return key, value
-
-
 def _nest(key: str, value: Any) -> dict[str, Any]:
     """``("a.b", v)`` as ``{"a": {"b": v}}``."""
     for part in reversed(key.split(".")):
         value = {part: value}
     return value
-
-
-def _derive(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Add the keys that follow from ``regularizer``: ``fsg.enabled`` and ``gr.enabled``."""
-    cfg["fsg"] = {"enabled": cfg["regularizer"] in ("fsg", "fsg_gr")}
-    cfg["gr"]["enabled"] = cfg["regularizer"] == "fsg_gr"
-    return cfg
-
-
-def validate_config(cfg: Mapping[str, Any], where: str = "config") -> None:
-    """Checks across keys (folds, patch grid, heads): run after changing several keys of a config."""
-    data, model, optim = cfg["data"], cfg["model"], cfg["optim"]
-    folds = data["folds"]
-    for key in ("test_fold", "val_fold"):
-        if not 0 <= data[key] < folds:
-            raise FsgEndoError(f"{where}: 'data.{key}' = {data[key]} is not a fold of data.folds = {folds}")
-    if data["test_fold"] == data["val_fold"]:
-        raise FsgEndoError(f"{where}: 'data.test_fold' and 'data.val_fold' are both {data['val_fold']}")
-    bad = [f for f in cfg["sweep"]["folds"] if f >= folds]
-    if bad:
-        raise FsgEndoError(f"{where}: 'sweep.folds' {bad} are not folds of data.folds = {folds}")
-    if data["image_size"] % model["patch_size"]:
-        raise FsgEndoError(f"{where}: 'data.image_size' = {data['image_size']} is not a multiple of "
-                           f"'model.patch_size' = {model['patch_size']}")
-    if model["hidden_dim"] is not None and model["heads"] is not None and model["hidden_dim"] % model["heads"]:
-        raise FsgEndoError(f"{where}: 'model.hidden_dim' = {model['hidden_dim']} is not divisible by "
-                           f"'model.heads' = {model['heads']}")
-    if optim["warmup_epochs"] > optim["epochs"]:
-        raise FsgEndoError(f"{where}: 'optim.warmup_epochs' = {optim['warmup_epochs']} exceeds "
-                           f"'optim.epochs' = {optim['epochs']}")
-
-
-def _resolve(layers: Sequence[list[tuple[str, Any]]], where: str) -> dict[str, Any]:
-    """DEFAULTS with the validated layers applied in order, checked across keys, with derived keys."""
-    cfg = copy.deepcopy(DEFAULTS)
-    for layer in layers:
-        _apply(cfg, layer)
-    validate_config(cfg, where)
-    return _derive(cfg)
-
-
-def _profile_layers(profiles: Any, where: str) -> dict[str, list[list[tuple[str, Any]]]]:
-    """Each profile's layers: the built-in one of that name, then the YAML's (validated, even unused)."""
-    if not isinstance(profiles, dict):
-        raise FsgEndoError(f"{where}: 'profiles' must map profile names to partial configs")
-    layers = {name: [_assignments(part, f"built-in profile '{name}'")] for name, part in PROFILES.items()}
-    for name, part in profiles.items():
-        layers.setdefault(str(name), []).append(_assignments(part, f"{where} (profile '{name}')"))
-    return layers
-
-
-def load_config(
-    exp: str, overrides: Sequence[str] = (), profile: str | None = None, smoke: bool = False
-) -> dict[str, Any]:
-    """The resolved config of an experiment (a name in :func:`config_dir` or a YAML path).
-
-    Merge order: DEFAULTS <- YAML <- profile (built-in, then the YAML's) <- SMOKE (if ``smoke``)
-    <- ``overrides`` (``key=value``). ``name`` defaults to the file's stem; the result also has the
-    derived ``fsg.enabled`` and ``gr.enabled``.
-    """
-    path = _find_config(exp)
-    where = _display(path)
-    data = _read_yaml(path)
-    profiles = _profile_layers(data.pop("profiles", None) or {}, where)
-    layers = [_assignments({"name": path.stem}, where), _assignments(data, where)]
-    if profile is not None:
-        if profile not in profiles:
-            raise FsgEndoError(f"{where}: unknown profile '{profile}'; available: {', '.join(profiles)}")
-        layers.extend(profiles[profile])
-    if smoke:
-        layers.append(_assignments(_nest_all(SMOKE), "SMOKE"))
-    layers.extend(_assignments(_nest(*parse_override(text)), f"--set {text}") for text in overrides)
-    return _resolve(layers, f"{where} with --set overrides" if overrides else where)
-
-
-def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """A resolved config written by :func:`dump_config` (e.g. to resume a run), validated again.
-
-    Derived keys in the file are ignored and derived anew; profiles are not applied.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FsgEndoError(f"{path}: no such config file")
-    data = _read_yaml(path)
-    data.pop("profiles", None)
-    return _resolve([_assignments(data, _display(path), keep_derived=True)], _display(path))
-
-
-def resolve_derived(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """A new config from a (possibly edited) resolved config: every key checked again, derived keys recomputed."""
-    return _resolve([_assignments(dict(cfg), "config", keep_derived=True)], "config")
 
 
 def _nest_all(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -339,16 +213,142 @@ def _nest_all(flat: Mapping[str, Any]) -> dict[str, Any]:
     return tree
 
 
+def _leaves(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a nested dict, in order."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _is_text(key: str) -> bool:
+    return key in FIELDS and _describe(FIELDS[key].annotation) in ("str", "str or null")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"key=value"`` as (key, value), the value read as YAML (``1e-4`` is a float, ``null`` is None).
+
+    For a string key, a value that reads as a number or bool stays its text.
+    """
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise FsgEndoError(f"--set {text!r}: expected KEY=VALUE, e.g. --set optim.epochs=3")
+    try:
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # not YAML: keep the text, validation decides whether a string fits
+    if _is_text(key) and value is not None and not isinstance(value, (str, list, dict)):
+        value = raw.strip()  # e.g. --set data.root=2024 names a folder, not a number
+    return key, value
+
+
+def _merge(base: Mapping[str, Any], partial: Mapping[str, Any]) -> dict[str, Any]:
+    """``partial`` written over ``base``: sections merge key by key, other values replace."""
+    out = copy.deepcopy(dict(base))
+    for key, value in partial.items():
+        out[key] = (_merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict)
+                    else copy.deepcopy(value))
+    return out
+
+
+def _refuse_derived(partial: Any, where: str, prefix: str = "") -> None:
+    """Setting ``fsg.enabled`` or ``gr.enabled`` is an error that says they follow from ``regularizer``."""
+    for key, value in partial.items() if isinstance(partial, Mapping) else ():
+        dotted = f"{prefix}{key}"
+        if dotted in DERIVED:
+            raise FsgEndoError(f"{where}: '{dotted}' cannot be set: it derives from 'regularizer' "
+                               f"({DERIVED[dotted]}); set regularizer to one of {', '.join(REGULARIZERS)}")
+        _refuse_derived(value, where, f"{dotted}.")
+
+
+def _validated(tree: Mapping[str, Any], where: str, partial: bool = False) -> dict[str, Any]:
+    """``tree`` checked against :class:`Config` (``partial``: without the checks across keys), as a dict."""
+    try:
+        return Config.model_validate(tree, context={"partial": partial}).model_dump()
+    except ValidationError as err:
+        raise _one_line(err, where) from None
+
+
+Layer = tuple[Any, str]  # a partial config and where it comes from (for messages)
+
+
+def _apply(cfg: Mapping[str, Any], layers: Sequence[Layer]) -> dict[str, Any]:
+    """``cfg`` with each layer written over it in order; each layer is checked as it is applied, so an
+    error names the layer that caused it."""
+    for partial, where in layers:
+        if not isinstance(partial, Mapping):
+            raise FsgEndoError(f"{where}: a config must be a mapping of keys, got {type(partial).__name__}")
+        _refuse_derived(partial, where)
+        cfg = _validated(_merge(cfg, partial), where, partial=True)
+    return dict(cfg)
+
+
+def _resolve(layers: Sequence[Layer], where: str) -> dict[str, Any]:
+    """The defaults with ``layers`` applied, then checked across keys."""
+    return _validated(_apply(Config().model_dump(), layers), where)
+
+
+def _profiles(profiles: Any, where: str) -> dict[str, list[Layer]]:
+    """Each profile's layers: the built-in one of that name, then the YAML's (checked even when unused)."""
+    if not isinstance(profiles, dict):
+        raise FsgEndoError(f"{where}: 'profiles' must map profile names to partial configs")
+    layers = {name: [(part, f"built-in profile '{name}'")] for name, part in PROFILES.items()}
+    for name, part in profiles.items():
+        layer = (part, f"{where} (profile '{name}')")
+        _apply(Config().model_dump(), [layer])
+        layers.setdefault(str(name), []).append(layer)
+    return layers
+
+
+def load_config(
+    exp: str, overrides: Sequence[str] = (), profile: str | None = None, smoke: bool = False
+) -> dict[str, Any]:
+    """The resolved config of an experiment (a name in :func:`config_dir` or a YAML path).
+
+    Merge order: defaults <- YAML <- profile (built-in, then the YAML's) <- SMOKE (if ``smoke``)
+    <- ``overrides`` (``key=value``). ``name`` defaults to the file's stem.
+    """
+    path = _find_config(exp)
+    where = _display(path)
+    data = _read_yaml(path)
+    profiles = _profiles(data.pop("profiles", None) or {}, where)
+    layers: list[Layer] = [({"name": path.stem}, where), (data, where)]
+    if profile is not None:
+        if profile not in profiles:
+            raise FsgEndoError(f"{where}: unknown profile '{profile}'; available: {', '.join(profiles)}")
+        layers.extend(profiles[profile])
+    if smoke:
+        layers.append((_nest_all(SMOKE), "SMOKE"))
+    layers.extend((_nest(*parse_override(text)), f"--set {text}") for text in overrides)
+    return _resolve(layers, f"{where} with --set overrides" if overrides else where)
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A resolved config written by :func:`dump_config` (e.g. to resume a run), validated again."""
+    path = Path(path)
+    if not path.is_file():
+        raise FsgEndoError(f"{path}: no such config file")
+    data = _read_yaml(path)
+    data.pop("profiles", None)
+    return _resolve([(data, _display(path))], _display(path))
+
+
+def revalidate(cfg: Mapping[str, Any], where: str = "config") -> dict[str, Any]:
+    """A (possibly edited) resolved config checked again, every key and across keys."""
+    return _resolve([(dict(cfg), where)], where)
+
+
 def set_in(cfg: Mapping[str, Any], dotted_key: str, value: Any) -> dict[str, Any]:
     """A copy of a resolved config with one key changed (validated like ``--set``); ``cfg`` is untouched.
 
-    A string value for a non-string key is read as YAML. Derived keys are updated; run
-    :func:`validate_config` (or use :func:`resolve_derived`) after changing keys that depend on each other.
+    A string value for a non-string key is read as YAML. Run :func:`revalidate` after changing keys that
+    depend on each other.
     """
-    where = f"set_in {dotted_key}"
-    if isinstance(value, str) and dotted_key in _LEAF_DEFAULTS and _expected_type(dotted_key) is not str:
+    if isinstance(value, str) and not _is_text(dotted_key):
         value = parse_override(f"{dotted_key}={value}")[1]
-    return _derive(_apply(copy.deepcopy(dict(cfg)), _assignments(_nest(dotted_key, value), where)))
+    return _apply(cfg, [(_nest(dotted_key, value), f"set_in {dotted_key}")])
 
 
 def flatten_config(cfg: Mapping[str, Any]) -> dict[str, str | int | float | bool]:
@@ -362,16 +362,9 @@ def flatten_config(cfg: Mapping[str, Any]) -> dict[str, str | int | float | bool
 
 
 def dump_config(cfg: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write a resolved config as YAML, atomically; :func:`load_config` reads it back to the same config.
-
-    The derived keys are left out (they follow from ``regularizer`` and cannot be set).
-    """
-    plain = copy.deepcopy(dict(cfg))
-    plain.pop("fsg", None)
-    plain.get("gr", {}).pop("enabled", None)
+    """Write a resolved config as YAML, atomically; :func:`load_config` reads it back to the same config."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        text = yaml.safe_dump(plain, sort_keys=False, default_flow_style=False)
-        tmp.write_text(f"# resolved fsg_endo config; fsg.enabled and gr.enabled derive from regularizer\n{text}",
-                       encoding="utf-8")
+        text = yaml.safe_dump(dict(cfg), sort_keys=False, default_flow_style=False)
+        tmp.write_text(f"# resolved fsg_endo config\n{text}", encoding="utf-8")
     return path

@@ -9,6 +9,7 @@ from typing import Any
 
 from fsg_endo.engine.distributed import SINGLE, DistContext
 from fsg_endo.engine.interrupt import StopSignals
+from fsg_endo.engine.recipe import uses_gates, uses_routing
 from fsg_endo.experiment.config import dump_config, flatten_config
 from fsg_endo.tracking.tracker import NullTracker, Tracker, TrackingError, git_commit
 
@@ -23,10 +24,16 @@ def run_dir_for(cfg: Mapping[str, Any], run_id: str) -> Path:
     return Path(cfg["checkpoint"]["dir"] or "runs") / run_id
 
 
+def run_params(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The MLflow params of a run: the flattened config plus the facts that follow from ``regularizer``."""
+    reg = cfg["regularizer"]
+    return flatten_config(cfg) | {"fsg.enabled": uses_gates(reg), "gr.enabled": uses_routing(reg)}
+
+
 def start_run(cfg: Mapping[str, Any], uri: str, parent_run_id: str | None = None,
               extra_tags: Mapping[str, str] = ()) -> Tracker:
     tags = {"regularizer": cfg["regularizer"], "task": cfg["task"], "git_commit": git_commit(), **dict(extra_tags)}
-    return Tracker.start(uri, cfg["name"], run_name=run_name(cfg), tags=tags, params=flatten_config(cfg),
+    return Tracker.start(uri, cfg["name"], run_name=run_name(cfg), tags=tags, params=run_params(cfg),
                          parent_run_id=parent_run_id)
 
 

@@ -1,93 +1,176 @@
-"""The config schema: :data:`DEFAULTS` (every key, its type and default), built-in profiles and checks.
+"""The config schema, declared once as typed pydantic models: every key, its type, default and constraint.
 
 :mod:`fsg_endo.experiment.config` validates every experiment YAML, profile and ``--set`` override against
-these tables, so a new config key is added here (and only here) with its default.
+:class:`Config`, so a new config key is one typed field here. The built-in ``--smoke`` overrides and
+profiles are partial configs, validated like a YAML.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any, Literal
 
-DEFAULTS: dict[str, Any] = {
-    "name": "polyp_size_fsg",
-    "task": "size_regression",
-    "regularizer": "fsg_gr",
-    "seed": 0,  # fixes data generation (synthetic), low-data split, init, sampling, augmentation
-    "device": "auto",
-    "data": {
-        "source": "synthetic",
-        "root": None,  # dataset root (synthetic: default cache folder .cache/synthetic_s{seed}_v{videos})
-        "manifest": None,  # manifest CSV (default: built from root and cached beside it)
-        "sizes": None,  # SUN only: CSV with case,size_mm
-        "videos": None,  # synthetic: number of videos (None = the generator's default)
-        "synthetic_seed": None,  # synthetic: generator seed (None = seed)
-        "folds": 5,
-        "test_fold": 0,
-        "val_fold": 1,
-        "train_fraction": 1.0,
-        "image_size": 64,
-        "context": 0.5,  # crop margin around the box, as a share of the box side on each side
-        "fov_mask": True,
-        "frames_per_lesion": 20,  # frames drawn per lesion per training epoch (paper: 40, the paper profile)
-        "eval_frames_per_lesion": None,  # cap on frames per lesion at evaluation (None = all)
-        "class_balanced": False,
-        "cache": "memory",
-        "source_media": "frames",
-        "workers": 0,
-        "augment": True,
-    },
-    "model": {
-        "preset": "micro",
-        "patch_size": 8,
-        "hidden_dim": None,  # None = the preset's
-        "depth": None,
-        "heads": None,
-        "mlp_dim": None,
-        "box_features": True,  # log box width/height joined to the class token before the head
-        "weights": None,  # local weight file (torchvision or timm ViT)
-        "dropout": 0.1,  # used by regularizer=dropout only
-        "attention_dropout": 0.1,  # used by regularizer=dropout only
-        "stochastic_depth": 0.1,  # used by regularizer=dropout only
-    },
-    "optim": {
-        "epochs": 15,
-        "batch_size": 32,
-        "lr": 5.0e-4,
-        "weight_decay": 1.0e-5,
-        "clip": 10.0,
-        "warmup_epochs": 1,
-        "amp": True,  # bf16 autocast on CUDA only
-        "max_skipped_steps": 10,  # non-finite (NaN/Inf) steps skipped before the run stops as FAILED
-    },
-    "gr": {"gate_lr": 1.0e-3, "gate_clip": 32.0, "accumulate_gate_pass_grads": False},
-    "loss": {"main_weights": [1.0, 3.0, 5.0], "gate_weights": [1.0, 5.0, 10.0]},  # size <=5, 5-10, >=10 mm
-    "eval": {
-        "every": 1,  # evaluate every N epochs
-        "metric": "auto",  # auto = the task's main metric on val
-    },
-    "gates": {
-        "sparsity_threshold": 0.1,
-        "log_every": 20,  # steps between gate-statistics logs
-    },
-    "tracking": {
-        "uri": None,  # MLFLOW_TRACKING_URI > --tracking-uri > this > sqlite:///mlflow.db
-        "log_every": 10,  # steps between train-metric logs
-        "log_model": True,
-        "plots": True,
-    },
-    "checkpoint": {
-        "dir": None,  # None = runs/<run_id>/ in the working directory
-        "every": 1,  # epochs between checkpoints
-    },
-    "sweep": {  # regularization_sweep only (ignored for single runs)
-        "enabled": False,  # run one child per (regularizer, train fraction, fold, seed) instead of one run
-        "regularizers": ["none", "dropout", "fsg", "fsg_gr"],
-        "train_fractions": [0.1, 0.25, 0.5, 1.0],
-        "folds": [0],
-        "seeds": [0],
-    },
-}
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+
+Regularizer = Literal["none", "dropout", "fsg", "fsg_gr"]
+REGULARIZERS: tuple[str, ...] = Regularizer.__args__
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
+Rate = Annotated[float, Field(ge=0, lt=1)]
+Count = Annotated[int, Field(ge=1)]
+NonEmpty = Field(min_length=1)
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, and values keep their YAML type (no '3' for 3)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+class Data(Section):
+    source: Literal["synthetic", "realcolon", "sun", "cifar100"] = "synthetic"  # cifar100: demos only
+    root: str | None = None  # dataset root (synthetic: default cache folder .cache/synthetic_s{seed}_v{videos})
+    manifest: str | None = None  # manifest CSV (default: built from root and cached beside it)
+    sizes: str | None = None  # SUN only: CSV with case,size_mm
+    videos: Count | None = None  # synthetic: number of videos (None = the generator's default)
+    synthetic_seed: NonNegativeInt | None = None  # synthetic: generator seed (None = seed)
+    folds: Annotated[int, Field(ge=2)] = 5
+    test_fold: int = 0
+    val_fold: int = 1
+    train_fraction: Fraction = 1.0
+    image_size: Count = 64
+    context: Annotated[float, Field(ge=0)] = 0.5  # crop margin around the box, share of the box side per side
+    fov_mask: bool = True
+    frames_per_lesion: Count = 20  # frames drawn per lesion per training epoch (paper: 40, the paper profile)
+    eval_frames_per_lesion: Count | None = None  # cap on frames per lesion at evaluation (None = all)
+    class_balanced: bool = False
+    cache: Literal["none", "memory", "disk"] = "memory"
+    source_media: Literal["frames", "video"] = "frames"
+    workers: NonNegativeInt = 0
+    augment: bool = True
+
+
+class Model(Section):
+    preset: Literal["micro", "ti", "s", "b"] = "micro"
+    patch_size: Count = 8
+    hidden_dim: Count | None = None  # None = the preset's
+    depth: Count | None = None
+    heads: Count | None = None
+    mlp_dim: Count | None = None
+    box_features: bool = True  # log box width/height joined to the class token before the head
+    weights: str | None = None  # local weight file (torchvision or timm ViT)
+    dropout: Rate = 0.1  # used by regularizer=dropout only
+    attention_dropout: Rate = 0.1  # used by regularizer=dropout only
+    stochastic_depth: Rate = 0.1  # used by regularizer=dropout only
+
+
+class Optim(Section):
+    epochs: Count = 15
+    batch_size: Count = 32
+    lr: PositiveFloat = 5.0e-4
+    weight_decay: Annotated[float, Field(ge=0)] = 1.0e-5
+    clip: PositiveFloat = 10.0
+    warmup_epochs: NonNegativeInt = 1
+    amp: bool = True  # bf16 autocast on CUDA only
+    max_skipped_steps: NonNegativeInt = 10  # non-finite (NaN/Inf) steps skipped before the run stops as FAILED
+
+
+class GradientRouting(Section):
+    gate_lr: PositiveFloat = 1.0e-3
+    gate_clip: PositiveFloat = 32.0
+    accumulate_gate_pass_grads: bool = False
+
+
+ClassWeights = Annotated[list[PositiveFloat], Field(min_length=3, max_length=3)]  # size <=5, 5-10, >=10 mm
+
+
+class Loss(Section):
+    main_weights: ClassWeights = [1.0, 3.0, 5.0]
+    gate_weights: ClassWeights = [1.0, 5.0, 10.0]
+
+
+class Eval(Section):
+    every: Count = 1  # evaluate every N epochs
+    metric: str = "auto"  # auto = the task's main metric on val
+
+
+class Gates(Section):
+    sparsity_threshold: Annotated[float, Field(ge=0, le=1)] = 0.1
+    log_every: Count = 20  # steps between gate-statistics logs
+
+
+class Tracking(Section):
+    uri: str | None = None  # MLFLOW_TRACKING_URI > --tracking-uri > this > sqlite:///mlflow.db
+    log_every: Count = 10  # steps between train-metric logs
+    log_model: bool = True
+    plots: bool = True
+
+
+class Checkpoint(Section):
+    dir: str | None = None  # None = runs/<run_id>/ in the working directory
+    every: Count = 1  # epochs between checkpoints
+
+
+class Sweep(Section):
+    """regularization_sweep only (ignored for single runs)."""
+
+    enabled: bool = False  # run one child per (regularizer, train fraction, fold, seed) instead of one run
+    regularizers: Annotated[list[Regularizer], NonEmpty] = ["none", "dropout", "fsg", "fsg_gr"]
+    train_fractions: Annotated[list[Fraction], NonEmpty] = [0.1, 0.25, 0.5, 1.0]
+    folds: Annotated[list[NonNegativeInt], NonEmpty] = [0]
+    seeds: Annotated[list[NonNegativeInt], NonEmpty] = [0]
+
+
+class Config(Section):
+    """A whole experiment config. ``fsg.enabled`` / ``gr.enabled`` are not keys: they follow from
+    ``regularizer`` (see :func:`fsg_endo.engine.recipe.uses_gates`) and are logged as params."""
+
+    name: str = "polyp_size_fsg"
+    task: Literal["size_regression", "size_class3", "size_class2", "image_class"] = "size_regression"
+    regularizer: Regularizer = "fsg_gr"
+    seed: NonNegativeInt = 0  # fixes data generation (synthetic), low-data split, init, sampling, augmentation
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: Data = Data()
+    model: Model = Model()
+    optim: Optim = Optim()
+    gr: GradientRouting = GradientRouting()
+    loss: Loss = Loss()
+    eval: Eval = Eval()
+    gates: Gates = Gates()
+    tracking: Tracking = Tracking()
+    checkpoint: Checkpoint = Checkpoint()
+    sweep: Sweep = Sweep()
+
+    @model_validator(mode="after")
+    def _consistent(self, info: ValidationInfo) -> Config:
+        """Checks across keys; skipped while a config is assembled layer by layer (context partial)."""
+        if (info.context or {}).get("partial"):
+            return self
+        data, model, optim = self.data, self.model, self.optim
+        for key in ("test_fold", "val_fold"):
+            if not 0 <= getattr(data, key) < data.folds:
+                raise ValueError(f"'data.{key}' = {getattr(data, key)} is not a fold of data.folds = {data.folds}")
+        if data.test_fold == data.val_fold:
+            raise ValueError(f"'data.test_fold' and 'data.val_fold' are both {data.val_fold}")
+        bad = [f for f in self.sweep.folds if f >= data.folds]
+        if bad:
+            raise ValueError(f"'sweep.folds' {bad} are not folds of data.folds = {data.folds}")
+        if data.image_size % model.patch_size:
+            raise ValueError(f"'data.image_size' = {data.image_size} is not a multiple of "
+                             f"'model.patch_size' = {model.patch_size}")
+        if model.hidden_dim is not None and model.heads is not None and model.hidden_dim % model.heads:
+            raise ValueError(f"'model.hidden_dim' = {model.hidden_dim} is not divisible by "
+                             f"'model.heads' = {model.heads}")
+        if optim.warmup_epochs > optim.epochs:
+            raise ValueError(f"'optim.warmup_epochs' = {optim.warmup_epochs} exceeds 'optim.epochs' = {optim.epochs}")
+        return self
+
+
+DEFAULTS: dict[str, Any] = Config().model_dump()
+
+# keys that follow from another key: asked for by users, so setting one says where it comes from
+DERIVED = {"fsg.enabled": "regularizer in {fsg, fsg_gr}", "gr.enabled": "regularizer == fsg_gr"}
 
 # built-in --smoke overrides: a few steps on tiny data
 SMOKE: dict[str, Any] = {
@@ -122,48 +205,3 @@ PROFILES: dict[str, dict[str, Any]] = {
         "loss": {"main_weights": [1.0, 3.0, 5.0], "gate_weights": [1.0, 5.0, 10.0]},
     },
 }
-
-REGULARIZERS = ("none", "dropout", "fsg", "fsg_gr")
-CHOICES: dict[str, tuple[str, ...]] = {
-    "task": ("size_regression", "size_class3", "size_class2", "image_class"),  # image_class: demos only
-    "regularizer": REGULARIZERS,
-    "device": ("auto", "cpu", "cuda"),
-    "data.source": ("synthetic", "realcolon", "sun", "cifar100"),  # cifar100: demos only
-    "data.cache": ("none", "memory", "disk"),
-    "data.source_media": ("frames", "video"),
-    "model.preset": ("micro", "ti", "s", "b"),
-    "sweep.regularizers": REGULARIZERS,
-}
-# types of the keys whose default is None (None stays allowed for them)
-NULLABLE: dict[str, type] = {
-    "data.root": str, "data.manifest": str, "data.sizes": str, "data.videos": int,
-    "data.synthetic_seed": int, "data.eval_frames_per_lesion": int, "model.hidden_dim": int,
-    "model.depth": int, "model.heads": int, "model.mlp_dim": int, "model.weights": str,
-    "tracking.uri": str, "checkpoint.dir": str,
-}
-DERIVED = {"fsg.enabled": "regularizer in {fsg, fsg_gr}", "gr.enabled": "regularizer == fsg_gr"}
-
-_POSITIVE = (lambda v: v > 0, "> 0")
-_AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
-_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
-_FRACTION = (lambda v: 0 < v <= 1, "in (0, 1]")
-# per-value range checks (applied to each element of a list)
-RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "seed": _NON_NEGATIVE, "data.videos": _AT_LEAST_1, "data.synthetic_seed": _NON_NEGATIVE,
-    "data.folds": (lambda v: v >= 2, ">= 2"), "data.train_fraction": _FRACTION,
-    "data.image_size": _AT_LEAST_1, "data.context": _NON_NEGATIVE, "data.frames_per_lesion": _AT_LEAST_1,
-    "data.eval_frames_per_lesion": _AT_LEAST_1, "data.workers": _NON_NEGATIVE,
-    "model.patch_size": _AT_LEAST_1, "model.hidden_dim": _AT_LEAST_1, "model.depth": _AT_LEAST_1,
-    "model.heads": _AT_LEAST_1, "model.mlp_dim": _AT_LEAST_1, "model.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "model.attention_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "model.stochastic_depth": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "optim.epochs": _AT_LEAST_1, "optim.batch_size": _AT_LEAST_1, "optim.lr": _POSITIVE,
-    "optim.weight_decay": _NON_NEGATIVE, "optim.clip": _POSITIVE, "optim.warmup_epochs": _NON_NEGATIVE,
-    "optim.max_skipped_steps": _NON_NEGATIVE,
-    "gr.gate_lr": _POSITIVE, "gr.gate_clip": _POSITIVE, "loss.main_weights": _POSITIVE,
-    "loss.gate_weights": _POSITIVE, "eval.every": _AT_LEAST_1,
-    "gates.sparsity_threshold": (lambda v: 0 <= v <= 1, "in [0, 1]"), "gates.log_every": _AT_LEAST_1,
-    "tracking.log_every": _AT_LEAST_1, "checkpoint.every": _AT_LEAST_1,
-    "sweep.train_fractions": _FRACTION, "sweep.seeds": _NON_NEGATIVE, "sweep.folds": _NON_NEGATIVE,
-}
-LIST_LENGTHS = {"loss.main_weights": 3, "loss.gate_weights": 3}

@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 
 from fsg_endo.tracking import plots
-from fsg_endo.experiment.config import resolve_derived
+from fsg_endo.experiment.config import revalidate
 from fsg_endo.engine.distributed import SINGLE, DistContext
 from fsg_endo.experiment.runs import end_run, execute, open_run, record_config, run_dir_for, run_name, start_run
 from fsg_endo.engine.interrupt import StopSignals
@@ -30,7 +30,7 @@ def child_configs(cfg: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
         child["sweep"]["enabled"] = False
         child["regularizer"], child["seed"] = reg, seed
         child["data"].update(train_fraction=frac, test_fold=fold, val_fold=(fold + 1) % folds)
-        yield resolve_derived(child)
+        yield revalidate(child)
 
 
 def existing_children(parent: Tracker) -> dict[str, dict[str, Any]]:
