@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mlflow
@@ -58,3 +59,28 @@ def reference_run(work: Path, cache: Path) -> dict:
     history = histories(client, run)
     return {"dir": work, "uri": uri, "run_id": run.info.run_id, "history": history,
             "steps_per_epoch": history["epoch"][0][0]}
+
+
+def interrupt_at(monkeypatch, signum: int, step: int, run: int = 1) -> None:
+    """Send ``signum`` to this process during optimiser step ``step`` of the ``run``-th training run."""
+    import fsg_endo.engine.train as train
+
+    build, builds = train.build_recipe, [0]
+
+    def build_interrupting(*args, **kwargs):
+        recipe = build(*args, **kwargs)
+        builds[0] += 1
+        if builds[0] != run:
+            return recipe
+        inner, steps = recipe.step, [0]
+
+        def interrupting_step(*a, **k):
+            steps[0] += 1
+            if steps[0] == step:
+                os.kill(os.getpid(), signum)
+            return inner(*a, **k)
+
+        recipe.step = interrupting_step
+        return recipe
+
+    monkeypatch.setattr(train, "build_recipe", build_interrupting)

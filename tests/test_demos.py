@@ -1,12 +1,12 @@
-"""Demos (MNIST / digits fallback, Imagenette, CIFAR-100): readers on hand-written files, weights, round trips."""
+"""Demos (MNIST / digits fallback, Imagenette, CIFAR-100): readers on hand-written files, weights, round trips
+through the experiment runner (train) and the run folder (infer)."""
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits as sk_digits
+from fixtures_images import COLOURS, write_cifar100, write_image_folder, write_mnist
 from torchvision.models.vision_transformer import VisionTransformer
 
 from fsg_endo.data.image_folders import (
@@ -24,68 +25,14 @@ from fsg_endo.data.image_folders import (
     load_mnist,
     stratified_subset,
 )
-from fsg_endo.experiment.demo import DEMOS, _optimizers, augment, build_demo_model, load_demo, with_weights_architecture
-from fsg_endo.experiment.demo_cli import inference_main, training_main
+from fsg_endo.data.transforms import ShiftFlipd
 from fsg_endo.errors import FsgEndoError
+from fsg_endo.experiment.config import dump_config, load_config
+from fsg_endo.experiment.demos import FINETUNE_LR, find_model, inference_main, load_trained, training_main
+from fsg_endo.nn.models import vit_shape
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DIR = REPO / "experiments" / "demos"
-COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]  # RGB of the tiny ImageFolder classes
-
-
-# -- datasets written by hand -------------------------------------------------------------------
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """An MNIST idx file (big-endian header: 0, 0, type 0x08 = uint8, number of dims; then the dims)."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
-def write_mnist(root: Path, n_train: int = 40, n_test: int = 20, seed: int = 0) -> dict[str, np.ndarray]:
-    """torchvision's raw MNIST layout with random 28x28 images; returns what was written."""
-    rng = np.random.default_rng(seed)
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    out = {}
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        labels = np.arange(n) % 10
-        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
-        out[f"{prefix}_images"], out[f"{prefix}_labels"] = images, labels
-    return out
-
-
-def write_image_folder(root: Path, per_class: tuple[int, int] = (8, 4), size: int = 40) -> list[str]:
-    """train/ and val/ with one folder per class (Imagenette ids), solid-colour PNGs; returns the class ids."""
-    wnids = sorted(IMAGENETTE_NAMES)[:3]
-    rng = np.random.default_rng(0)
-    for split, n in zip(("train", "val"), per_class):
-        for wnid, rgb in zip(wnids, COLOURS):
-            folder = root / split / wnid
-            folder.mkdir(parents=True)
-            for i in range(n):
-                height = size + int(rng.integers(0, 20))  # non-square, as in imagenette2-160
-                image = np.zeros((height, size, 3), np.uint8) + np.array(rgb[::-1], np.uint8)  # BGR for OpenCV
-                cv2.imwrite(str(folder / f"{wnid}_{i}.png"), image)
-    return wnids
-
-
-def write_cifar100(root: Path, n_train: int = 60, n_test: int = 30, n_classes: int = 100) -> dict[str, np.ndarray]:
-    """torchvision's cifar-100-python/{train,test,meta} pickles; returns the data written."""
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    out = {}
-    for name, n in (("train", n_train), ("test", n_test)):
-        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        labels = [i % 4 for i in range(n)]  # 4 of the 100 classes appear
-        entry = {"filenames": [f"img_{i}.png" for i in range(n)], "batch_label": name, "fine_labels": labels,
-                 "coarse_labels": [0] * n, "data": data}
-        (folder / name).write_bytes(pickle.dumps(entry))
-        out[f"{name}_data"], out[f"{name}_labels"] = data, np.array(labels)
-    meta = {"fine_label_names": [f"class_{k:03d}" for k in range(n_classes)], "coarse_label_names": ["all"]}
-    (folder / "meta").write_bytes(pickle.dumps(meta))
-    return out
 
 
 # -- readers ------------------------------------------------------------------------------------
@@ -183,15 +130,23 @@ def test_stratified_subset_keeps_class_shares_and_is_seeded():
     assert np.array_equal(stratified_subset(labels, None, 0), np.arange(100))
 
 
-def test_augment_translates_within_shift_and_flips():
-    image = torch.zeros(64, 3, 9, 9)
-    image[:, :, 4, 2] = 1.0  # one bright pixel left of centre
-    out = augment(image, shift=2, flip=True, generator=torch.Generator().manual_seed(0))
-    ys, xs = zip(*[divmod(int(o[0].argmax()), 9) for o in out])
-    assert all(o[0].sum() == 1 for o in out)  # moved, not smeared
+
+
+def test_shift_flip_translates_within_shift_and_mirrors():
+    image = torch.zeros(3, 9, 9)
+    image[:, 4, 2] = 1.0  # one bright pixel left of centre
+    step = ShiftFlipd("image", shift=2, flip=True)
+    places = []
+    for seed in range(64):
+        out = step.set_random_state(seed=seed)({"image": image})["image"]
+        assert out.shape == image.shape and out[0].sum() == 1  # moved, not smeared
+        places.append(divmod(int(out[0].argmax()), 9))
+    ys, xs = zip(*places)
     assert set(ys) <= {2, 3, 4, 5, 6} and len(set(ys)) > 1
-    assert {x for x in xs if x <= 4} <= {0, 1, 2, 3, 4} and any(x >= 4 for x in xs)  # some mirrored to the right
-    assert torch.equal(augment(image, 0, False, torch.Generator()), image)
+    assert set(xs) - {0, 1, 2, 3, 4} and set(xs) & {0, 1, 2, 3, 4}  # some mirrored to the right half
+    assert places == [divmod(int(step.set_random_state(seed=s)({"image": image})["image"][0].argmax()), 9)
+                      for s in range(64)]  # the seed fixes the draw
+    assert torch.equal(ShiftFlipd("image")({"image": image})["image"], image)
 
 
 # -- local weights ------------------------------------------------------------------------------
@@ -219,31 +174,22 @@ def _timm_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("flavour", ["torchvision", "timm"])
-def test_weights_set_the_architecture_and_are_loaded(tmp_path, flavour):
+def test_vit_shape_reads_the_weight_file(tmp_path, flavour):
     vit = _tiny_vit()
     state = vit.state_dict() if flavour == "torchvision" else {"model": _timm_names(vit.state_dict())}
-    path = tmp_path / "vit.pth"
-    torch.save(state, path)
-    cfg = with_weights_architecture(replace(DEMOS["mnist"], weights=str(path)))
-    assert (cfg.hidden_dim, cfg.depth, cfg.mlp_dim, cfg.patch_size, cfg.image_size) == (64, 2, 96, 8, 32)
-    model = build_demo_model(cfg, n_classes=10)
-    own = model.state_dict()
-    assert torch.equal(own["conv_proj.weight"], vit.state_dict()["conv_proj.weight"])
-    assert torch.equal(own["encoder.layers.encoder_layer_1.mlp.3.weight"],
-                       vit.state_dict()["encoder.layers.encoder_layer_1.mlp.3.weight"])
-    assert model.heads.head.out_features == 10  # a new head for the demo's classes
-    main, _, _ = _optimizers(cfg, model, total_steps=10)
-    assert main.param_groups[0]["initial_lr"] == cfg.finetune_lr != cfg.lr  # fine-tuning: the small backbone rate
+    torch.save(state, tmp_path / "vit.pth")
+    assert vit_shape(tmp_path / "vit.pth") == {"hidden_dim": 64, "depth": 2, "heads": 1, "mlp_dim": 96,
+                                               "patch_size": 8}
 
 
 def test_weights_that_are_not_a_vit_are_one_clear_error(tmp_path):
     path = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(2, 3, 3, 3)}, path)
     with pytest.raises(FsgEndoError, match="not a ViT checkpoint"):
-        with_weights_architecture(replace(DEMOS["mnist"], weights=str(path)))
+        vit_shape(path)
 
 
-# -- command lines: train -> checkpoint -> inference ----------------------------------------------
+# -- command lines: train (experiment runner) -> run folder -> inference ---------------------------
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     """One SQLite MLflow store for the round trips of this module (one experiment per demo)."""
@@ -291,42 +237,44 @@ def _round_trip(dataset: str, train_args: list[str], capsys, infer_args: list[st
 def test_mnist_demo_round_trip_with_digits_fallback(workdir, store, capsys):
     trained, inferred = _round_trip("mnist", ["--data-root", "no_mnist_here"], capsys)
     assert "using scikit-learn's bundled 8x8 digits" in trained
-    assert Path("checkpoints/fsg_vit_mnist_demo.pth").is_file()
-    ckpt = torch.load("checkpoints/fsg_vit_mnist_demo.pth", map_location="cpu", weights_only=True)
-    assert ckpt["source"] == "sklearn_digits" and ckpt["class_names"] == [str(d) for d in range(10)]
-
     client, run = _finished_run(store, "demo_mnist")
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
-    assert tags["data.source"] == "sklearn_digits" and tags["data.fallback"] == "sklearn_digits"
-    assert tags["regularizer"] == "fsg_gr" and params["data.source_read"] == "sklearn_digits"
-    assert params["gr.enabled"] == "True" and params["epochs"] == "1"
-    for name in ("train/loss", "train/gate_loss", "train/epoch_loss", "test/accuracy", "test/macro_f1",
-                 "gates/all/mean", "gates/attn/layer_00/sparsity", "gates/mlp/layer_01/mean"):
+    assert tags["data.source_read"] == "sklearn_digits" and tags["data.fallback"] == "sklearn_digits"
+    assert "scikit-learn" in tags["data.note"] and params["data.source"] == "mnist"
+    assert tags["regularizer"] == "fsg_gr" and params["gr.enabled"] == "True" and params["optim.epochs"] == "2"
+    for name in ("train/loss", "train/gate_loss", "train/epoch_loss", "val/accuracy", "test/accuracy",
+                 "test/macro_f1", "test/f1_7", "best_epoch", "gates/all/mean", "gates/attn/layer_00/sparsity",
+                 "gates/mlp/layer_01/mean"):
         assert name in metrics, name
+    assert not [k for k in metrics if k.startswith("lesion/")]  # images have no lesion level
     files = _artifact_paths(client, run.info.run_id)
     assert {"gates/epoch_001.npz", "plots/gates_epoch_001.png", "predictions/test.csv", "plots/confusion_test.png",
-            "plots/learning_curves.png", "checkpoint/fsg_vit_mnist_demo.pth"} <= files
-
-    # inference (gates folded, checkpoint read back) reproduces the accuracy measured in training
+            "plots/learning_curves.png", "config.yaml", "data.json"} <= files
+    (best,) = workdir.glob("runs/*/best.pt")
+    assert Path(tags["checkpoint_dir"]) == best.parent.resolve()
+    # inference (gates folded, best model read back) reproduces the test accuracy of the run
     assert "digits_" in inferred and _printed_accuracy(inferred) == pytest.approx(metrics["test/accuracy"], abs=1e-4)
     assert len([ln for ln in inferred.splitlines() if ln.strip().startswith("digits_")]) == 3
 
 
 def test_mnist_demo_reads_on_disk_mnist(workdir, store, capsys):
-    write_mnist(workdir / "data")
-    trained, inferred = _round_trip("mnist", ["--checkpoint", "m.pth"], capsys, ["--checkpoint", "m.pth"])
-    assert "sklearn" not in trained and "source: mnist" in trained
-    assert "mnist_test_" in inferred
+    written = write_mnist(workdir / "data")
+    trained, inferred = _round_trip("mnist", ["--checkpoint", "ckpts"], capsys, ["--checkpoint", "ckpts"])
+    assert "sklearn" not in trained and "mnist_test_" in inferred
     _, run = _finished_run(store, "demo_mnist")
-    assert run.data.tags["data.source"] == "mnist" and run.data.tags["data.fallback"] == "none"
+    assert run.data.tags["data.source_read"] == "mnist" and run.data.tags["data.fallback"] == "none"
+    run_dir, model_file = find_model("ckpts", "demo_mnist")
+    assert model_file == run_dir / "best.pt" and run_dir.parent.name == "ckpts"
+    shown = [ln.split() for ln in inferred.splitlines() if ln.strip().startswith("mnist_test_")]
+    for image_id, target, *_ in shown:  # the true labels are those written
+        assert int(target) == written["t10k_labels"][int(image_id.rsplit("_", 1)[1])]
 
 
 def test_imagenette_demo_round_trip(workdir, store, capsys):
     write_image_folder(workdir / "imagenette")
-    trained, inferred = _round_trip("imagenette", ["--data-root", "imagenette", "--epochs", "2"], capsys)
-    assert "epoch  2/2" in trained
+    _, inferred = _round_trip("imagenette", ["--data-root", "imagenette", "--epochs", "2"], capsys)
     client, run = _finished_run(store, "demo_imagenette")
-    assert run.data.params["epochs"] == "2" and "test/f1_tench" in run.data.metrics
+    assert run.data.params["optim.epochs"] == "2" and "test/f1_tench" in run.data.metrics
     assert "gates/epoch_002.npz" in _artifact_paths(client, run.info.run_id)
     assert "val/n0" in inferred and _printed_accuracy(inferred) == pytest.approx(run.data.metrics["test/accuracy"],
                                                                                 abs=1e-4)
@@ -334,26 +282,31 @@ def test_imagenette_demo_round_trip(workdir, store, capsys):
 
 def test_cifar100_demo_round_trip_reads_the_yaml(workdir, store, capsys):
     write_cifar100(workdir / "cifar")
-    trained, inferred = _round_trip("cifar100", ["--data-root", "cifar", "--set", "seed=3"], capsys)
+    _, inferred = _round_trip("cifar100", ["--data-root", "cifar", "--set", "seed=3"], capsys)
     client, run = _finished_run(store, "cifar100_fsg")
     params = run.data.params
     assert params["task"] == "image_class" and params["data.source"] == "cifar100" and params["seed"] == "3"
-    assert params["model.patch_size"] == "4" and params["epochs"] == params["optim.epochs"] == "2"  # YAML + smoke
-    assert params["data.root"] == params["data_root"] == "cifar"  # flags become config overrides
-    assert "plots/confusion_test.png" not in _artifact_paths(client, run.info.run_id)  # 100 classes: no plot
+    assert params["model.patch_size"] == "4" and params["optim.epochs"] == "2"  # YAML + smoke
+    assert params["data.root"] == "cifar"  # the flag became a config override
+    assert "plots/confusion_test.png" in _artifact_paths(client, run.info.run_id)  # 100 classes: a picture only
     assert "cifar100_test_" in inferred
     assert _printed_accuracy(inferred) == pytest.approx(run.data.metrics["test/accuracy"], abs=1e-4)
 
 
 def test_demo_fine_tunes_from_local_weights(workdir, store, capsys):
-    torch.save(_tiny_vit().state_dict(), "vit.pth")
-    assert training_main("mnist", ["--smoke", "--weights", "vit.pth", "--checkpoint", "ft.pth"]) == 0
-    assert "32 px" in capsys.readouterr().out  # digits upsampled to a size the 8 px patches tile
-    model, cfg, ckpt = load_demo("ft.pth")
-    assert (cfg.hidden_dim, cfg.depth, cfg.patch_size) == (64, 2, 8) and ckpt["fine_tuned_from"] == "vit.pth"
-    assert isinstance(model, VisionTransformer) and model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    vit = _tiny_vit()
+    torch.save(vit.state_dict(), "vit.pth")
+    assert training_main("mnist", ["--smoke", "--weights", "vit.pth", "--set", "tracking.plots=false"]) == 0
     _, run = _finished_run(store, "demo_mnist")
-    assert run.data.tags["fine_tuned_from"] == "vit.pth"
+    params = run.data.params
+    assert (params["model.weights"], params["model.hidden_dim"], params["model.depth"]) == ("vit.pth", "64", "2")
+    assert float(params["optim.lr"]) == FINETUNE_LR
+    model, cfg, _ = load_trained(*find_model("runs", "demo_mnist"))
+    assert isinstance(model, VisionTransformer) and model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    assert cfg["model"]["weights"] is None  # inference reads the trained weights only
+    trained = torch.load(next(Path("runs").glob("*/best.pt")), weights_only=True)["model"]
+    for key in ("conv_proj.weight", "encoder.layers.encoder_layer_1.mlp.3.weight"):  # a few steps at 5e-5 from them
+        assert torch.allclose(trained[key], vit.state_dict()[key], atol=0.01), key
 
 
 def test_script_reports_missing_data_in_one_line(tmp_path):
@@ -369,28 +322,26 @@ def test_script_reports_missing_data_in_one_line(tmp_path):
 @pytest.mark.parametrize("main, dataset, args, expected", [
     (training_main, "cifar100", ["--data-root", "missing"], "cifar-100-python"),
     (training_main, "imagenette", ["--data-root", "missing", "--smoke"], "imagenette2-160"),
-    (inference_main, "mnist", ["--checkpoint", "missing.pth"], "no demo checkpoint"),
-    (inference_main, "imagenette", ["--checkpoint", "ckpt.pth", "--data-root", "missing"], "imagenette2-160"),
+    (inference_main, "mnist", ["--checkpoint", "nowhere"], "no trained demo_mnist run"),
+    (inference_main, "imagenette", ["--checkpoint", "ckpts", "--data-root", "missing"], "imagenette2-160"),
 ])
 def test_missing_data_is_exit_code_2_and_one_line(workdir, capsys, main, dataset, args, expected):
-    if "ckpt.pth" in args:  # a valid checkpoint whose images are gone
+    if "ckpts" in args:  # a trained run whose images are gone
         write_image_folder(workdir / "imagenette")
-        assert training_main("imagenette", ["--smoke", "--data-root", "imagenette", "--checkpoint", "ckpt.pth"]) == 0
+        assert training_main("imagenette", ["--smoke", "--data-root", "imagenette", "--checkpoint", "ckpts",
+                                            "--set", "tracking.plots=false"]) == 0
         capsys.readouterr()
     assert main(dataset, args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0] and err[0].startswith(f"demo_{main.__name__.split('_')[0]}_")
 
 
-def test_load_demo_refuses_other_checkpoints(tmp_path):
+def test_inference_refuses_other_checkpoints(tmp_path):
     torch.save({"model": {}}, tmp_path / "other.pth")
-    with pytest.raises(FsgEndoError, match="not a fsg_endo demo checkpoint"):
-        load_demo(tmp_path / "other.pth")
-
-
-def test_run_py_points_cifar100_fsg_to_the_demo_script(tmp_path):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'run.db'}", "FSG_ENDO_CACHE": str(tmp_path)}
-    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "run.py"), "--exp", "cifar100_fsg"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and "demo_training_cifar100.py" in lines[0]
+    with pytest.raises(FsgEndoError, match="not an image_class run folder"):
+        load_trained(*find_model(tmp_path / "other.pth", "demo_mnist"))
+    dump_config(load_config("demo_mnist"), tmp_path / "config.yaml")
+    (tmp_path / "data.json").write_text(json.dumps({"class_names": list("0123456789")}))
+    (tmp_path / "best.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(FsgEndoError, match="best.pt: not an fsg_endo checkpoint readable with weights_only=True"):
+        load_trained(*find_model(tmp_path, "demo_mnist"))

@@ -14,7 +14,7 @@ import mlflow
 import pytest
 import torch
 from conftest import REPO
-from fixtures_runs import EPOCHS, RUN_ARGS, assert_same_history, histories, in_process, only_run
+from fixtures_runs import EPOCHS, RUN_ARGS, assert_same_history, histories, in_process, interrupt_at, only_run
 
 from fsg_endo.engine.checkpoint import load_checkpoint
 
@@ -58,31 +58,6 @@ def test_sigkill_then_resume_last(tmp_path, data_cache, reference_run, where):
     assert_same_history(history, reference_run["history"])
     gates = {a.path for a in client.list_artifacts(run.info.run_id, "gates")}
     assert gates == {f"gates/epoch_{e:03d}.npz" for e in (1, 2, 3)}  # epoch 2's was logged by the resumed run
-
-
-def interrupt_at(monkeypatch, signum: int, step: int, run: int = 1) -> None:
-    """Send ``signum`` to this process during optimiser step ``step`` of the ``run``-th training run."""
-    import fsg_endo.engine.train as train
-
-    build, builds = train.build_recipe, [0]
-
-    def build_interrupting(*args, **kwargs):
-        recipe = build(*args, **kwargs)
-        builds[0] += 1
-        if builds[0] != run:
-            return recipe
-        inner, steps = recipe.step, [0]
-
-        def interrupting_step(*a, **k):
-            steps[0] += 1
-            if steps[0] == step:
-                os.kill(os.getpid(), signum)
-            return inner(*a, **k)
-
-        recipe.step = interrupting_step
-        return recipe
-
-    monkeypatch.setattr(train, "build_recipe", build_interrupting)
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])

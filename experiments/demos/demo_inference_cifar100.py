@@ -2,7 +2,7 @@
 
 import sys
 
-from fsg_endo.experiment.demo_cli import inference_main
+from fsg_endo.experiment.demos import inference_main
 
 if __name__ == "__main__":
     sys.exit(inference_main("cifar100", sys.argv[1:], prog="demo_inference_cifar100.py"))

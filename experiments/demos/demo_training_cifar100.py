@@ -3,7 +3,7 @@ cifar-100-python folder); settings in ``fsg_endo/experiment/configs/cifar100_fsg
 
 import sys
 
-from fsg_endo.experiment.demo_cli import training_main
+from fsg_endo.experiment.demos import training_main
 
 if __name__ == "__main__":
     sys.exit(training_main("cifar100", sys.argv[1:], prog="demo_training_cifar100.py"))

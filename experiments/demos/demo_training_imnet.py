@@ -2,7 +2,7 @@
 
 import sys
 
-from fsg_endo.experiment.demo_cli import training_main
+from fsg_endo.experiment.demos import training_main
 
 if __name__ == "__main__":
     sys.exit(training_main("imagenette", sys.argv[1:], prog="demo_training_imnet.py"))

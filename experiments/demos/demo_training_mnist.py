@@ -3,7 +3,7 @@ or on scikit-learn's bundled handwritten digits when MNIST is not on disk."""
 
 import sys
 
-from fsg_endo.experiment.demo_cli import training_main
+from fsg_endo.experiment.demos import training_main
 
 if __name__ == "__main__":
     sys.exit(training_main("mnist", sys.argv[1:], prog="demo_training_mnist.py"))

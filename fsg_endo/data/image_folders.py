@@ -1,14 +1,15 @@
-"""Image-classification sources of the demos: MNIST (or scikit-learn's digits), Imagenette, CIFAR-100.
+"""Image-classification sources of the ``image_class`` task: MNIST (or scikit-learn's digits), Imagenette, CIFAR-100.
 
-Every reader returns a :class:`DemoData` held in memory as uint8 (N, 3, S, S) tensors, resized once,
-so the demo loops index batches directly. Nothing is downloaded: a missing dataset is either
-replaced by an explicit fallback (MNIST -> scikit-learn's bundled digits) or one clear error line.
+Every reader returns an :class:`ImageData` held in memory as uint8 (N, 3, S, S) tensors, resized once;
+:func:`image_dataset` serves a split as MONAI dict items. Nothing is downloaded: a missing dataset is
+either replaced by an explicit fallback (MNIST -> scikit-learn's bundled digits) or one clear error line.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +22,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from fsg_endo.errors import FsgEndoError
 
-__all__ = ["DemoData", "ImageSet", "load_cifar100", "load_digits", "load_image_folder", "load_mnist",
-           "stratified_subset"]
+__all__ = ["ImageData", "ImageSet", "channel_stats", "check_image_root", "image_dataset",
+           "load_cifar100", "load_digits", "load_image_folder", "load_mnist", "stratified_subset", "validation_split"]
 
 IMAGENETTE_NAMES = {  # the ten WordNet ids of Imagenette and their readable names
     "n01440764": "tench", "n02102040": "English springer", "n02979186": "cassette player",
@@ -54,7 +55,7 @@ class ImageSet:
 
 
 @dataclass
-class DemoData:
+class ImageData:
     """Train and held-out splits of one source; ``source`` says what was actually read (e.g. ``sklearn_digits``)."""
 
     train: ImageSet
@@ -95,13 +96,13 @@ def to_rgb_size(images: Tensor, size: int) -> Tensor:
 
 
 def _finish(train: ImageSet, test: ImageSet, names: tuple[str, ...], source: str, note: str,
-            fraction: float, train_limit: int | None, test_limit: int | None, seed: int) -> DemoData:
-    return DemoData(_limit(train, fraction, train_limit, seed), _limit(test, 1.0, test_limit, seed), names,
+            fraction: float, train_limit: int | None, test_limit: int | None, seed: int) -> ImageData:
+    return ImageData(_limit(train, fraction, train_limit, seed), _limit(test, 1.0, test_limit, seed), names,
                     source, note)
 
 
 def load_digits(image_size: int = 28, seed: int = 0, fraction: float = 1.0, train_limit: int | None = None,
-                test_limit: int | None = None, train: bool = True, note: str = "") -> DemoData:
+                test_limit: int | None = None, train: bool = True, note: str = "") -> ImageData:
     """scikit-learn's bundled 8x8 handwritten digits (1797 images), upsampled; 20 % held out, stratified."""
     from sklearn.datasets import load_digits as sk_digits
 
@@ -137,7 +138,7 @@ def _mnist_split(root: Path, train: bool, image_size: int) -> ImageSet:
 
 
 def load_mnist(root: str | os.PathLike | None, image_size: int = 28, seed: int = 0, fraction: float = 1.0,
-               train_limit: int | None = None, test_limit: int | None = None, train: bool = True) -> DemoData:
+               train_limit: int | None = None, test_limit: int | None = None, train: bool = True) -> ImageData:
     """torchvision's on-disk MNIST under ``root`` (``MNIST/raw/*-ubyte``); else scikit-learn's digits, said so.
 
     ``train=False`` reads the held-out split only (inference); the train split is then empty.
@@ -191,14 +192,8 @@ def _load_folder_split(root: Path, split: str, classes: list[str], size: int, fr
     return ImageSet(images, torch.from_numpy(labels[keep]), ids)
 
 
-def load_image_folder(root: str | os.PathLike, image_size: int = 64, seed: int = 0, fraction: float = 1.0,
-                      train_limit: int | None = None, test_limit: int | None = None, train: bool = True,
-                      source: str = "imagenette") -> DemoData:
-    """An ImageFolder root with ``train/`` and ``val/`` (one folder per class), e.g. ``imagenette2-160``.
-
-    ``val/`` is the held-out split; ``train=False`` decodes only that one.
-    """
-    root = Path(root)
+def _folder_classes(root: Path) -> list[str]:
+    """The class folder names of an ImageFolder root, the same under ``train/`` and ``val/``."""
     hint = ("put the imagenette2-160 folder there (train/ and val/, one sub-folder of images per class, "
             "from imagenette2-160.tgz)")
     if not (root / "train").is_dir() or not (root / "val").is_dir():
@@ -209,10 +204,22 @@ def load_image_folder(root: str | os.PathLike, image_size: int = 64, seed: int =
         raise FsgEndoError(f"{root / 'train'}: no class folders: {hint}")
     if val_classes != classes:
         raise FsgEndoError(f"{root / 'val'}: class folders {val_classes} differ from train/ {classes}")
+    return classes
+
+
+def load_image_folder(root: str | os.PathLike, image_size: int = 64, seed: int = 0, fraction: float = 1.0,
+                      train_limit: int | None = None, test_limit: int | None = None, train: bool = True,
+                      source: str = "imagenette") -> ImageData:
+    """An ImageFolder root with ``train/`` and ``val/`` (one folder per class), e.g. ``imagenette2-160``.
+
+    ``val/`` is the held-out split; ``train=False`` decodes only that one.
+    """
+    root = Path(root)
+    classes = _folder_classes(root)
     train_set = (_load_folder_split(root, "train", classes, image_size, fraction, train_limit, seed) if train
                  else ImageSet.empty(image_size))
     test = _load_folder_split(root, "val", classes, image_size, 1.0, test_limit, seed)
-    return DemoData(train_set, test, tuple(IMAGENETTE_NAMES.get(c, c) for c in classes), source)
+    return ImageData(train_set, test, tuple(IMAGENETTE_NAMES.get(c, c) for c in classes), source)
 
 
 def _cifar_folder(root: Path) -> Path:
@@ -248,7 +255,7 @@ def _cifar_split(path: Path, name: str) -> ImageSet:
 
 
 def load_cifar100(root: str | os.PathLike, image_size: int = 32, seed: int = 0, fraction: float = 1.0,
-                  train_limit: int | None = None, test_limit: int | None = None, train: bool = True) -> DemoData:
+                  train_limit: int | None = None, test_limit: int | None = None, train: bool = True) -> ImageData:
     """torchvision's on-disk CIFAR-100 (``ROOT/cifar-100-python/{train,test,meta}``), fine labels.
 
     ``train=False`` reads the held-out (test) file only.
@@ -265,3 +272,54 @@ def load_cifar100(root: str | os.PathLike, image_size: int = 32, seed: int = 0, 
     for split in (data.train, data.test):  # resize only the images kept
         split.images = to_rgb_size(split.images, image_size)
     return data
+
+
+def check_image_root(source: str, root: str | os.PathLike | None) -> None:
+    """Raise the one-line error a reader would, without reading images (MNIST falls back, never fails here)."""
+    if source == "mnist":
+        return
+    if not root:
+        raise FsgEndoError(f"data.source={source} needs a dataset root (--data-root or data.root)")
+    if source == "imagenette":
+        _folder_classes(Path(root))
+    elif source == "cifar100":
+        _cifar_folder(Path(root))
+    else:
+        raise FsgEndoError(f"data.source={source}: not an image source (mnist, imagenette, cifar100)")
+
+
+def validation_split(split: ImageSet, folds: int, fold: int, seed: int) -> tuple[ImageSet, ImageSet]:
+    """(rest, fold ``fold`` of ``folds`` class-stratified folds): the validation images come out of training."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    index = np.arange(len(split))
+    try:
+        parts = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(index, split.labels.numpy()))
+    except ValueError:  # every class smaller than the number of folds (tiny test sets): unstratified folds
+        parts = list(KFold(folds, shuffle=True, random_state=seed).split(index))
+    train, val = parts[fold]
+    return split.subset(np.sort(train)), split.subset(np.sort(val))
+
+
+def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (of 0-1 pixel values) of uint8 (N, 3, S, S) images."""
+    x = images.float().div_(255.0)
+    mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def image_dataset(split: ImageSet, mean: Sequence[float], std: Sequence[float], shift: int = 0,
+                  flip: bool = False):
+    """A MONAI dataset of ``{"image", "label", "image_id"}`` items: normalised ``(x / 255 - mean) / std``, then
+    (training) shifted up to ``shift`` pixels and mirrored left-right (``flip``) at random."""
+    from monai.data import Dataset
+    from monai.transforms import Compose
+
+    from fsg_endo.data.transforms import NormalizeImaged, ShiftFlipd
+
+    steps = [NormalizeImaged("image", mean, std)]
+    if shift > 0 or flip:
+        steps.append(ShiftFlipd("image", shift, flip))
+    items = [{"image": image, "label": int(label), "image_id": image_id}
+             for image, label, image_id in zip(split.images, split.labels, split.ids)]
+    return Dataset(items, Compose(steps))

@@ -32,10 +32,13 @@ def predict(model: torch.nn.Module, loader, task: Task, device: torch.device, us
 
 
 def evaluate(model, loader, task: Task, device, use_box: bool, split: str) -> tuple[dict[str, float], pd.DataFrame]:
-    """``{split}/*`` (per frame) and ``lesion/{split}/*`` (per lesion) metrics, and the frame predictions."""
+    """``{split}/*`` (per frame) and ``lesion/{split}/*`` (per lesion, if the task has lesions) metrics, and the
+    frame predictions."""
     frames = predict(model, loader, task, device, use_box, desc=split)
     metrics = {f"{split}/{k}": v for k, v in task.compute_metrics(frames).items()}
-    metrics.update({f"lesion/{split}/{k}": v for k, v in task.compute_metrics(task.lesion_predictions(frames)).items()})
+    if task.lesion_level:
+        lesions = task.lesion_predictions(frames)
+        metrics.update({f"lesion/{split}/{k}": v for k, v in task.compute_metrics(lesions).items()})
     return metrics, frames
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,10 @@ class DataBundle:
     summary: pd.DataFrame
     sampler: EpochSampler
     loaders: dict[str, Any]
+    class_names: tuple[str, ...] = ()  # image_class: the classes read from the data (the task's outputs)
+    tags: dict[str, str] = field(default_factory=dict)  # MLflow tags saying what was read, e.g. a fallback
+    info: dict[str, Any] = field(default_factory=dict)  # image_class: what inference needs (data.json)
+    note: str = ""  # a line for the user, e.g. why a fallback was used
 
     def set_epoch(self, epoch: int, batches_done: int = 0) -> None:
         """Draw epoch ``epoch`` and skip its first ``batches_done`` batches (a run resumed mid-epoch)."""
@@ -78,16 +82,25 @@ def cap_frames_per_lesion(rows: pd.DataFrame, n: int | None) -> pd.DataFrame:
     return rows.iloc[np.sort(np.concatenate(keep))].reset_index(drop=True)
 
 
+def check_batch(cfg: Mapping[str, Any], num_replicas: int) -> None:
+    batch = cfg["optim"]["batch_size"]
+    if batch % num_replicas:
+        raise FsgEndoError(f"optim.batch_size = {batch} is not divisible by the {num_replicas} training processes")
+
+
 def prepare_data(cfg: Mapping[str, Any], num_replicas: int = 1, rank: int = 0) -> DataBundle:
     """Dataset, manifest, low-data split, train statistics, datasets and loaders for one run.
 
     With ``num_replicas`` processes, ``optim.batch_size`` is the global batch: this rank loads its
     share of every batch, and only rank 0 (which evaluates) gets the val and test loaders.
     """
+    check_batch(cfg, num_replicas)
+    if cfg["task"] == "image_class":
+        from fsg_endo.engine.prepare_images import prepare_image_data
+
+        return prepare_image_data(cfg, num_replicas, rank)
     data, seed = cfg["data"], cfg["seed"]
     batch = cfg["optim"]["batch_size"]
-    if batch % num_replicas:
-        raise FsgEndoError(f"optim.batch_size = {batch} is not divisible by the {num_replicas} training processes")
     root = dataset_root(data, seed)
     mpath = manifest_path(data, root, seed)
     manifest = load_manifest(mpath, root=root)

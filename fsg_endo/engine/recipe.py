@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -85,11 +85,13 @@ class Recipe:
         return uses_gates(self.cfg["regularizer"])
 
 
-def build_recipe(cfg: Mapping[str, Any], ctx: DistContext, steps_per_epoch: int) -> Recipe:
-    """Model, optimisers, warmup-cosine schedules and the step (Gradient Routing for ``fsg_gr``)."""
+def build_recipe(cfg: Mapping[str, Any], ctx: DistContext, steps_per_epoch: int,
+                 class_names: Sequence[str] = ()) -> Recipe:
+    """Model, optimisers, warmup-cosine schedules and the step (Gradient Routing for ``fsg_gr``);
+    ``class_names``: the classes of the data, for ``image_class``."""
     device = ctx.device(cfg["device"])
     amp = cfg["optim"]["amp"] and device.type == "cuda"
-    task = get_task(cfg["task"], cfg["loss"]["main_weights"], cfg["loss"]["gate_weights"])
+    task = get_task(cfg["task"], cfg["loss"]["main_weights"], cfg["loss"]["gate_weights"], class_names)
     model = build_for(cfg, task).to(device)
     optimizers = build_optimizers(cfg, model)
     epochs, warmup = cfg["optim"]["epochs"], cfg["optim"]["warmup_epochs"] * steps_per_epoch

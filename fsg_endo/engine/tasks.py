@@ -1,8 +1,9 @@
-"""The three polyp sizing tasks of SPEC §3: targets, losses, predictions and metrics.
+"""The three polyp sizing tasks of SPEC §3, and ``image_class``: targets, losses, predictions and metrics.
 
 A :class:`Task` turns a collated pipeline batch (keys ``target_reg``, ``size_mm``,
 ``size_class3``, ``size_class2``, ``lesion_id``, ``video_id``, ``frame_id``) into loss targets,
 model outputs into numpy predictions, and predictions into frame- and lesion-level metrics.
+``image_class`` reads image batches (``label``, ``image_id``) and has no lesion level.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from fsg_endo.errors import FsgEndoError
 from fsg_endo.engine.metrics import classification_metrics, confusion_matrix, regression_metrics
 
 ID_COLUMNS = ("lesion_id", "video_id", "frame_id")
-TASK_NAMES = ("size_regression", "size_class3", "size_class2")
+TASK_NAMES = ("size_regression", "size_class3", "size_class2", "image_class")
+MAX_NAMED_CLASSES = 20  # image_class: per-class F1 named after the classes up to this many classes
 
 
 def _numpy(value: Any) -> np.ndarray:
@@ -41,6 +43,7 @@ class Task(ABC):
     main_metric: str
     mode: str
     class_names: tuple[str, ...]  # labels of the confusion matrix
+    lesion_level = True  # whether predictions also aggregate per lesion (``lesion/{split}/*`` metrics)
 
     @abstractmethod
     def targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -206,16 +209,68 @@ class ClassificationTask(Task):
                                   self.num_outputs)
 
 
+class ImageClassTask(Task):
+    """``image_class``: logits over a dataset's classes (MNIST, Imagenette, CIFAR-100); one row per image."""
+
+    kind, main_metric, mode = "classification", "accuracy", "max"
+    lesion_level = False
+
+    def __init__(self, class_names: Sequence[str]) -> None:
+        if not class_names:
+            raise FsgEndoError("image_class: no class names (they come from the task's dataset)")
+        self.name = "image_class"
+        self.class_names = tuple(class_names)
+        self.num_outputs = len(self.class_names)
+
+    def targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        return torch.as_tensor(_numpy(batch["label"]).astype(np.int64))
+
+    def main_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(outputs.float(), targets)
+
+    def gate_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(outputs.float(), targets)
+
+    def outputs_to_numpy(self, outputs: torch.Tensor) -> np.ndarray:
+        return torch.softmax(outputs.detach().float(), dim=1).cpu().numpy()
+
+    def frame_predictions(self, batch: Mapping[str, Any], outputs_np: np.ndarray) -> pd.DataFrame:
+        """One row per image: id, target and prediction (indices and names), the predicted class's probability."""
+        prob = np.asarray(outputs_np, dtype=float).reshape(-1, self.num_outputs)
+        target, pred = _numpy(batch["label"]).astype(int), prob.argmax(axis=1)
+        names = np.asarray(self.class_names, dtype=object)
+        return pd.DataFrame({"image_id": _numpy(batch["image_id"]), "target": target, "prediction": pred,
+                             "target_name": names[target], "prediction_name": names[pred],
+                             "confidence": prob.max(axis=1)})
+
+    def lesion_predictions(self, frame_df: pd.DataFrame) -> pd.DataFrame:
+        """Images have no lesions: each image is its own unit."""
+        return frame_df
+
+    def compute_metrics(self, pred_df: pd.DataFrame) -> dict[str, float]:
+        named = self.class_names if self.num_outputs <= MAX_NAMED_CLASSES else None
+        return classification_metrics(pred_df["target"].to_numpy(int), pred_df["prediction"].to_numpy(int),
+                                      self.num_outputs, names=named)
+
+    def confusion(self, pred_df: pd.DataFrame) -> np.ndarray:
+        return confusion_matrix(pred_df["target"].to_numpy(int), pred_df["prediction"].to_numpy(int),
+                                self.num_outputs)
+
+
 def get_task(
     name: str,
     main_weights: Sequence[float] = (1.0, 3.0, 5.0),
     gate_weights: Sequence[float] = (1.0, 5.0, 10.0),
+    class_names: Sequence[str] = (),
 ) -> Task:
-    """The task called ``name``; the loss weights (size <= 5, 5-10, >= 10 mm) apply to regression only."""
+    """The task called ``name``; the loss weights (size <= 5, 5-10, >= 10 mm) apply to regression only,
+    ``class_names`` (from the data) to ``image_class`` only."""
     if name == "size_regression":
         return RegressionTask(main_weights, gate_weights)
     if name == "size_class3":
         return ClassificationTask(name, CLASS3_NAMES)
     if name == "size_class2":
         return ClassificationTask(name, CLASS2_NAMES)
+    if name == "image_class":
+        return ImageClassTask(class_names)
     raise FsgEndoError(f"unknown task {name!r}; choose one of {', '.join(TASK_NAMES)}")

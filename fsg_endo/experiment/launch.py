@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import pandas as pd
 
+from fsg_endo.data.image_folders import check_image_root
 from fsg_endo.engine.distributed import DistContext, init_distributed, shutdown
 from fsg_endo.engine.interrupt import RunInterrupted, StopSignals
 from fsg_endo.errors import FsgEndoError
@@ -22,6 +23,7 @@ REPORT_METRICS = {
     "size_regression": ["mae", "rmse", "within_1mm", "cls3_balanced_accuracy", "cls2_balanced_accuracy"],
     "size_class3": ["accuracy", "balanced_accuracy", "macro_f1"],
     "size_class2": ["accuracy", "balanced_accuracy", "macro_f1", "auroc"],
+    "image_class": ["accuracy", "balanced_accuracy", "macro_f1"],
 }
 
 
@@ -29,8 +31,9 @@ def results_table(results: Mapping[str, float], metrics: list[str]) -> pd.DataFr
     """Rows: metrics; columns: frame/lesion x val/test."""
     cols = {f"{level}/{split}": f"{prefix}{split}/" for level, prefix in (("frame", ""), ("lesion", "lesion/"))
             for split in ("val", "test")}
-    return pd.DataFrame({col: [results.get(p + m, float("nan")) for m in metrics] for col, p in cols.items()},
-                        index=metrics)
+    table = pd.DataFrame({col: [results.get(p + m, float("nan")) for m in metrics] for col, p in cols.items()},
+                         index=metrics)
+    return table.dropna(axis=1, how="all")  # image_class has no lesion level
 
 
 def ui_hint(uri: str) -> str:
@@ -75,12 +78,14 @@ def resume_target(uri: str, exp_name: str, run_id: str) -> ResumeTarget:
     return ResumeTarget(run.info.run_id, load_config_file(Path(ckpt_dir) / "config.yaml"), Path(ckpt_dir))
 
 
-def _overrides(args: argparse.Namespace) -> list[str]:
+def _overrides(args: argparse.Namespace, image_task: bool) -> list[str]:
+    """``--data-root`` and ``--manifest`` as overrides; a polyp root also sets its source (SUN or REAL-Colon)."""
     overrides = []
     if args.data_root:
         root = Path(args.data_root)
-        source = "sun" if (root / "annotation_txt").is_dir() else "realcolon"
-        overrides += [f"data.source={source}", f"data.root={root}"]
+        if not image_task:
+            overrides.append(f"data.source={'sun' if (root / 'annotation_txt').is_dir() else 'realcolon'}")
+        overrides.append(f"data.root={root}")
     if args.manifest:
         overrides.append(f"data.manifest={args.manifest}")
     return overrides + list(args.overrides)
@@ -91,10 +96,10 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     Exit code 0, or 128 + the signal number (130, 143) when SIGINT/SIGTERM stopped the run after a checkpoint.
     """
-    cfg = load_config(args.exp, _overrides(args), profile=args.profile, smoke=args.smoke)
-    if cfg["task"] == "image_class":
-        raise FsgEndoError(f"{args.exp}: task image_class is a demo; train it with "
-                           "python experiments/demos/demo_training_cifar100.py (run.py runs the polyp experiments)")
+    image_task = load_config(args.exp, args.overrides, profile=args.profile, smoke=args.smoke)["task"] == "image_class"
+    cfg = load_config(args.exp, _overrides(args, image_task), profile=args.profile, smoke=args.smoke)
+    if image_task and not args.resume:
+        check_image_root(cfg["data"]["source"], cfg["data"]["root"])  # before a run opens: no empty FAILED run
     uri = resolve_tracking_uri(args.tracking_uri, cfg["tracking"]["uri"])
     check_tracking_uri(uri)
     ctx = init_distributed(cfg["device"])
@@ -127,7 +132,8 @@ def _run(args: argparse.Namespace, cfg: dict[str, Any], uri: str, ctx: DistConte
         run_dir = resume.run_dir if resume else run_dir_for(cfg, tracker.run_id)
         results = execute(cfg, tracker, run_dir, ctx, stop)
         if ctx.is_main:
-            print(f"\n{cfg['name']} ({run_name(cfg)}), run {tracker.run_id}; best epoch {results['best_epoch']:.0f}")
+            print(f"\n{cfg['name']} ({run_name(cfg)}), run {tracker.run_id}; best epoch {results['best_epoch']:.0f}; "
+                  f"checkpoints in {run_dir}")
             print(results_table(results, REPORT_METRICS[cfg["task"]]).to_string(float_format=lambda v: f"{v:.3f}"))
     if ctx.is_main:
         print(f"\nMLflow UI: {ui_hint(uri)}")

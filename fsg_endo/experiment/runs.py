@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fsg_endo.engine.distributed import SINGLE, DistContext
 from fsg_endo.engine.interrupt import StopSignals
 from fsg_endo.engine.recipe import uses_gates, uses_routing
 from fsg_endo.experiment.config import dump_config, flatten_config
+from fsg_endo.io import atomic_path
 from fsg_endo.tracking.tracker import NullTracker, Tracker, TrackingError, git_commit
+
+if TYPE_CHECKING:
+    from fsg_endo.engine.prepare import DataBundle
 
 
 def run_name(cfg: Mapping[str, Any]) -> str:
@@ -52,6 +57,20 @@ def record_config(cfg: Mapping[str, Any], tracker: Tracker, run_dir: Path) -> No
     tracker.set_tags({"checkpoint_dir": str(run_dir.resolve())})
 
 
+def record_data(data: DataBundle, tracker: Tracker, run_dir: Path) -> None:
+    """What the run read: tags (manifest hash, fallbacks), the split summary, and ``data.json`` (image_class:
+    classes and normalisation, what inference needs); a note, e.g. a fallback, is also printed."""
+    if data.note:
+        print(f"note: {data.note}")
+    tracker.set_tags({"data.manifest_sha256": data.manifest_sha256, **data.tags,
+                      **({"data.note": data.note} if data.note else {})})
+    tracker.log_text(data.summary.to_csv(index=False), "data/split_summary.csv")
+    if data.info:
+        with atomic_path(run_dir / "data.json") as tmp:
+            tmp.write_text(json.dumps(data.info, indent=1), encoding="utf-8")
+        tracker.log_file(run_dir / "data.json")
+
+
 def end_run(tracker: Tracker | NullTracker, status: str) -> None:
     """Mark the run ``status`` on the way out of an error; an unreachable store must not hide that error."""
     with contextlib.suppress(TrackingError):
@@ -70,8 +89,7 @@ def execute(cfg: Mapping[str, Any], tracker: Tracker | NullTracker, run_dir: Pat
             record_config(cfg, tracker, run_dir)
         data = ctx.main_first(lambda: prepare_data(cfg, ctx.world_size, ctx.rank))
         if ctx.is_main:
-            tracker.set_tags({"data.manifest_sha256": data.manifest_sha256})
-            tracker.log_text(data.summary.to_csv(index=False), "data/split_summary.csv")
+            record_data(data, tracker, run_dir)
         results = fit(cfg, data, tracker, run_dir, ctx, stop)
     except KeyboardInterrupt:
         end_run(tracker, "KILLED")

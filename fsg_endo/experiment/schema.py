@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validat
 
 Regularizer = Literal["none", "dropout", "fsg", "fsg_gr"]
 REGULARIZERS: tuple[str, ...] = Regularizer.__args__
+ImageSource = Literal["mnist", "imagenette", "cifar100"]  # the data sources of task image_class
+IMAGE_SOURCES: tuple[str, ...] = ImageSource.__args__
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -29,7 +31,7 @@ class Section(BaseModel):
 
 
 class Data(Section):
-    source: Literal["synthetic", "realcolon", "sun", "cifar100"] = "synthetic"  # cifar100: demos only
+    source: Literal["synthetic", "realcolon", "sun"] | ImageSource = "synthetic"  # image sources: task image_class
     root: str | None = None  # dataset root (synthetic: default cache folder .cache/synthetic_s{seed}_v{videos})
     manifest: str | None = None  # manifest CSV (default: built from root and cached beside it)
     sizes: str | None = None  # SUN only: CSV with case,size_mm
@@ -49,6 +51,10 @@ class Data(Section):
     source_media: Literal["frames", "video"] = "frames"
     workers: NonNegativeInt = 0
     augment: bool = True
+    train_limit: Count | None = None  # image_class: at most this many training images read (after train_fraction)
+    test_limit: Count | None = None  # image_class: at most this many held-out (test) images
+    shift: NonNegativeInt = 4  # image_class augmentation: random translation by up to this many pixels
+    flip: bool = True  # image_class augmentation: random left-right mirror
 
 
 class Model(Section):
@@ -162,6 +168,11 @@ class Config(Section):
         if model.hidden_dim is not None and model.heads is not None and model.hidden_dim % model.heads:
             raise ValueError(f"'model.hidden_dim' = {model.hidden_dim} is not divisible by "
                              f"'model.heads' = {model.heads}")
+        if (self.task == "image_class") != (data.source in IMAGE_SOURCES):
+            raise ValueError(f"task {self.task} does not read 'data.source' = {data.source}: task image_class reads "
+                             f"{', '.join(IMAGE_SOURCES)}, the polyp tasks the other sources")
+        if self.task == "image_class" and model.box_features:
+            raise ValueError("'model.box_features' must be false for task image_class (images have no box)")
         if optim.warmup_epochs > optim.epochs:
             raise ValueError(f"'optim.warmup_epochs' = {optim.warmup_epochs} exceeds 'optim.epochs' = {optim.epochs}")
         return self
@@ -181,6 +192,8 @@ SMOKE: dict[str, Any] = {
     "data.folds": 3,
     "data.test_fold": 0,
     "data.val_fold": 1,
+    "data.train_limit": 48,
+    "data.test_limit": 24,
     "model.hidden_dim": 32,
     "model.depth": 2,
     "model.heads": 2,

@@ -28,6 +28,7 @@ __all__ = [
     "build_model",
     "load_local_weights",
     "timm_to_torchvision",
+    "vit_shape",
 ]
 
 logger = logging.getLogger(__name__)
@@ -264,3 +265,20 @@ def load_local_weights(model_or_vit: nn.Module, path: str | os.PathLike) -> Load
     unexpected = [k for k in result.unexpected_keys if not k.startswith("heads.")]
     loaded = [k for k in compatible if k not in result.unexpected_keys]
     return LoadReport(loaded=loaded, missing=list(result.missing_keys), skipped=skipped, unexpected=unexpected)
+
+
+def vit_shape(path: str | os.PathLike) -> dict[str, int]:
+    """``hidden_dim``, ``depth``, ``heads``, ``mlp_dim`` and ``patch_size`` of a local ViT weight file.
+
+    Heads are not stored in a checkpoint; standard ViTs use 64 channels per head (Ti 3, S 6, B 12, L 16).
+    """
+    state = read_state_dict(path)
+    if "cls_token" in state or "patch_embed.proj.weight" in state:
+        state = timm_to_torchvision(state)
+    if "conv_proj.weight" not in state or "class_token" not in state:
+        raise FsgEndoError(f"{path}: not a ViT checkpoint (no patch projection / class token)")
+    hidden = state["class_token"].shape[-1]
+    mlp = state.get("encoder.layers.encoder_layer_0.mlp.0.weight")
+    return {"hidden_dim": hidden, "depth": len({k.split(".")[2] for k in state if k.startswith("encoder.layers.")}),
+            "heads": hidden // 64 if hidden % 64 == 0 else 1, "mlp_dim": mlp.shape[0] if mlp is not None else 4 * hidden,
+            "patch_size": state["conv_proj.weight"].shape[-1]}

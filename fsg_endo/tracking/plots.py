@@ -34,14 +34,18 @@ def gate_heatmap(values: Mapping[str, np.ndarray], title: str = ""):
     return fig
 
 
+MAX_LABELLED_CLASSES = 20  # above this many classes the confusion matrix is drawn without counts and names
+
+
 def confusion_figure(matrix: np.ndarray, class_names: Sequence[str], title: str = ""):
-    """Confusion matrix with counts; rows are the true class."""
+    """Confusion matrix with counts; rows are the true class (many classes: the picture only)."""
     fig, ax = plt.subplots(figsize=(3.6, 3.2))
     ax.imshow(matrix, cmap="Blues")
-    for (i, j), n in np.ndenumerate(matrix):
-        ax.text(j, i, int(n), ha="center", va="center", color="black")
-    ax.set_xticks(range(len(class_names)), class_names, rotation=30)
-    ax.set_yticks(range(len(class_names)), class_names)
+    if len(class_names) <= MAX_LABELLED_CLASSES:
+        for (i, j), n in np.ndenumerate(matrix):
+            ax.text(j, i, int(n), ha="center", va="center", color="black")
+        ax.set_xticks(range(len(class_names)), class_names, rotation=30)
+        ax.set_yticks(range(len(class_names)), class_names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
