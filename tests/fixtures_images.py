@@ -1,4 +1,4 @@
-"""Image datasets written by hand in the on-disk layouts the image_class readers expect (MNIST, ImageFolder, CIFAR-100)."""
+"""Image datasets written by hand in the layouts the image_class readers expect (MNIST, ImageFolder, CIFAR-100)."""
 
 from __future__ import annotations
 

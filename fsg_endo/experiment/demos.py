@@ -21,7 +21,7 @@ from fsg_endo.data.image_folders import image_dataset
 from fsg_endo.data.pipeline import make_loader
 from fsg_endo.engine.checkpoint import load_checkpoint
 from fsg_endo.engine.evaluation import predict
-from fsg_endo.engine.prepare_images import read_images
+from fsg_endo.engine.prepare import read_images
 from fsg_endo.engine.recipe import build_for, uses_gates
 from fsg_endo.engine.tasks import get_task
 from fsg_endo.errors import FsgEndoError

@@ -279,6 +279,7 @@ def vit_shape(path: str | os.PathLike) -> dict[str, int]:
         raise FsgEndoError(f"{path}: not a ViT checkpoint (no patch projection / class token)")
     hidden = state["class_token"].shape[-1]
     mlp = state.get("encoder.layers.encoder_layer_0.mlp.0.weight")
-    return {"hidden_dim": hidden, "depth": len({k.split(".")[2] for k in state if k.startswith("encoder.layers.")}),
-            "heads": hidden // 64 if hidden % 64 == 0 else 1, "mlp_dim": mlp.shape[0] if mlp is not None else 4 * hidden,
+    blocks = {k.split(".")[2] for k in state if k.startswith("encoder.layers.")}
+    return {"hidden_dim": hidden, "depth": len(blocks), "heads": hidden // 64 if hidden % 64 == 0 else 1,
+            "mlp_dim": mlp.shape[0] if mlp is not None else 4 * hidden,
             "patch_size": state["conv_proj.weight"].shape[-1]}
