@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import run_cli
 from fixtures_images import write_cifar100
 from fixtures_runs import assert_same_history, histories, in_process, interrupt_at, only_run
 from sklearn.metrics import accuracy_score, f1_score
@@ -86,13 +85,19 @@ def test_splits_come_from_the_files_and_ranks_share_an_epoch(cifar, monkeypatch)
     assert set(parts[1].loaders) == {"train"} and {"val", "test"} <= set(parts[0].loaders)
 
 
-def test_run_py_trains_cifar100_fsg_through_the_engine(cifar, tmp_path):
-    work, written = cifar
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = run_cli(RUN_ARGS, work, tmp_path, uri)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "frame/test" in proc.stdout and "lesion/test" not in proc.stdout
-    client, run = only_run(uri, EXP)
+@pytest.fixture(scope="module")
+def reference(cifar, tmp_path_factory) -> str:
+    """The store of one uninterrupted ``run.py`` :data:`RUN_ARGS` run (in this process: ``cli.main``, as run.py)."""
+    work, _ = cifar
+    cache = tmp_path_factory.mktemp("cache")
+    uri = f"sqlite:///{cache / 'mlflow.db'}"
+    assert in_process(RUN_ARGS, work, cache, uri) == 0
+    return uri
+
+
+def test_run_py_trains_cifar100_fsg_through_the_engine(cifar, reference, tmp_path):
+    _, written = cifar
+    client, run = only_run(reference, EXP)
     metrics = run.data.metrics
     for name in ("train/loss", "train/gate_loss", "train/lr", "train/epoch_loss", "train/skipped_steps",
                  "val/accuracy", "val/macro_f1", "test/accuracy", "test/balanced_accuracy", "test/f1_0",
@@ -110,18 +115,17 @@ def test_run_py_trains_cifar100_fsg_through_the_engine(cifar, tmp_path):
     assert json.loads((run_dir / "data.json").read_text())["n_test"] == len(table) == 24
 
 
-def test_stopped_image_class_run_resumes_to_the_uninterrupted_result(cifar, tmp_path, monkeypatch):
+def test_stopped_image_class_run_resumes_to_the_uninterrupted_result(cifar, reference, tmp_path, monkeypatch, capsys):
     work, _ = cifar
-    reference_uri, uri = f"sqlite:///{tmp_path / 'reference.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert in_process(RUN_ARGS, work, tmp_path, reference_uri) == 0
+    uri, args = reference, [*RUN_ARGS, "--set", "name=cifar100_resumed"]  # same store, its own experiment
     with monkeypatch.context() as m:
         interrupt_at(m, signal.SIGTERM, step=STEPS_PER_EPOCH + 2)  # inside epoch 2
-        assert in_process(RUN_ARGS, work, tmp_path, uri) == 143
-    client, run = only_run(uri, EXP)
-    assert run.info.status == "KILLED"
+        assert in_process(args, work, tmp_path, uri) == 143
+    client, run = only_run(uri, "cifar100_resumed")
+    assert run.info.status == "KILLED" and "--resume" in capsys.readouterr().err
     progress = load_checkpoint(Path(run.data.tags["checkpoint_dir"]) / "last.pt")["progress"]
     assert (progress["epoch"], progress["batch"]) == (1, 2)
-    assert in_process([*RUN_ARGS, "--resume", run.info.run_id], work, tmp_path, uri) == 0
-    client, resumed = only_run(uri, EXP)
+    assert in_process([*args, "--resume", run.info.run_id], work, tmp_path, uri) == 0
+    client, resumed = only_run(uri, "cifar100_resumed")
     assert resumed.info.status == "FINISHED"
-    assert_same_history(histories(client, resumed), histories(*only_run(reference_uri, EXP)))
+    assert_same_history(histories(client, resumed), histories(*only_run(uri, EXP)))
