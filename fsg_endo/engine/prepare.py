@@ -101,6 +101,7 @@ def cap_frames_per_lesion(rows: pd.DataFrame, n: int | None) -> pd.DataFrame:
 
 
 def check_batch(cfg: Mapping[str, Any], num_replicas: int) -> None:
+    """``optim.batch_size`` is the global batch: it must split evenly across the training processes."""
     batch = cfg["optim"]["batch_size"]
     if batch % num_replicas:
         raise FsgEndoError(f"optim.batch_size = {batch} is not divisible by the {num_replicas} training processes")
@@ -112,9 +113,9 @@ def prepare_data(cfg: Mapping[str, Any], num_replicas: int = 1, rank: int = 0) -
     With ``num_replicas`` processes, ``optim.batch_size`` is the global batch: this rank loads its
     share of every batch, and only rank 0 (which evaluates) gets the val and test loaders.
     """
-    check_batch(cfg, num_replicas)
     if cfg["task"] == "image_class":
         return prepare_image_data(cfg, num_replicas, rank)
+    check_batch(cfg, num_replicas)
     data, seed = cfg["data"], cfg["seed"]
     batch = cfg["optim"]["batch_size"]
     root = dataset_root(data, seed)

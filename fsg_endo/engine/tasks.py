@@ -209,30 +209,19 @@ class ClassificationTask(Task):
                                   self.num_outputs)
 
 
-class ImageClassTask(Task):
+class ImageClassTask(ClassificationTask):
     """``image_class``: logits over a dataset's classes (MNIST, Imagenette, CIFAR-100); one row per image."""
 
-    kind, main_metric, mode = "classification", "accuracy", "max"
+    main_metric = "accuracy"
     lesion_level = False
 
     def __init__(self, class_names: Sequence[str]) -> None:
         if not class_names:
             raise FsgEndoError("image_class: no class names (they come from the task's dataset)")
-        self.name = "image_class"
-        self.class_names = tuple(class_names)
-        self.num_outputs = len(self.class_names)
+        super().__init__("image_class", class_names)
 
     def targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
         return torch.as_tensor(_numpy(batch["label"]).astype(np.int64))
-
-    def main_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(outputs.float(), targets)
-
-    def gate_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(outputs.float(), targets)
-
-    def outputs_to_numpy(self, outputs: torch.Tensor) -> np.ndarray:
-        return torch.softmax(outputs.detach().float(), dim=1).cpu().numpy()
 
     def frame_predictions(self, batch: Mapping[str, Any], outputs_np: np.ndarray) -> pd.DataFrame:
         """One row per image: id, target and prediction (indices and names), the predicted class's probability."""
@@ -251,10 +240,6 @@ class ImageClassTask(Task):
         named = self.class_names if self.num_outputs <= MAX_NAMED_CLASSES else None
         return classification_metrics(pred_df["target"].to_numpy(int), pred_df["prediction"].to_numpy(int),
                                       self.num_outputs, names=named)
-
-    def confusion(self, pred_df: pd.DataFrame) -> np.ndarray:
-        return confusion_matrix(pred_df["target"].to_numpy(int), pred_df["prediction"].to_numpy(int),
-                                self.num_outputs)
 
 
 def get_task(
