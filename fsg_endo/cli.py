@@ -19,7 +19,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set optim.epochs=3 (repeatable)")
     p.add_argument("--profile", default=None, help="apply a named profile of the config, e.g. 'paper'")
     p.add_argument("--smoke", action="store_true", help="a few steps on tiny data (for tests)")
-    p.add_argument("--data-root", default=None, help="dataset root of a real dataset (REAL-Colon or SUN layout)")
+    p.add_argument("--data-root", default=None, help="dataset root: REAL-Colon or SUN layout, or the images of an "
+                                                     "image_class experiment (data.root)")
     p.add_argument("--manifest", default=None, help="manifest CSV to train from")
     p.add_argument("--resume", default=None, metavar="RUN_ID", help="resume an MLflow run ('last' for the latest)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (MLFLOW_TRACKING_URI wins)")

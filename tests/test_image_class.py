@@ -48,9 +48,9 @@ def test_image_class_task_targets_predictions_and_metrics():
 
 
 def test_config_ties_image_class_to_image_sources():
-    with pytest.raises(FsgEndoError, match="task image_class does not read data.source=synthetic"):
+    with pytest.raises(FsgEndoError, match="task image_class does not read 'data.source' = synthetic"):
         load_config(EXP, ["data.source=synthetic"])
-    with pytest.raises(FsgEndoError, match="task size_regression does not read data.source=cifar100"):
+    with pytest.raises(FsgEndoError, match="task size_regression does not read 'data.source' = cifar100"):
         load_config("polyp_size_fsg", ["data.source=cifar100"])
     with pytest.raises(FsgEndoError, match="'model.box_features' must be false"):
         load_config(EXP, ["model.box_features=true"])

@@ -168,8 +168,8 @@ def infer(exp: str, args: argparse.Namespace, echo: Callable[[str], None] = prin
     loader = make_loader(image_dataset(images.test, info["mean"], info["std"]), 256)
     task = get_task(cfg["task"], class_names=names)
     table = predict(model, loader, task, torch.device("cpu"), use_box=False, desc="test")
-    echo(f"{model_file}: ViT {'with FSG ' if cfg['fsg']['enabled'] else ''}trained ({cfg['regularizer']}) on "
-         f"{info['source_read']}; gates folded into the weights for inference")
+    folded = "; gates folded into the weights for inference" if uses_gates(cfg["regularizer"]) else ""
+    echo(f"{model_file}: ViT trained with {cfg['regularizer']} on {info['source_read']}{folded}")
     columns = ["image_id", "target_name", "prediction_name", "confidence"]
     echo(table[columns].head(args.show).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     correct = int((table["target"] == table["prediction"]).sum())

@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validat
 
 Regularizer = Literal["none", "dropout", "fsg", "fsg_gr"]
 REGULARIZERS: tuple[str, ...] = Regularizer.__args__
-ImageSource = Literal["mnist", "imagenette", "cifar100"]  # the data sources of task image_class
-IMAGE_SOURCES: tuple[str, ...] = ImageSource.__args__
+DataSource = Literal["synthetic", "realcolon", "sun", "mnist", "imagenette", "cifar100"]
+IMAGE_SOURCES: tuple[str, ...] = DataSource.__args__[3:]  # the data sources of task image_class, the rest polyps
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -31,7 +31,7 @@ class Section(BaseModel):
 
 
 class Data(Section):
-    source: Literal["synthetic", "realcolon", "sun"] | ImageSource = "synthetic"  # image sources: task image_class
+    source: DataSource = "synthetic"
     root: str | None = None  # dataset root (synthetic: default cache folder .cache/synthetic_s{seed}_v{videos})
     manifest: str | None = None  # manifest CSV (default: built from root and cached beside it)
     sizes: str | None = None  # SUN only: CSV with case,size_mm
