@@ -14,12 +14,11 @@ import pandas as pd
 import pytest
 
 from fsg_endo.synth import dataset as synthetic
-from fsg_endo.engine.baselines import box_only_baseline
 from fsg_endo.synth.render import Camera, Optics, Renderer, look_at
-from fsg_endo.synth.scene import Patient, Polyp, build_wall
+from fsg_endo.synth.scene import SCALE_RANGE, Patient, Polyp, build_wall, sample_patient
 from fsg_endo.data.sizes import size_class3
 from fsg_endo.synth.dataset import ensure_synthetic, generate_dataset
-from fsg_endo.synth.video import lesion_boxes, sample_sizes
+from fsg_endo.synth.video import HISTOLOGY_LOOK, lesion_boxes, sample_optics, sample_polyps, sample_sizes
 from fsg_endo.errors import FsgEndoError
 
 SIZE = 128
@@ -204,24 +203,6 @@ def test_bad_parameters_are_user_errors(tmp_path: Path, kwargs: dict) -> None:
         generate_dataset(tmp_path / "ds", progress=False, **kwargs)
 
 
-def _manifest(box_side: np.ndarray, classes: np.ndarray) -> pd.DataFrame:
-    n = len(box_side)
-    lesion = np.arange(n) // 5
-    return pd.DataFrame({"video_id": [f"v{k % 10}" for k in lesion], "lesion_id": [f"l{k}" for k in lesion],
-                         "xmin": 10, "ymin": 10, "xmax": 10 + box_side, "ymax": 10 + box_side,
-                         "width": 256, "height": 256, "size_class3": classes})
-
-
-def test_box_only_baseline_detects_informative_and_useless_boxes() -> None:
-    rng = np.random.default_rng(0)
-    classes = np.repeat(rng.integers(0, 3, 120), 5)
-    informative = box_only_baseline(_manifest(np.array([8, 30, 90])[classes] + rng.integers(0, 3, 600), classes))
-    assert informative["balanced_accuracy"] > 0.95 and informative["lesion_balanced_accuracy"] > 0.95
-    useless = box_only_baseline(_manifest(rng.integers(6, 90, 600), classes))
-    assert useless["balanced_accuracy"] < 0.45 and useless["chance"] == pytest.approx(1 / 3)
-    assert useless["folds"] == 5 and useless["lesions"] == 120
-
-
 def test_manifest_reader_reads_the_synthetic_layout(tiny: Path) -> None:
     from fsg_endo.data.manifest import build_manifest
 
@@ -230,3 +211,52 @@ def test_manifest_reader_reads_the_synthetic_layout(tiny: Path) -> None:
     assert len(df) == lesions["num_frames"].sum()
     sizes = dict(zip(lesions["unique_object_id"], lesions["size [mm]"]))
     assert np.allclose(df["size_mm"], df["lesion_id"].map(sizes))
+
+
+def test_videos_differ_in_texture_scale_and_calibre(tiny: Path) -> None:
+    videos = pd.read_csv(tiny / "video_info.csv")
+    for column in ("texture_scale", "vessel_calibre"):
+        assert videos[column].between(*SCALE_RANGE).all() and videos[column].nunique() == len(videos)
+    draws = np.array([[p.texture_scale, p.vessel_calibre] for p in
+                      (sample_patient(np.random.default_rng(s)) for s in range(400))])
+    # log-uniform over the whole range: log quartiles where a log-uniform draw puts them
+    quartiles = np.quantile(np.log(draws), [0.25, 0.5, 0.75], axis=0)
+    expected = np.log(SCALE_RANGE[0]) + np.array([0.25, 0.5, 0.75]) * np.log(SCALE_RANGE[1] / SCALE_RANGE[0])
+    assert np.allclose(quartiles, expected[:, None], atol=0.06)
+    assert abs(np.corrcoef(draws.T)[0, 1]) < 0.2  # calibre and scale are drawn independently
+
+
+def _mucosa_gradient_energy(texture_scale: float) -> float:
+    """Mean squared gradient of a wall's albedo without polyps: larger for finer texture."""
+    patient = Patient(radius_mm=20.0, mucosa=(0.12, 0.22, 0.85), vessel=(0.05, 0.04, 0.35), vessel_contrast=0.8,
+                      fold_height_mm=3.0, fold_spacing_mm=30.0, texture_scale=texture_scale)
+    albedo = build_wall(np.random.default_rng(0), patient, 0.0, 60.0, []).albedo[..., 2].astype(float)
+    return float(np.mean(np.diff(albedo, axis=0) ** 2) + np.mean(np.diff(albedo, axis=1) ** 2))
+
+
+def test_texture_scale_changes_the_rendered_mucosa() -> None:
+    fine, coarse = _mucosa_gradient_energy(SCALE_RANGE[0]), _mucosa_gradient_energy(SCALE_RANGE[1])
+    assert fine > 1.5 * coarse  # half the texel spacing: about 4x the gradient energy in theory
+
+
+def test_polyps_vary_within_each_histology() -> None:
+    patient = sample_patient(np.random.default_rng(0))
+    polyps = [p for s in range(60) for p in sample_polyps(np.random.default_rng(s), "001-001", 5, patient)]
+    for histology, look in HISTOLOGY_LOOK.items():
+        group = [p for p in polyps if p.histology == histology]
+        assert len(group) >= 5, histology
+        pit = np.array([p.pit_mm for p in group]) / look[3]
+        assert pit.min() >= SCALE_RANGE[0] - 1e-9 and pit.max() <= SCALE_RANGE[1] + 1e-9
+        assert np.log(pit).std() > 0.1  # a real spread, not one pit scale per histology
+        lines = np.array([p.pit_lines for p in group])
+        assert look[4][0] <= lines.min() and lines.max() <= look[4][1] and lines.std() > 0.05
+        colours = np.array([p.color for p in group])
+        assert (colours.std(axis=0) / colours.mean(axis=0) > 0.05).all()
+
+
+def test_videos_differ_in_light_and_exposure() -> None:
+    optics = [sample_optics(np.random.default_rng(s), site=0) for s in range(50)]
+    for name, low, high in (("reference_mm", 14.0, 28.0), ("exposure_strength", 0.5, 0.9),
+                            ("exposure_target", 0.25, 0.45), ("vignetting", 1.0, 2.0)):
+        values = np.array([getattr(o, name) for o in optics])
+        assert values.min() >= low and values.max() <= high and values.std() > 0.1 * (high - low), name

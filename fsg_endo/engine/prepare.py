@@ -107,6 +107,27 @@ def check_batch(cfg: Mapping[str, Any], num_replicas: int) -> None:
         raise FsgEndoError(f"optim.batch_size = {batch} is not divisible by the {num_replicas} training processes")
 
 
+@dataclass
+class Splits:
+    """The rows of one run: dataset root, manifest hash, and the train/val/test rows (evaluation capped)."""
+
+    root: Path
+    manifest_sha256: str
+    splits: dict[str, pd.DataFrame]
+
+
+def prepare_splits(cfg: Mapping[str, Any]) -> Splits:
+    """Dataset (generated on first use), manifest and the low-data split of a config, without any crop."""
+    data, seed = cfg["data"], cfg["seed"]
+    root = dataset_root(data, seed)
+    mpath = manifest_path(data, root, seed)
+    manifest = load_manifest(mpath, root=root)
+    splits = make_splits(manifest, data["test_fold"], data["val_fold"], data["train_fraction"], seed=seed)
+    for name in ("val", "test"):
+        splits[name] = cap_frames_per_lesion(splits[name], data["eval_frames_per_lesion"])
+    return Splits(root, hashlib.sha256(mpath.read_bytes()).hexdigest(), splits)
+
+
 def prepare_data(cfg: Mapping[str, Any], num_replicas: int = 1, rank: int = 0) -> DataBundle:
     """Dataset, manifest, low-data split, train statistics, datasets and loaders for one run.
 
@@ -118,12 +139,8 @@ def prepare_data(cfg: Mapping[str, Any], num_replicas: int = 1, rank: int = 0) -
     check_batch(cfg, num_replicas)
     data, seed = cfg["data"], cfg["seed"]
     batch = cfg["optim"]["batch_size"]
-    root = dataset_root(data, seed)
-    mpath = manifest_path(data, root, seed)
-    manifest = load_manifest(mpath, root=root)
-    splits = make_splits(manifest, data["test_fold"], data["val_fold"], data["train_fraction"], seed=seed)
-    for name in ("val", "test"):
-        splits[name] = cap_frames_per_lesion(splits[name], data["eval_frames_per_lesion"])
+    rows = prepare_splits(cfg)
+    root, splits = rows.root, rows.splits
 
     crop = {"image_size": data["image_size"], "context": data["context"], "fov_mask": data["fov_mask"]}
     mean, std = compute_mean_std(splits["train"], root, **crop)
@@ -138,7 +155,7 @@ def prepare_data(cfg: Mapping[str, Any], num_replicas: int = 1, rank: int = 0) -
     for name in ("val", "test") if rank == 0 else ():
         ds = build_dataset(splits[name], root, train=False, seed=seed, **common)
         loaders[name] = make_loader(ds, batch * 2, workers=data["workers"], seed=seed)
-    return DataBundle(root=root, manifest_sha256=hashlib.sha256(mpath.read_bytes()).hexdigest(),
+    return DataBundle(root=root, manifest_sha256=rows.manifest_sha256,
                       splits=splits, summary=split_summary(splits), sampler=sampler, loaders=loaders)
 
 

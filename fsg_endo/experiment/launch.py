@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import pandas as pd
 
 from fsg_endo.data.image_folders import check_image_root
+from fsg_endo.engine.baselines import baseline_metrics, baseline_of
 from fsg_endo.engine.distributed import DistContext, init_distributed, shutdown
 from fsg_endo.engine.interrupt import RunInterrupted, StopSignals
 from fsg_endo.errors import FsgEndoError
@@ -27,12 +28,15 @@ REPORT_METRICS = {
 }
 
 
-def results_table(results: Mapping[str, float], metrics: list[str]) -> pd.DataFrame:
-    """Rows: metrics; columns: frame/lesion x val/test."""
+def results_table(results: Mapping[str, float], metrics: list[str],
+                  baseline: Mapping[str, float] | None = None) -> pd.DataFrame:
+    """Rows: metrics; columns: frame/lesion x val/test, and the appearance baseline's lesion/test if given."""
     cols = {f"{level}/{split}": f"{prefix}{split}/" for level, prefix in (("frame", ""), ("lesion", "lesion/"))
             for split in ("val", "test")}
     table = pd.DataFrame({col: [results.get(p + m, float("nan")) for m in metrics] for col, p in cols.items()},
                          index=metrics)
+    if baseline is not None:
+        table["appearance baseline lesion/test"] = [baseline.get(f"lesion/test/{m}", float("nan")) for m in metrics]
     return table.dropna(axis=1, how="all")  # image_class has no lesion level
 
 
@@ -132,8 +136,13 @@ def _run(args: argparse.Namespace, cfg: dict[str, Any], uri: str, ctx: DistConte
         run_dir = resume.run_dir if resume else run_dir_for(cfg, tracker.run_id)
         results = execute(cfg, tracker, run_dir, ctx, stop)
         if ctx.is_main:
-            print(f"\n{cfg['name']} ({run_name(cfg)}), run {tracker.run_id}; best epoch {results['best_epoch']:.0f}; "
-                  f"checkpoints in {run_dir}")
-            print(results_table(results, REPORT_METRICS[cfg["task"]]).to_string(float_format=lambda v: f"{v:.3f}"))
+            trained = not baseline_of(cfg["regularizer"])
+            # the same rows, so the model's lesion/test column and the baseline's compare directly
+            polyps = trained and cfg["task"] != "image_class"
+            baseline = baseline_metrics(cfg, "appearance")[0] if polyps else None
+            best = f"; best epoch {results['best_epoch']:.0f}; checkpoints in {run_dir}" if trained else ""
+            print(f"\n{cfg['name']} ({run_name(cfg)}), run {tracker.run_id}{best}")
+            print(results_table(results, REPORT_METRICS[cfg["task"]], baseline).to_string(
+                float_format=lambda v: f"{v:.3f}"))
     if ctx.is_main:
         print(f"\nMLflow UI: {ui_hint(uri)}")

@@ -80,17 +80,21 @@ def end_run(tracker: Tracker | NullTracker, status: str) -> None:
 def execute(cfg: Mapping[str, Any], tracker: Tracker | NullTracker, run_dir: Path, ctx: DistContext = SINGLE,
             stop: StopSignals | None = None) -> dict[str, float]:
     """Prepare data, train (resuming from ``run_dir``'s checkpoint if any) and test inside an open run;
-    the run ends FINISHED, FAILED or KILLED."""
+    the run ends FINISHED, FAILED or KILLED. A baseline arm fits its scikit-learn model instead (rank 0)."""
+    from fsg_endo.engine.baselines import baseline_of, fit_baseline
     from fsg_endo.engine.prepare import prepare_data
     from fsg_endo.engine.train import fit
 
     try:
         if ctx.is_main:
             record_config(cfg, tracker, run_dir)
-        data = ctx.main_first(lambda: prepare_data(cfg, ctx.world_size, ctx.rank))
-        if ctx.is_main:
-            record_data(data, tracker, run_dir)
-        results = fit(cfg, data, tracker, run_dir, ctx, stop)
+        if baseline_of(cfg["regularizer"]):
+            results = fit_baseline(cfg, tracker) if ctx.is_main else {}
+        else:
+            data = ctx.main_first(lambda: prepare_data(cfg, ctx.world_size, ctx.rank))
+            if ctx.is_main:
+                record_data(data, tracker, run_dir)
+            results = fit(cfg, data, tracker, run_dir, ctx, stop)
     except KeyboardInterrupt:
         end_run(tracker, "KILLED")
         raise

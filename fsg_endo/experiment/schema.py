@@ -11,7 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
-Regularizer = Literal["none", "dropout", "fsg", "fsg_gr"]
+# baseline_*: the scikit-learn baselines of fsg_endo.engine.baselines, run as arms (no network)
+Regularizer = Literal["none", "dropout", "fsg", "fsg_gr", "baseline_box", "baseline_appearance"]
 REGULARIZERS: tuple[str, ...] = Regularizer.__args__
 DataSource = Literal["synthetic", "realcolon", "sun", "mnist", "imagenette", "cifar100"]
 IMAGE_SOURCES: tuple[str, ...] = DataSource.__args__[3:]  # the data sources of task image_class, the rest polyps
@@ -173,6 +174,8 @@ class Config(Section):
                              f"{', '.join(IMAGE_SOURCES)}, the polyp tasks the other sources")
         if self.task == "image_class" and model.box_features:
             raise ValueError("'model.box_features' must be false for task image_class (images have no box)")
+        if self.task == "image_class" and self.regularizer.startswith("baseline_"):
+            raise ValueError(f"regularizer {self.regularizer} is a polyp sizing baseline; task image_class has none")
         if optim.warmup_epochs > optim.epochs:
             raise ValueError(f"'optim.warmup_epochs' = {optim.warmup_epochs} exceeds 'optim.epochs' = {optim.epochs}")
         return self

@@ -25,7 +25,7 @@ from fsg_endo.data.sizes import CLASS3_NAMES, size_class3
 from fsg_endo.synth.video import VideoSpec, render_video
 from fsg_endo.errors import FsgEndoError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 DEFAULT_VIDEOS = 36
 DEFAULT_IMAGE_SIZE = 256
 SITES = 4

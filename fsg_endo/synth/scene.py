@@ -1,7 +1,8 @@
 """The procedural colon of one video: wall geometry, mucosa texture and polyps, as (z, theta) tables.
 
-All lengths are physical (mm) and textures have a fixed physical scale, so a camera that comes
-closer sees larger vessels: the texture around a polyp is a ruler for the polyp's size.
+All lengths are physical (mm). Texture scales are physical too, but drawn per patient (vessel spacing
+and calibre, mucosal grain) and per polyp (pit scale and pattern), so no texture is a ruler of one
+fixed length across videos: the size must be read from the scene, not from one texel.
 """
 
 from __future__ import annotations
@@ -13,6 +14,12 @@ import numpy as np
 
 TEXEL_MM = 0.2
 THETA_STEP = 120  # n_theta is a multiple of this, so periodic noise cells divide it
+SCALE_RANGE = (0.7, 1.4)  # log-uniform factor of a patient's texture scales and vessel calibre
+
+
+def log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    """A draw whose logarithm is uniform between log ``low`` and log ``high``."""
+    return float(np.exp(rng.uniform(np.log(low), np.log(high))))
 
 
 @dataclass(frozen=True)
@@ -25,6 +32,8 @@ class Patient:
     vessel_contrast: float
     fold_height_mm: float
     fold_spacing_mm: float
+    texture_scale: float = 1.0  # multiplies every mucosal texture cell (vessel spacing, grain, relief)
+    vessel_calibre: float = 1.0  # multiplies the vessel line width
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,9 @@ class Polyp:
     orientation: float  # major axis angle on the unrolled wall
     color: tuple[float, float, float]  # linear BGR albedo
     histology: str = "AD"
+    pit_mm: float = 0.6  # cell of the pit pattern on the dome
+    pit_contrast: float = 0.2
+    pit_lines: float = 0.0  # surface pattern: 0 round pits (spots) ... 1 gyrus-like lines
 
 
 @dataclass
@@ -76,12 +88,14 @@ class Wall:
 
 
 def sample_patient(rng: np.random.Generator) -> Patient:
-    """Draw one colon's anatomy and colours (patients differ in calibre, folds, mucosa tint, vessels)."""
+    """Draw one colon's anatomy and colours (patients differ in calibre, folds, mucosa tint, vessels,
+    texture scale and vessel calibre)."""
     mucosa = np.array([0.12, 0.22, 0.85]) * rng.uniform(0.85, 1.15, 3)
     vessel = np.array([0.05, 0.04, 0.35]) * rng.uniform(0.7, 1.3, 3)
     return Patient(radius_mm=float(rng.uniform(17.0, 24.0)), mucosa=tuple(mucosa), vessel=tuple(vessel),
                    vessel_contrast=float(rng.uniform(0.6, 1.0)), fold_height_mm=float(rng.uniform(2.5, 6.0)),
-                   fold_spacing_mm=float(rng.uniform(20.0, 32.0)))
+                   fold_spacing_mm=float(rng.uniform(20.0, 32.0)), texture_scale=log_uniform(rng, *SCALE_RANGE),
+                   vessel_calibre=log_uniform(rng, *SCALE_RANGE))
 
 
 def _divisor_near(n: int, target: float) -> int:
@@ -157,6 +171,13 @@ def _vessels(rng: np.random.Generator, shape: tuple[int, int], cell_mm: float, w
     return lines * fade
 
 
+def _pit_pattern(rng: np.random.Generator, shape: tuple[int, int], polyp: Polyp) -> np.ndarray:
+    """The dome's surface pattern: round pits (noise) blended with gyrus-like lines, zero mean, ~unit std."""
+    spots = periodic_noise(rng, shape, polyp.pit_mm)
+    lines = 3.0 * (np.exp(-(periodic_noise(rng, shape, 2.0 * polyp.pit_mm) / 0.3) ** 2) - 0.2)
+    return np.float32(1.0 - polyp.pit_lines) * spots + np.float32(polyp.pit_lines) * lines
+
+
 def build_wall(rng: np.random.Generator, patient: Patient, z_start: float, z_end: float,
                polyps: list[Polyp]) -> Wall:
     """Tables of the colon between ``z_start`` and ``z_end`` (mm), with the polyps on its wall."""
@@ -170,10 +191,11 @@ def build_wall(rng: np.random.Generator, patient: Patient, z_start: float, z_end
     twist = periodic_noise(rng, (z.size, THETA_STEP), 60.0)[:, :1]
     radius = radius_mean * (1.0 + 0.12 * profile + 0.06 * np.cos(3 * theta[None, :] + 0.3 * twist))
     radius -= _fold_relief(rng, patient, z, theta, polyps)
-    radius -= 0.12 * periodic_noise(rng, shape, 2.4) + 0.05 * periodic_noise(rng, shape, 0.6)
+    k, w = patient.texture_scale, patient.vessel_calibre
+    radius -= 0.12 * periodic_noise(rng, shape, 2.4 * k) + 0.05 * periodic_noise(rng, shape, 0.6 * k)
 
-    shade = 1.0 + 0.10 * periodic_noise(rng, shape, 6.0) + 0.06 * periodic_noise(rng, shape, 0.6)
-    veins = np.maximum(_vessels(rng, shape, 4.8, 0.12), 0.6 * _vessels(rng, shape, 1.2, 0.15))
+    shade = 1.0 + 0.10 * periodic_noise(rng, shape, 6.0 * k) + 0.06 * periodic_noise(rng, shape, 0.6 * k)
+    veins = np.maximum(_vessels(rng, shape, 4.8 * k, 0.12 * w), 0.6 * _vessels(rng, shape, 1.2 * k, 0.15 * w))
     veins *= np.float32(patient.vessel_contrast)
     planes = [np.float32(m) * shade * (1.0 - veins) + np.float32(v) * veins
               for m, v in zip(patient.mucosa, patient.vessel)]
@@ -187,7 +209,7 @@ def build_wall(rng: np.random.Generator, patient: Patient, z_start: float, z_end
         radius[rows] -= polyp.height_mm * np.clip(1.0 - q * q, 0.0, 1.0)
         inside = np.clip((1.0 - q) / 0.15, 0.0, 1.0)
         coverage[rows] = np.maximum(coverage[rows], inside)
-        pits = 1.0 + 0.2 * periodic_noise(rng, (rows.size, n_theta), 0.6)
+        pits = 1.0 + polyp.pit_contrast * _pit_pattern(rng, (rows.size, n_theta), polyp)
         for plane, color in zip(planes, polyp.color):
             plane[rows] += inside * (pits * np.float32(color) - plane[rows])
         wetness[rows] = np.maximum(wetness[rows], inside)

@@ -10,7 +10,8 @@ import numpy as np
 
 from fsg_endo.synth.camera_path import CameraPath, plan_path
 from fsg_endo.synth.render import Camera, Frame, Optics, Pose, Renderer
-from fsg_endo.synth.scene import Patient, Polyp, Wall, build_wall, polyp_points, sample_patient
+from fsg_endo.synth.scene import (SCALE_RANGE, Patient, Polyp, Wall, build_wall, log_uniform, polyp_points,
+                                  sample_patient)
 from fsg_endo.errors import FsgEndoError
 
 SIZE_LOGNORMAL = (1.513, 0.762)  # median 4.5 mm; ~55 % <= 5 mm, ~15 % >= 10 mm
@@ -19,8 +20,10 @@ MIN_BOX_PX = 6
 MIN_VISIBLE_SHARE = 0.5  # of the polyp's projected outline; less (FOV edge, occluded) is not annotated
 MIN_BRIGHTNESS = 40  # mean 8-bit intensity; darker polyps (deep in the dark lumen) are not annotated
 EXPOSURE_SHARE = 0.5  # of the frame interval: image motion during it becomes motion blur
-# Per histology: range of the blue/green tint relative to the mucosa (low: redder), dome height / radius.
-HISTOLOGY_LOOK = {"AD": (0.6, 0.95, 0.85), "HP": (1.05, 1.4, 0.6), "SSL": (0.95, 1.25, 0.45)}
+# Per histology: range of the blue/green tint relative to the mucosa (low: redder), dome height / radius,
+# median pit cell (mm) and the range of the surface pattern (0 round pits ... 1 gyrus-like lines).
+HISTOLOGY_LOOK = {"AD": (0.6, 0.95, 0.85, 0.6, (0.3, 1.0)), "HP": (1.05, 1.4, 0.6, 0.45, (0.0, 0.5)),
+                  "SSL": (0.95, 1.25, 0.45, 0.8, (0.0, 0.7))}
 SITE_WHITE_BALANCE = ((1.0, 1.0, 1.0), (1.06, 0.98, 0.96), (0.95, 1.02, 1.04), (1.02, 0.95, 1.03))
 
 
@@ -54,13 +57,16 @@ def sample_polyps(rng: np.random.Generator, video: str, n: int, patient: Patient
     polyps = []
     for k, (size, zk) in enumerate(zip(sample_sizes(rng, n), z), start=1):
         histology = _histology(rng, size)
-        low, high, flatness = HISTOLOGY_LOOK[histology]
+        low, high, flatness, pit_mm, lines = HISTOLOGY_LOOK[histology]
         tint = np.array([rng.uniform(low, high), rng.uniform(low, high), rng.uniform(0.95, 1.1)])
+        tint *= rng.uniform(0.85, 1.15)  # lighter or darker lesions of the same hue
         polyps.append(Polyp(lesion_id=f"{video}_{k}", size_mm=float(size), z=float(zk),
                             theta=float(rng.uniform(0, 2 * np.pi)),
                             height_mm=float(size / 2 * flatness * rng.uniform(0.6, 1.0)),
                             aspect=float(rng.uniform(0.75, 1.0)), orientation=float(rng.uniform(0, np.pi)),
-                            color=tuple(np.asarray(patient.mucosa) * tint), histology=histology))
+                            color=tuple(np.asarray(patient.mucosa) * tint), histology=histology,
+                            pit_mm=pit_mm * log_uniform(rng, *SCALE_RANGE), pit_contrast=float(rng.uniform(0.1, 0.3)),
+                            pit_lines=float(rng.uniform(*lines))))
     return polyps
 
 
@@ -72,9 +78,15 @@ def _histology(rng: np.random.Generator, size_mm: float) -> str:
 
 
 def sample_optics(rng: np.random.Generator, site: int) -> Optics:
-    """Light and lens of one video; the white balance is the site's endoscope processor."""
+    """Light, exposure and lens of one video; the white balance is the site's endoscope processor.
+
+    Light power, vignetting and the auto-exposure's target and strength differ between videos, so the
+    brightness at a given distance is no fixed ruler either.
+    """
     return Optics(gain=float(rng.uniform(0.85, 1.15)),
                   white_balance=SITE_WHITE_BALANCE[site % len(SITE_WHITE_BALANCE)],
+                  reference_mm=log_uniform(rng, 14.0, 28.0), vignetting=float(rng.uniform(1.0, 2.0)),
+                  exposure_target=float(rng.uniform(0.25, 0.45)), exposure_strength=float(rng.uniform(0.5, 0.9)),
                   specular=float(rng.uniform(0.4, 0.8)), shininess=float(rng.uniform(150.0, 400.0)),
                   focus_mm=float(rng.uniform(15.0, 30.0)), defocus=float(rng.uniform(0.4, 0.8)))
 
@@ -204,7 +216,8 @@ def render_video(spec: VideoSpec, root: Path) -> dict:
 def _video_record(spec: VideoSpec, n_frames: int, patient: Patient) -> dict:
     return {"unique_video_name": spec.name, "fps": spec.fps, "num_frames": n_frames,
             "endoscope_brand": f"synthetic-{spec.site % len(SITE_WHITE_BALANCE)}", "site": f"{spec.site + 1:03d}",
-            "width": spec.width, "height": spec.height, "colon_radius_mm": round(patient.radius_mm, 2)}
+            "width": spec.width, "height": spec.height, "colon_radius_mm": round(patient.radius_mm, 2),
+            "texture_scale": round(patient.texture_scale, 4), "vessel_calibre": round(patient.vessel_calibre, 4)}
 
 
 def _lesion_record(spec: VideoSpec, polyp: Polyp, frames: list[int]) -> dict:
@@ -212,4 +225,4 @@ def _lesion_record(spec: VideoSpec, polyp: Polyp, frames: list[int]) -> dict:
             "site": f"{spec.site + 1:03d}", "histology_class": polyp.histology,
             "num_frames": len(frames), "first_frame": frames[0] if frames else -1,
             "last_frame": frames[-1] if frames else -1,
-            "height_mm": round(polyp.height_mm, 2)}
+            "height_mm": round(polyp.height_mm, 2), "pit_mm": round(polyp.pit_mm, 3)}

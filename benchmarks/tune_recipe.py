@@ -1,0 +1,101 @@
+"""Choose the CPU default recipe of ``polyp_size_fsg`` on validation folds only (issue 11).
+
+Every candidate (a list of ``--set`` overrides) is trained once per validation fold with test fold 0
+held out of training *and* of the choice: the CSV gets lesion-level validation metrics of the best
+epoch only, beside the appearance baseline's on the same validation rows. Test metrics are read once,
+afterwards, by ``benchmarks/test_folds.py`` for the chosen recipe.
+
+    python benchmarks/tune_recipe.py --out tune.csv [--val-folds 1 2 3 4] [--candidates default ctx1 ...]
+
+Each run is a subprocess of ``experiments/run.py`` (its own MLflow store under the output folder); set
+``FSG_ENDO_CACHE`` to share the generated dataset between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+QUIET = ["tracking.log_model=false", "tracking.plots=false"]
+CANDIDATES: dict[str, list[str]] = {
+    "default": [],
+    "context1": ["data.context=1.0"],
+    "unweighted": ["loss.main_weights=[1,1,1]", "loss.gate_weights=[1,1,1]"],
+    "lr1e-3": ["optim.lr=1e-3"],
+    "long": ["optim.epochs=25", "data.frames_per_lesion=12"],
+}
+LESION_VAL = ("mae", "cls3_balanced_accuracy")
+
+
+def best_epoch_metrics(uri: str) -> dict[str, float]:
+    """Lesion-level validation metrics at the run's best epoch (the only run of the store)."""
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run = client.search_runs([client.get_experiment_by_name("polyp_size_fsg").experiment_id])[0]
+    best = int(run.data.metrics["best_epoch"])
+    step = {int(m.value): m.step for m in client.get_metric_history(run.info.run_id, "epoch")}[best]
+    out = {"best_epoch": best}
+    for name in LESION_VAL:
+        values = {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"lesion/val/{name}")}
+        out[f"lesion/val/{name}"] = values[step]
+    return out
+
+
+def run_candidate(name: str, overrides: list[str], val_fold: int, work: Path) -> dict:
+    """Train one candidate with validation fold ``val_fold`` (test fold 0 left out); its validation metrics."""
+    folder = work / f"{name}_v{val_fold}"
+    folder.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    sets = [*QUIET, *overrides, "data.test_fold=0", f"data.val_fold={val_fold}"]
+    args = [sys.executable, str(REPO / "experiments" / "run.py"), "--exp", "polyp_size_fsg"]
+    for item in sets:
+        args += ["--set", item]
+    start = time.perf_counter()
+    with open(folder / "log.txt", "w") as log:  # holds the test column too: not read while choosing
+        proc = subprocess.run(args, cwd=folder, env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+                              stdout=log, stderr=subprocess.STDOUT)
+    row = {"candidate": name, "val_fold": val_fold, "overrides": " ".join(overrides),
+           "seconds": round(time.perf_counter() - start, 1), "load_1min": round(os.getloadavg()[0], 2)}
+    return row | (best_epoch_metrics(uri) if proc.returncode == 0 else {"failed": proc.returncode})
+
+
+def baseline_rows(val_folds: list[int]) -> list[dict]:
+    """The appearance baseline on the same validation rows (trained on the same training folds)."""
+    from fsg_endo.engine.baselines import baseline_metrics
+    from fsg_endo.experiment.config import load_config
+
+    rows = []
+    for v in val_folds:
+        cfg = load_config("polyp_size_fsg", ["data.test_fold=0", f"data.val_fold={v}"])
+        metrics = baseline_metrics(cfg, "appearance")[0]
+        rows.append({"candidate": "baseline_appearance", "val_fold": v}
+                    | {f"lesion/val/{m}": metrics[f"lesion/val/{m}"] for m in LESION_VAL})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="CSV of results (rewritten after every run)")
+    parser.add_argument("--val-folds", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    args = parser.parse_args()
+    out = Path(args.out)
+    rows = baseline_rows(args.val_folds)
+    pd.DataFrame(rows).to_csv(out, index=False)
+    for v in args.val_folds:  # fold-major: every candidate gets each fold before the next fold
+        for name in args.candidates:
+            rows.append(run_candidate(name, CANDIDATES[name], v, out.parent / "tune_runs"))
+            pd.DataFrame(rows).to_csv(out, index=False)
+    table = pd.DataFrame(rows)
+    print(table.groupby("candidate")[[f"lesion/val/{m}" for m in LESION_VAL]].agg(["mean", "std", "count"]))
+
+
+if __name__ == "__main__":
+    main()
