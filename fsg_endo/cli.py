@@ -1,4 +1,4 @@
-"""The ``fsg-endo`` command: ``run``, ``synth``, ``manifest``, ``compare``.
+"""The ``fsg-endo`` command: ``run``, ``synth``, ``manifest``, ``compare``, ``report``.
 
 Each subcommand parses its arguments here and calls one function of the package. Expected user
 errors (:class:`FsgEndoError`) become one line on stderr and exit code 2, without a traceback.
@@ -57,6 +57,15 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from fsg_endo.experiment.report import report_table
+
+    table = report_table(args.exp, tracking_uri=args.tracking_uri, metric=args.metric, reference=args.reference,
+                         parent_run_id=args.parent)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fsg-endo", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default=None, help="metric to tabulate (default: the task's main test metric)")
     p.add_argument("--tracking-uri", default=None)
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser("report", help="paired statistics of a sweep's arms against reference arms, per train fraction")
+    p.add_argument("--exp", required=True)
+    p.add_argument("--metric", default=None, help="metric to test (default: the task's main test metric)")
+    p.add_argument("--reference", default=None, help="compare against this arm only (default: fsg_gr and none)")
+    p.add_argument("--parent", default=None, metavar="RUN_ID", help="the sweep's parent run (default: the latest)")
+    p.add_argument("--tracking-uri", default=None)
+    p.set_defaults(func=_report)
     return parser
 
 

@@ -50,7 +50,7 @@ def analysis_store(tmp_path_factory, data_cache) -> dict:
     """Smoke runs for the analysis notebooks and ``fsg-endo compare``, in one SQLite store.
 
     ``polyp_size_fsg`` trained with ``fsg`` and then with ``fsg_gr`` (the latest), two epochs each, and a
-    smoke ``regularization_sweep`` (4 regularisers x 2 train fractions) of one epoch. No models are logged.
+    smoke ``regularization_sweep`` (its regularisers x 2 train fractions) of one epoch. No models are logged.
     """
     work = tmp_path_factory.mktemp("analysis_store")
     uri = f"sqlite:///{work / 'mlflow.db'}"

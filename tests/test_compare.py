@@ -14,6 +14,8 @@ from fixtures_mlflow import METRIC, OLD_CHILD, SWEEP
 
 from fsg_endo.cli import main
 from fsg_endo.experiment.compare import compare_table
+from fsg_endo.experiment.config import load_config
+from fsg_endo.experiment.sweep import child_configs
 
 
 def _expected(rows) -> dict:
@@ -87,11 +89,12 @@ def test_smoke_sweep_table(analysis_store):
     client = mlflow.MlflowClient(tracking_uri=analysis_store["uri"])
     exp = client.get_experiment_by_name("regularization_sweep")
     children = client.search_runs([exp.experiment_id], "tags.`mlflow.parentRunId` != ''")
-    assert len(children) == 8
+    expected = len(list(child_configs(load_config("regularization_sweep", smoke=True))))
+    assert len(children) == expected
     lines = proc.stdout.splitlines()
     assert "lesion/test/mae mean" in lines[0]
     rows = lines[2:]
-    assert len(rows) == 8
+    assert len(rows) == expected
     for run in children:
         reg, frac = run.data.tags["regularizer"], float(run.data.params["data.train_fraction"])
         value = f"{run.data.metrics[METRIC]:.6f}"

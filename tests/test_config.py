@@ -100,14 +100,15 @@ def test_set_values_read_as_yaml(configs):
     assert cfg["sweep"]["folds"] == [0, 2] and cfg["data"]["fov_mask"] is False and cfg["name"] == "x"
 
 
-@pytest.mark.parametrize("regularizer, fsg, gr", [("none", False, False), ("dropout", False, False),
-                                                  ("fsg", True, False), ("fsg_gr", True, True)])
-def test_derived_facts_are_params_not_keys(configs, regularizer, fsg, gr):
+@pytest.mark.parametrize("regularizer, fsg, gr, accumulate", [
+    ("none", False, False, False), ("dropout", False, False, False), ("fsg", True, False, False),
+    ("fsg_gr", True, True, False), ("fsg_frozen", True, False, False), ("fsg_gr_release", True, True, True)])
+def test_derived_facts_are_params_not_keys(configs, regularizer, fsg, gr, accumulate):
     configs("exp", f"regularizer: {regularizer}\n")
     cfg = load_config("exp")
     assert "fsg" not in cfg and "enabled" not in cfg["gr"]
     params = run_params(cfg)
-    assert (params["fsg.enabled"], params["gr.enabled"]) == (fsg, gr)
+    assert (params["fsg.enabled"], params["gr.enabled"], params["gr.accumulate_gate_pass_grads"]) == (fsg, gr, accumulate)
 
 
 @pytest.mark.parametrize("yaml_text, expected", [
@@ -152,6 +153,14 @@ def test_yaml_errors_name_the_file_and_key(configs, yaml_text, expected):
     ("task=size", ["--set task=size", "size_regression"]),
     ("fsg.enabled=true", ["--set", "'fsg.enabled'", "derives from 'regularizer'"]),
     ("sweep.regularizers=[none, l1]", ["'sweep.regularizers'", "fsg_gr", "'l1'"]),
+    ("sweep.grid={gr.gate_lrr: [0.1]}", ["sweep.grid", "'gr.gate_lrr'", "did you mean 'gr.gate_lr'"]),
+    ("sweep.grid={gr.gate_lr: [0.1, -1]}", ["sweep.grid['gr.gate_lr']", "> 0", "-1"]),
+    ("sweep.grid={gr.gate_lr: [0.1, 0.1]}", ["sweep.grid['gr.gate_lr']", "twice"]),
+    ("sweep.grid={optim.epochs: 3}", ["sweep.grid['optim.epochs']", "non-empty list"]),
+    ("sweep.grid={optim.epochs: [2, two]}", ["sweep.grid['optim.epochs']", "int", "'two'"]),
+    ("sweep.grid={seed: [0, 1]}", ["sweep.grid['seed']", "already an axis"]),
+    ("sweep.grid={fsg.enabled: [true]}", ["sweep.grid['fsg.enabled']", "derives from 'regularizer'"]),
+    ("sweep.grid=[gr.gate_lr]", ["'sweep.grid'", "dict"]),
 ])
 def test_set_errors_name_set_and_key(configs, override, expected):
     configs("exp", "{}\n")
@@ -264,3 +273,22 @@ def test_constraints_are_stated_in_the_error(configs, override, rule):
     configs("exp", "{}\n")
     message = _error("exp", overrides=[override])
     assert f"'{override.split('=')[0]}'" in message and rule in message
+
+
+def test_sweep_grid_expands_into_children_named_by_their_values(configs):
+    from fsg_endo.experiment.runs import run_name
+    from fsg_endo.experiment.sweep import child_configs
+
+    configs("exp", "sweep:\n  regularizers: [none, fsg_gr]\n  train_fractions: [0.5]\n  folds: [0, 1]\n")
+    cfg = load_config("exp", ["sweep.grid={gr.gate_lr: [1e-3, 1e-1], model.depth: [2, 3]}"])
+    assert cfg["sweep"]["grid"] == {"gr.gate_lr": [0.001, 0.1], "model.depth": [2, 3]}
+    children = list(child_configs(cfg))
+    assert len(children) == 2 * 4 * 2  # regularizers x grid points x folds
+    points = {(c["regularizer"], c["gr"]["gate_lr"], c["model"]["depth"], c["data"]["test_fold"]) for c in children}
+    assert len(points) == len(children)
+    names = [run_name(c) for c in children]
+    assert len(set(names)) == len(names)  # a child's name is its resume key
+    child = next(c for c in children if c["gr"]["gate_lr"] == 0.1 and c["model"]["depth"] == 3)
+    assert run_name(child).endswith("-gr.gate_lr=0.1,model.depth=3")
+    assert flatten_config(child)["gr.gate_lr"] == 0.1 and flatten_config(child)["model.depth"] == 3
+    assert run_name(load_config("exp")) == "fsg_gr-frac1-fold0-seed0"  # no grid, no suffix

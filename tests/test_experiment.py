@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from conftest import run_cli
 
+from fsg_endo.experiment.report import COLUMNS
 from fsg_endo.tracking.tracker import resolve_tracking_uri
 
 
@@ -45,8 +46,8 @@ def test_smoke_run_logs_spec_names(smoke_store):
     assert len(history) == 2 and len({m.step for m in history}) == 2  # one per epoch, distinct steps
 
     files = _artifacts(client, run.info.run_id)
-    for name in ("config.yaml", "data/split_summary.csv", "gates/epoch_001.npz", "gates/epoch_002.npz",
-                 "plots/gates_epoch_002.png", "plots/confusion_test.png", "plots/learning_curves.png",
+    for name in ("config.yaml", "data/split_summary.csv", "gates/init.npz", "gates/epoch_001.npz",
+                 "gates/epoch_002.npz", "plots/gates_epoch_002.png", "plots/confusion_test.png", "plots/learning_curves.png",
                  "predictions/val.csv", "predictions/test.csv", "model/MLmodel"):
         assert name in files, name
 
@@ -107,6 +108,14 @@ def test_sweep_nests_children_under_one_parent(tmp_path, data_cache):
     summary = pd.read_csv(summary_path)
     assert len(summary) == 2 and set(summary["status"]) == {"FINISHED"}
     assert "lesion/test/mae" in summary
+    report = pd.read_csv(client.download_artifacts(parents[0].info.run_id, "sweep/report.csv", str(tmp_path)))
+    assert list(report.columns) == COLUMNS
+    assert set(zip(report["arm"], report["reference"])) == {("none", "fsg_gr"), ("fsg_gr", "none")}
+    by_reg = summary.set_index("regularizer")["lesion/test/mae"]
+    row = report[report["arm"] == "none"].iloc[0]
+    assert row["n"] == 1 and row["diff_mean"] == pytest.approx(by_reg["none"] - by_reg["fsg_gr"])
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "sweep")}
+    assert {"sweep/report.md", "sweep/report.png"} <= artifacts
 
 
 @pytest.mark.parametrize("args, needle", [

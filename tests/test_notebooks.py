@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 from pathlib import Path
 
@@ -15,6 +14,8 @@ from fixtures_mlflow import GATE_MEAN_HISTORY, GATE_RUNS, GATE_THRESHOLD, GATES,
 from nbclient import NotebookClient
 
 from fsg_endo.experiment import analysis
+from fsg_endo.experiment.config import load_config
+from fsg_endo.experiment.sweep import child_configs
 from fsg_endo.errors import FsgEndoError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,11 +79,13 @@ def test_regularization_notebook_from_repo_root_with_parameters(analysis_store, 
     nb = execute("regularization_comparison", REPO, f"TRACKING_URI = {analysis_store['uri']!r}")
     assert [images(c) for c in nb.cells if c.cell_type == "code"] == [0, 0, 0, 1, 1, 1]
     out = text(nb)
-    assert "8 children, 8 finished; metric lesion/test/mae" in out
-    paired = next(c for c in nb.cells if "paired_comparison" in c.source)
+    cfg = load_config("regularization_sweep", smoke=True)
+    n = len(list(child_configs(cfg)))
+    assert f"{n} children, {n} finished; metric lesion/test/mae" in out
+    paired = next(c for c in nb.cells if "sweep_report(" in c.source)
     tables = [o["data"]["text/plain"] for o in paired.outputs if "text/plain" in o.get("data", {})]
-    table = next(t for t in tables if "wilcoxon_p" in t)
-    assert all(arm in table for arm in ("none", "dropout", "fsg"))
+    table = next(t for t in tables if "p_corrected_t" in t)
+    assert all(arm in table for arm in cfg["sweep"]["regularizers"])
 
 
 # -- finding the store ---------------------------------------------------------------------------
@@ -173,54 +176,9 @@ def test_latest_per_cell_keeps_the_latest_finished_run(hand_store):
     assert got == expected
 
 
-def _exact_wilcoxon_p(diff: list[float]) -> float:
-    """Two-sided exact signed-rank p by enumerating every sign assignment (no ties, no zeros)."""
-    ranks = np.argsort(np.argsort(np.abs(diff))) + 1
-    w_obs = ranks[np.asarray(diff) > 0].sum()
-    total = ranks.sum()
-    stats = [sum(r for r, s in zip(ranks, signs) if s) for signs in itertools.product([0, 1], repeat=len(diff))]
-    extreme = abs(w_obs - total / 2)
-    return sum(abs(w - total / 2) >= extreme - 1e-12 for w in stats) / len(stats)
-
-
 def _cells(rows) -> pd.DataFrame:
     return pd.DataFrame([{"regularizer": r, "train_fraction": f, "fold": k, "seed": s, "m": v}
                          for r, f, k, s, v in rows])
-
-
-def test_paired_comparison_against_hand_computed_differences():
-    ref = [4.0, 5.5, 3.0, 6.25]
-    other = [5.0, 5.0, 4.5, 8.0]  # diffs -1, 0.5, -1.5, -1.75: distinct magnitudes, no zeros
-    cells = [(0.25, 0, 0), (0.5, 0, 0), (1.0, 0, 0), (1.0, 1, 0)]
-    rows = [("fsg_gr", *c, v) for c, v in zip(cells, ref)] + [("none", *c, v) for c, v in zip(cells, other)]
-    rows.append(("none", 0.1, 0, 0, 9.0))  # no fsg_gr partner: not a pair
-    result = analysis.paired_comparison(_cells(rows), "m", lower_is_better=True).loc["none"]
-    diff = [a - b for a, b in zip(ref, other)]
-    mean = sum(diff) / 4
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diff) / 3)
-    assert result["pairs"] == 4 and result["reference_better"] == 3
-    assert result["mean_diff"] == pytest.approx(mean) and result["std_diff"] == pytest.approx(sd)
-    assert result["wilcoxon_p"] == pytest.approx(_exact_wilcoxon_p(diff))
-    assert result["wilcoxon_min_p"] == pytest.approx(min(_exact_wilcoxon_p(list(s)) for s in
-                                                         itertools.product([-1, 1], [-2, 2], [-3, 3], [-4, 4])))
-    from scipy.stats import t
-
-    t_stat = mean / (sd / 2)
-    assert result["ttest_p"] == pytest.approx(2 * t.sf(abs(t_stat), df=3))
-    higher = analysis.paired_comparison(_cells(rows), "m", lower_is_better=False).loc["none"]
-    assert higher["reference_better"] == 1
-
-
-def test_paired_comparison_direction_follows_the_metric_name():
-    rows = [("fsg_gr", 1.0, 0, 0, 0.8), ("none", 1.0, 0, 0, 0.6)]
-    for name, better in (("lesion/test/mae", 0), ("lesion/test/balanced_accuracy", 1)):
-        table = _cells(rows).rename(columns={"m": name})
-        assert analysis.paired_comparison(table, name).loc["none", "reference_better"] == better
-
-
-def test_paired_comparison_needs_the_reference_arm():
-    with pytest.raises(FsgEndoError, match="fsg_gr"):
-        analysis.paired_comparison(_cells([("none", 1.0, 0, 0, 1.0)]), "m")
 
 
 def test_summarize_orders_regularizers_and_computes_mean_std():

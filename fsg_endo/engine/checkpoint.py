@@ -38,6 +38,7 @@ class Progress:
     history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch
     metrics: list[MetricRecord] = field(default_factory=list)
     gates: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # epoch number -> gate vectors
+    gate_init: dict[str, torch.Tensor] = field(default_factory=dict)  # gate logits at step 0 (what shift is from)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -52,3 +53,43 @@ def is_better(value: float, best: float | None, mode: str) -> bool:
     if not np.isfinite(value):
         return False
     return best is None or not np.isfinite(best) or (value < best if mode == "min" else value > best)
+
+
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def video_sums(task: Task, lesions: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Per video (rows), the numerators and denominators whose pooled ratio is the task's main metric:
+    absolute error and lesion count (MAE), or per class the correct and all lesions (balanced accuracy)."""
+    videos = pd.factorize(lesions["video_id"])[0]
+    target, prediction = lesions["target"].to_numpy(), lesions["prediction"].to_numpy()
+    if task.kind == "regression":
+        hits, counts = np.abs(prediction - target)[:, None], np.ones((len(lesions), 1))
+    else:
+        counts = np.eye(task.num_outputs)[target.astype(int)]
+        hits = counts * (prediction == target)[:, None]
+    num, den = np.zeros((videos.max() + 1, counts.shape[1])), np.zeros((videos.max() + 1, counts.shape[1]))
+    np.add.at(num, videos, hits)
+    np.add.at(den, videos, counts)
+    return num, den
+
+
+def pooled_metric(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """The metric of the videos stacked on the second-last axis: the mean over classes of pooled ratios."""
+    den = den.sum(axis=-2)
+    return np.nanmean(num.sum(axis=-2) / np.where(den > 0, den, np.nan), axis=-1)
+
+
+def lesion_bootstrap_ci(task: Task, lesions: pd.DataFrame, seed: int = 0, level: float = 0.95,
+                        resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float]:
+    """Percentile bootstrap CI of the task's main metric over ``lesions``, resampling whole videos: lesions of
+    one video share its patient and camera, so videos (clusters), not lesions, are the independent units."""
+    from scipy import stats
+
+    num, den = video_sums(task, lesions)
+    if len(num) < 2:
+        return math.nan, math.nan
+    ci = stats.bootstrap((np.arange(len(num)),), lambda v, axis=-1: pooled_metric(num[v], den[v]),
+                         n_resamples=resamples, confidence_level=level, method="percentile",
+                         rng=np.random.default_rng(seed)).confidence_interval
+    return float(ci.low), float(ci.high)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 
 from fsg_endo.engine.distributed import DistContext
@@ -18,36 +19,60 @@ from fsg_endo.nn.routing import GradientRouter, train_step
 from fsg_endo.engine.tasks import Task, get_task
 
 BOX_FEATURES = 4  # log box w, log box h (relative to the frame), box centre x, y
+GATE_STREAM = 1  # the gates' generator is the SeedSequence of (seed, GATE_STREAM)
 
 
 def uses_gates(regularizer: str) -> bool:
     """Whether the arm's model carries FSG gates (logged as the param ``fsg.enabled``)."""
-    return regularizer in ("fsg", "fsg_gr")
+    return regularizer in ("fsg", "fsg_gr", "fsg_frozen", "fsg_gr_release")
 
 
 def uses_routing(regularizer: str) -> bool:
     """Whether the arm trains with Gradient Routing (logged as the param ``gr.enabled``)."""
-    return regularizer == "fsg_gr"
+    return regularizer in ("fsg_gr", "fsg_gr_release")
+
+
+def frozen_gates(regularizer: str) -> bool:
+    """Whether the arm keeps its gates at init: ``fsg_frozen``, the control for what the gates learn."""
+    return regularizer == "fsg_frozen"
+
+
+def accumulates_gate_pass(cfg: Mapping[str, Any]) -> bool:
+    """Whether GR carries the gate pass's gradients into the main step: ``fsg_gr_release`` (as the paper's
+    released code does) or ``gr.accumulate_gate_pass_grads``."""
+    return cfg["regularizer"] == "fsg_gr_release" or cfg["gr"]["accumulate_gate_pass_grads"]
 
 
 def build_for(cfg: Mapping[str, Any], task: Task) -> torch.nn.Module:
-    """The model of the config's regulariser: FSG for ``fsg``/``fsg_gr``, dropout only for ``dropout``."""
+    """The model of the config's regulariser: gated for the FSG arms, dropout only for ``dropout``.
+
+    Every arm of one seed starts from the same backbone and head weights: the gates come from their own
+    generator, seeded by ``seed``, and leave the global RNG where it was."""
     m, reg = cfg["model"], cfg["regularizer"]
     extra = {k: m[k] for k in ("dropout", "attention_dropout", "stochastic_depth")} if reg == "dropout" else {}
     return build_model(m["preset"], cfg["data"]["image_size"], m["patch_size"], task.num_outputs,
                        hidden_dim=m["hidden_dim"], depth=m["depth"], heads=m["heads"], mlp_dim=m["mlp_dim"],
                        fsg=uses_gates(reg), box_features=BOX_FEATURES if m["box_features"] else 0,
-                       weights=m["weights"], **extra)
+                       weights=m["weights"], gate_seed=gate_seed(cfg["seed"]), **extra)
+
+
+def gate_seed(seed: int) -> int:
+    """The seed of the gates' own generator: a stream of ``seed`` apart from the backbone's."""
+    return int(np.random.SeedSequence([seed, GATE_STREAM]).generate_state(1)[0])
 
 
 def build_optimizers(cfg: Mapping[str, Any], model: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
-    """GR: two optimisers over disjoint sets. Joint FSG: one optimiser, gates in their own group."""
+    """GR: two optimisers over disjoint sets. Joint FSG: one optimiser, gates in their own group.
+    Frozen FSG: the gates keep their init (``requires_grad=False``, in no optimiser)."""
     o, gr = cfg["optim"], cfg["gr"]
+    if frozen_gates(cfg["regularizer"]):
+        for gate in gate_parameters(model):
+            gate.requires_grad_(False)
     if uses_routing(cfg["regularizer"]):
         return {"main": torch.optim.Adam(non_gate_parameters(model), lr=o["lr"], weight_decay=o["weight_decay"]),
                 "gate": torch.optim.Adam(gate_parameters(model), lr=gr["gate_lr"])}
     groups = [{"params": non_gate_parameters(model)}]
-    if uses_gates(cfg["regularizer"]):
+    if uses_gates(cfg["regularizer"]) and not frozen_gates(cfg["regularizer"]):
         groups.append({"params": gate_parameters(model), "lr": gr["gate_lr"], "weight_decay": 0.0})
     return {"main": torch.optim.Adam(groups, lr=o["lr"], weight_decay=o["weight_decay"])}
 
@@ -87,7 +112,7 @@ class Recipe:
 
 def build_recipe(cfg: Mapping[str, Any], ctx: DistContext, steps_per_epoch: int,
                  class_names: Sequence[str] = ()) -> Recipe:
-    """Model, optimisers, warmup-cosine schedules and the step (Gradient Routing for ``fsg_gr``);
+    """Model, optimisers, warmup-cosine schedules and the step (Gradient Routing for the ``fsg_gr`` arms);
     ``class_names``: the classes of the data, for ``image_class``."""
     device = ctx.device(cfg["device"])
     amp = cfg["optim"]["amp"] and device.type == "cuda"
@@ -101,7 +126,7 @@ def build_recipe(cfg: Mapping[str, Any], ctx: DistContext, steps_per_epoch: int,
         trained = ctx.wrap(model, device, ignore=gate_parameters(model))  # the router all-reduces the gates
         step = GradientRouter(trained, optimizers["main"], optimizers["gate"], task.main_loss, task.gate_loss,
                               main_clip=clip, gate_clip=gr["gate_clip"], amp=amp,
-                              accumulate_gate_pass_grads=gr["accumulate_gate_pass_grads"]).step
+                              accumulate_gate_pass_grads=accumulates_gate_pass(cfg)).step
     else:
         step = partial(train_step, ctx.wrap(model, device), optimizers["main"], task.main_loss, clip=clip, amp=amp)
     metric = f"val/{task.main_metric}" if cfg["eval"]["metric"] == "auto" else cfg["eval"]["metric"]

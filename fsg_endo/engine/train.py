@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from monai.utils import set_determinism
 from tqdm.auto import tqdm
 
@@ -29,8 +30,8 @@ from fsg_endo.engine.checkpoint import Progress, load_checkpoint, restore_traini
 from fsg_endo.engine.prepare import DataBundle
 from fsg_endo.engine.distributed import SINGLE, DistContext
 from fsg_endo.errors import FsgEndoError
-from fsg_endo.engine.evaluation import evaluate, is_better, model_inputs
-from fsg_endo.nn.gates import fold_gates, gate_statistics, gate_values
+from fsg_endo.engine.evaluation import evaluate, is_better, lesion_bootstrap_ci, model_inputs
+from fsg_endo.nn.gates import fold_gates, gate_logits, gate_statistics, gate_values
 from fsg_endo.engine.interrupt import RunInterrupted, StopSignals
 from fsg_endo.engine.recipe import Recipe, build_recipe
 from fsg_endo.tracking.tracker import Tracker, metric_records
@@ -44,11 +45,13 @@ def fit(cfg: Mapping[str, Any], data: DataBundle, tracker: Tracker, run_dir: Pat
     set_determinism(seed=cfg["seed"])
     r = build_recipe(cfg, ctx, steps_per_epoch=len(data.loaders["train"]), class_names=data.class_names)
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    progress = Progress()
+    progress = Progress(gate_init=gate_logits(r.model))
     if last_path.exists():
         state = load_checkpoint(last_path, r.device)
         progress = restore_training_state(state, r.model, r.optimizers, r.schedulers)
         publish(tracker, progress, cfg)  # what the checkpoint covers and MLflow may have missed
+    if r.gated and ctx.is_main:
+        tracker.log_gate_init(gate_values_of(progress.gate_init))
 
     clock = Clock(tracker)
     with stop.deferred():
@@ -103,7 +106,17 @@ def log_step(r: Recipe, progress: Progress, loss: float, gate_loss: float) -> No
         lr = r.schedulers["main"].get_last_lr()[0]
         progress.metrics += metric_records({"train/loss": loss, "train/gate_loss": gate_loss, "train/lr": lr}, step)
     if r.gated and step % r.cfg["gates"]["log_every"] == 0:
-        progress.metrics += metric_records(gate_statistics(r.model, r.cfg["gates"]["sparsity_threshold"]), step)
+        progress.metrics += metric_records(gate_stats(r, progress), step)
+
+
+def gate_stats(r: Recipe, progress: Progress) -> dict[str, float]:
+    """The gate statistics, with each vector's shift from its init."""
+    return gate_statistics(r.model, r.cfg["gates"]["sparsity_threshold"], progress.gate_init)
+
+
+def gate_values_of(logits: Mapping[str, Any]) -> dict[str, Any]:
+    """Gate logits as the values a snapshot stores: ``sigmoid(g)``."""
+    return {key: g.sigmoid() for key, g in logits.items()}
 
 
 def end_epoch(r: Recipe, data: DataBundle, progress: Progress, tracker: Tracker, ctx: DistContext,
@@ -114,7 +127,7 @@ def end_epoch(r: Recipe, data: DataBundle, progress: Progress, tracker: Tracker,
            "train/epoch_gate_loss": sums["gate_loss"] / max(sums["steps"], 1), "train/skipped_steps": progress.skipped}
     if r.gated:
         if progress.step % cfg["gates"]["log_every"]:  # not already logged at this step
-            row.update(gate_statistics(r.model, cfg["gates"]["sparsity_threshold"]))
+            row.update(gate_stats(r, progress))
         progress.gates[str(epoch)] = gate_values(r.model)
     if ctx.is_main and (epoch % cfg["eval"]["every"] == 0 or epoch == cfg["optim"]["epochs"]):
         val_metrics, _ = evaluate(r.model, data.loaders["val"], r.task, r.device, r.use_box, "val")
@@ -175,8 +188,17 @@ class Clock:
         return {"perf/epoch_seconds": seconds, "perf/logging_share": share}
 
 
+def gate_movement(r: Recipe, progress: Progress) -> dict[str, float]:
+    """How far the (best) gates moved from init, and the spread of the init logits to weigh it against."""
+    stats = gate_stats(r, progress)
+    init = torch.cat([g.float().flatten() for g in progress.gate_init.values()])
+    return {"gates/all/shift": stats["gates/all/shift"], "gates/all/shift_max": stats["gates/all/shift_max"],
+            "gates/init/std": init.std().item()}
+
+
 def finish(r: Recipe, data: DataBundle, tracker: Tracker, progress: Progress, best_path: Path) -> dict[str, float]:
-    """Test the best checkpoint on val and test; log predictions, plots and the model."""
+    """Test the best checkpoint on val and test, with a bootstrap CI of the lesion-level headline metric over
+    test videos; log predictions, plots and the model. The results add how far the best gates moved."""
     cfg, model = r.cfg, r.model
     if best_path.exists():
         model.load_state_dict(load_checkpoint(best_path, r.device)["model"])
@@ -185,8 +207,12 @@ def finish(r: Recipe, data: DataBundle, tracker: Tracker, progress: Progress, be
         metrics, frames = evaluate(model, data.loaders[split], r.task, r.device, r.use_box, split)
         results.update(metrics)
         tracker.log_text(frames.to_csv(index=False), f"predictions/{split}.csv")
+    low, high = lesion_bootstrap_ci(r.task, r.task.lesion_predictions(frames), seed=cfg["seed"])
+    results |= {f"lesion/test/{r.task.main_metric}_ci_low": low, f"lesion/test/{r.task.main_metric}_ci_high": high}
     tracker.log_metrics({k: v for k, v in results.items() if k.startswith(("test/", "lesion/test/"))}
                         | {"best_epoch": progress.best_epoch}, progress.step)
+    if r.gated:
+        results |= gate_movement(r, progress)
     if cfg["tracking"]["plots"]:
         tracker.log_figure(plots.confusion_figure(r.task.confusion(frames), r.task.class_names, "test, per frame"),
                            "plots/confusion_test.png")

@@ -20,14 +20,14 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from fsg_endo.engine.recipe import uses_gates
 from fsg_endo.experiment.schema import REGULARIZERS
 from fsg_endo.data.sizes import CLASS3_NAMES, size_class3
 from fsg_endo.errors import FsgEndoError
-from fsg_endo.tracking.tracker import check_tracking_uri
+from fsg_endo.tracking.tracker import GATE_INIT_ARTIFACT, GRID_POINT_TAG, check_tracking_uri
 
 STORE_FILE = "mlflow.db"
-GATED = ("fsg_gr", "fsg")  # regularisers whose runs carry gates
-CELL = ("train_fraction", "fold", "seed")  # one sweep cell per regulariser
+CELL = ("train_fraction", "grid_point", "fold", "seed")  # one sweep cell per regulariser
 # run columns taken from params, with their types
 PARAM_COLUMNS = {"data.train_fraction": ("train_fraction", float), "data.test_fold": ("fold", int),
                  "seed": ("seed", int), "gates.sparsity_threshold": ("sparsity_threshold", float)}
@@ -75,7 +75,7 @@ def _run_row(run) -> dict:
     row = {"run_id": run.info.run_id, "run_name": tags.get(MLFLOW_RUN_NAME, run.info.run_name),
            "status": run.info.status, "start_time": pd.to_datetime(run.info.start_time, unit="ms"),
            "parent_run_id": tags.get(MLFLOW_PARENT_RUN_ID), "regularizer": tags.get("regularizer"),
-           "task": tags.get("task")}
+           "task": tags.get("task"), "grid_point": tags.get(GRID_POINT_TAG, "")}
     for param, (column, kind) in PARAM_COLUMNS.items():
         row[column] = kind(params[param]) if param in params else np.nan
     return row | run.data.metrics
@@ -91,7 +91,7 @@ def search_runs(client: mlflow.MlflowClient, experiment: str, filter_string: str
         token = page.token
         if not token:
             break
-    columns = ["run_id", "run_name", "status", "start_time", "parent_run_id", "regularizer", "task",
+    columns = ["run_id", "run_name", "status", "start_time", "parent_run_id", "regularizer", "task", "grid_point",
                *(c for c, _ in PARAM_COLUMNS.values())]
     return pd.DataFrame(rows, columns=None if rows else columns)
 
@@ -113,10 +113,10 @@ def gated_runs(client: mlflow.MlflowClient, experiment: str, run_ids: Sequence[s
     if run_ids:
         return runs_by_id(client, run_ids)
     runs = search_runs(client, experiment, "attributes.status = 'FINISHED'")
-    runs = runs[runs["regularizer"].isin(GATED)] if len(runs) else runs
+    runs = runs[runs["regularizer"].fillna("").map(uses_gates)] if len(runs) else runs
     if runs.empty:
         raise FsgEndoError(f"{client.tracking_uri}: experiment {experiment!r} has no finished run with gates "
-                           f"(regularizer {' or '.join(GATED)})")
+                           f"(regularizer {', '.join(r for r in REGULARIZERS if uses_gates(r))})")
     return runs.drop_duplicates("regularizer").reset_index(drop=True)  # newest first, so the latest of each
 
 
@@ -146,6 +146,34 @@ def load_gate_epochs(client: mlflow.MlflowClient, run_id: str) -> dict[int, dict
             with np.load(client.download_artifacts(run_id, path, tmp)) as npz:
                 epochs[epoch] = {key: npz[key] for key in sorted(npz.files)}
     return epochs
+
+
+def load_gate_init(client: mlflow.MlflowClient, run_id: str) -> dict[str, np.ndarray]:
+    """The gate values of a run at init, ``{"attn_00": values, ...}``, from ``gates/init.npz``."""
+    with tempfile.TemporaryDirectory() as tmp, _download_quietly():
+        try:
+            path = client.download_artifacts(run_id, GATE_INIT_ARTIFACT, tmp)
+        except (MlflowException, OSError):
+            raise FsgEndoError(f"run {run_id}: no {GATE_INIT_ARTIFACT} artifact (trained before gates were "
+                               "logged at init?)") from None
+        with np.load(path) as npz:
+            return {key: npz[key] for key in sorted(npz.files)}
+
+
+def gate_shift(epochs: Mapping[int, Mapping[str, np.ndarray]], init: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    """Per epoch, branch and layer: mean and max ``|g - g_init|`` of the gate logits ``g = logit(value)``
+    (what ``gates/*/shift`` logs), and the std of that vector's init logits to weigh the movement against."""
+    from scipy.special import logit
+
+    rows = []
+    for epoch, gates in epochs.items():
+        for key, values in gates.items():
+            branch, layer = key.rsplit("_", 1)
+            start = logit(np.asarray(init[key], dtype=float))
+            moved = np.abs(logit(np.asarray(values, dtype=float)) - start)
+            rows.append({"epoch": epoch, "branch": branch, "layer": int(layer), "shift": moved.mean(),
+                         "shift_max": moved.max(), "init_std": start.std(ddof=1)})
+    return pd.DataFrame(rows, columns=["epoch", "branch", "layer", "shift", "shift_max", "init_std"])
 
 
 def gate_table(gates: Mapping[str, np.ndarray]) -> pd.DataFrame:
@@ -212,9 +240,16 @@ def regularizer_order(names: Iterable[str]) -> list[str]:
     return [r for r in REGULARIZERS if r in names] + sorted(names - set(REGULARIZERS))
 
 
+def group_keys(runs: pd.DataFrame) -> list[str]:
+    """What the arms are tabulated by: regulariser and train fraction, and the grid point of a grid sweep."""
+    grid = "grid_point" in runs and runs["grid_point"].fillna("").ne("").any()
+    return ["regularizer", "train_fraction"] + (["grid_point"] if grid else [])
+
+
 def summarize(runs: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
-    """Mean, std and count of each metric per (regulariser, train fraction), regularisers in SPEC order."""
-    stats = runs.groupby(["regularizer", "train_fraction"])[list(metrics)].agg(["mean", "std", "count"])
+    """Mean, std and count of each metric per (regulariser, train fraction[, grid point]), regularisers in
+    SPEC order."""
+    stats = runs.groupby(group_keys(runs))[list(metrics)].agg(["mean", "std", "count"])
     stats.columns = [f"{metric} {stat}" for metric, stat in stats.columns]
     order = regularizer_order(stats.index.get_level_values(0))
     return stats.reindex(order, level=0)
@@ -223,48 +258,6 @@ def summarize(runs: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
 def wilcoxon_min_p(n_pairs: int) -> float:
     """The smallest two-sided p-value an exact Wilcoxon signed-rank test can give with ``n_pairs`` pairs."""
     return min(1.0, 2.0 / 2**n_pairs) if n_pairs else np.nan
-
-
-def paired_differences(runs: pd.DataFrame, metric: str, reference: str = "fsg_gr") -> pd.DataFrame:
-    """Per other regulariser and (fraction, fold, seed) cell both ran: ``diff`` = reference - other."""
-    table = runs.pivot_table(index=list(CELL), columns="regularizer", values=metric, aggfunc="mean")
-    if reference not in table:
-        raise FsgEndoError(f"no finished {reference!r} runs with {metric} to compare against")
-    frames = []
-    for other in regularizer_order(table.columns):
-        if other != reference:
-            pairs = table[[reference, other]].dropna()
-            frames.append(pd.DataFrame({"other": other, "diff": pairs[reference] - pairs[other]}).reset_index())
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["other", *CELL, "diff"])
-
-
-def paired_comparison(runs: pd.DataFrame, metric: str, reference: str = "fsg_gr",
-                      lower_is_better: bool | None = None) -> pd.DataFrame:
-    """``reference`` against each other regulariser on the same (fraction, fold, seed) cells.
-
-    Per other arm: pairs, mean/std of ``diff`` = reference - other, cells where the reference is
-    better, two-sided Wilcoxon signed-rank and paired t-test p-values (NaN where undefined), and the
-    smallest p the Wilcoxon test could give with that many pairs. ``lower_is_better`` defaults to the
-    metric's direction (errors down, accuracies up).
-    """
-    from scipy import stats
-
-    from fsg_endo.engine.evaluation import metric_mode
-
-    if lower_is_better is None:
-        lower_is_better = metric_mode(metric) == "min"
-    rows = []
-    for other, group in paired_differences(runs, metric, reference).groupby("other", sort=False):
-        diff = group["diff"].to_numpy(float)
-        n, varies = diff.size, bool(np.any(diff != diff[0]))
-        better = diff < 0 if lower_is_better else diff > 0
-        rows.append({"other": other, "pairs": n, "mean_diff": diff.mean(),
-                     "std_diff": diff.std(ddof=1) if n >= 2 else np.nan, "reference_better": int(better.sum()),
-                     "wilcoxon_p": stats.wilcoxon(diff).pvalue if np.any(diff != 0) else np.nan,
-                     "wilcoxon_min_p": wilcoxon_min_p(n),
-                     "ttest_p": stats.ttest_1samp(diff, 0.0).pvalue if n >= 2 and varies else np.nan})
-    return pd.DataFrame(rows, columns=["other", "pairs", "mean_diff", "std_diff", "reference_better", "wilcoxon_p",
-                                       "wilcoxon_min_p", "ttest_p"]).set_index("other")
 
 
 def load_predictions(client: mlflow.MlflowClient, run_id: str, split: str = "test") -> pd.DataFrame:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from fsg_endo.experiment.analysis import latest_per_cell, open_client, regularizer_order, search_runs, summarize
+from fsg_endo.experiment.analysis import (group_keys, latest_per_cell, open_client, regularizer_order, search_runs,
+                                          summarize)
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.tracking.tracker import resolve_tracking_uri
 
@@ -13,12 +14,12 @@ NOT_FINISHED = ("FAILED", "KILLED")
 
 def default_metric(runs: pd.DataFrame, exp: str) -> str:
     """The sweep's headline metric of the runs' task (lesion-level test MAE or balanced accuracy)."""
-    from fsg_endo.experiment.sweep import main_test_metric
+    from fsg_endo.engine.tasks import get_task
 
     tasks = sorted(runs["task"].dropna().unique())
     if len(tasks) != 1:
         raise FsgEndoError(f"experiment {exp!r}: runs of tasks {tasks or 'unknown'}; name one with --metric")
-    return main_test_metric(tasks[0])
+    return f"lesion/test/{get_task(tasks[0]).main_metric}"
 
 
 def compare_table(exp: str, tracking_uri: str | None = None, metric: str | None = None) -> pd.DataFrame:
@@ -40,13 +41,13 @@ def compare_table(exp: str, tracking_uri: str | None = None, metric: str | None 
         known = sorted(c for c in done if c.startswith(("test/", "lesion/test/")))
         raise FsgEndoError(f"experiment {exp!r}: no finished run logged {', '.join(missing)} "
                            f"(test metrics: {', '.join(known) or 'none'})")
-    keys = ["regularizer", "train_fraction"]
+    keys = group_keys(runs)
     stats = summarize(done, metrics)
     finished = done.groupby(keys).size()
     failed = runs[runs["status"].isin(NOT_FINISHED)].groupby(keys).size()
     order = regularizer_order(set(finished.index.get_level_values(0)) | set(failed.index.get_level_values(0)))
     index = pd.MultiIndex.from_tuples(sorted(set(finished.index) | set(failed.index),
-                                             key=lambda key: (order.index(key[0]), key[1])), names=keys)
+                                             key=lambda key: (order.index(key[0]), *key[1:])), names=keys)
     table = pd.DataFrame({"runs": finished.reindex(index, fill_value=0),
                           "failed": failed.reindex(index, fill_value=0)}, index=index)
     for m in metrics:

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from fsg_endo.errors import FsgEndoError
-from fsg_endo.experiment.schema import DERIVED, PROFILES, REGULARIZERS, SMOKE, Config
+from fsg_endo.experiment.schema import DERIVED, PROFILES, REGULARIZERS, SMOKE, SWEEP_AXES, Config
 from fsg_endo.io import atomic_path
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -282,7 +282,28 @@ def _apply(cfg: Mapping[str, Any], layers: Sequence[Layer]) -> dict[str, Any]:
             raise FsgEndoError(f"{where}: a config must be a mapping of keys, got {type(partial).__name__}")
         _refuse_derived(partial, where)
         cfg = _validated(_merge(cfg, partial), where, partial=True)
+        _check_grid(cfg["sweep"]["grid"], where)
     return dict(cfg)
+
+
+def _check_grid(grid: Mapping[str, Any], where: str) -> None:
+    """``sweep.grid``: every key a config key the sweep does not vary already, every value a list of
+    distinct values each valid for that key (checked like ``--set``)."""
+    for key, values in grid.items():
+        at = f"{where}: sweep.grid['{key}']"
+        if key in DERIVED:
+            raise FsgEndoError(f"{at}: '{key}' derives from 'regularizer' and cannot be an axis")
+        if key not in LEAVES:
+            raise _unknown_key(key, f"{where} (sweep.grid)")
+        if key in SWEEP_AXES or key.startswith("sweep."):
+            raise FsgEndoError(f"{at}: '{key}' is already an axis of the sweep (sweep.regularizers, "
+                               "train_fractions, folds, seeds) or part of it")
+        if not isinstance(values, list) or not values:
+            raise FsgEndoError(f"{at} must be a non-empty list of values, got {values!r}")
+        for value in values:
+            _validated(_nest(key, value), at, partial=True)
+        if len({repr(v) for v in values}) < len(values):
+            raise FsgEndoError(f"{at} lists a value twice: {values!r}")
 
 
 def _resolve(layers: Sequence[Layer], where: str) -> dict[str, Any]:

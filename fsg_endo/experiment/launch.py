@@ -40,6 +40,13 @@ def results_table(results: Mapping[str, float], metrics: list[str],
     return table.dropna(axis=1, how="all")  # image_class has no lesion level
 
 
+def gate_movement_line(results: Mapping[str, float]) -> str:
+    """How far the best model's gates moved from init, against the spread of the init logits."""
+    shift, spread = results["gates/all/shift"], results["gates/init/std"]
+    return (f"gates: moved mean |g - g_init| = {shift:.4f} (max {results['gates/all/shift_max']:.4f}) in logits, "
+            f"{shift / spread:.2f}x the init spread (std {spread:.4f})")
+
+
 def ui_hint(uri: str) -> str:
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):]).resolve()
@@ -127,8 +134,9 @@ def _run(args: argparse.Namespace, cfg: dict[str, Any], uri: str, ctx: DistConte
     if cfg["sweep"]["enabled"]:
         summary = run_sweep(cfg, uri, resume_run_id=resume.run_id if resume else None, ctx=ctx, stop=stop)
         if ctx.is_main:
-            cols = [c for c in ("regularizer", "train_fraction", "fold", "seed", "status",
-                                main_test_metric(cfg["task"])) if c in summary]
+            cols = [c for c in ("regularizer", "train_fraction", "grid_point", "fold", "seed", "status",
+                                main_test_metric(cfg["task"]), "gates/all/shift", "gates/init/std")
+                    if c in summary and (c != "grid_point" or cfg["sweep"]["grid"])]
             print(summary[cols].to_string(index=False))
     else:
         tracker = open_run(ctx, lambda: Tracker.start(uri, cfg["name"], resume_run_id=resume.run_id) if resume
@@ -144,5 +152,7 @@ def _run(args: argparse.Namespace, cfg: dict[str, Any], uri: str, ctx: DistConte
             print(f"\n{cfg['name']} ({run_name(cfg)}), run {tracker.run_id}{best}")
             print(results_table(results, REPORT_METRICS[cfg["task"]], baseline).to_string(
                 float_format=lambda v: f"{v:.3f}"))
+            if "gates/all/shift" in results:
+                print(gate_movement_line(results))
     if ctx.is_main:
         print(f"\nMLflow UI: {ui_hint(uri)}")

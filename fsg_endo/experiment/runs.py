@@ -10,18 +10,31 @@ from typing import TYPE_CHECKING, Any
 
 from fsg_endo.engine.distributed import SINGLE, DistContext
 from fsg_endo.engine.interrupt import StopSignals
-from fsg_endo.engine.recipe import uses_gates, uses_routing
+from fsg_endo.engine.recipe import accumulates_gate_pass, uses_gates, uses_routing
 from fsg_endo.experiment.config import dump_config, flatten_config
 from fsg_endo.io import atomic_path
-from fsg_endo.tracking.tracker import NullTracker, Tracker, TrackingError, git_commit
+from fsg_endo.tracking.tracker import GRID_POINT_TAG, NullTracker, Tracker, TrackingError, git_commit
+
+
+def grid_point(cfg: Mapping[str, Any]) -> str:
+    """The config's values of the ``sweep.grid`` keys, ``"gr.gate_lr=0.01,optim.lr=0.0005"`` ("" without a grid)."""
+    def value(key: str) -> Any:
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        return f"{node:g}" if isinstance(node, float) else node
+
+    return ",".join(f"{key}={value(key)}" for key in cfg["sweep"]["grid"])
 
 if TYPE_CHECKING:
     from fsg_endo.engine.prepare import DataBundle
 
 
 def run_name(cfg: Mapping[str, Any]) -> str:
-    d = cfg["data"]
-    return f"{cfg['regularizer']}-frac{d['train_fraction']:g}-fold{d['test_fold']}-seed{cfg['seed']}"
+    """``fsg_gr-frac0.5-fold0-seed0``, then the grid point if the sweep has a grid (also a sweep child's key)."""
+    d, point = cfg["data"], grid_point(cfg)
+    name = f"{cfg['regularizer']}-frac{d['train_fraction']:g}-fold{d['test_fold']}-seed{cfg['seed']}"
+    return f"{name}-{point}" if point else name
 
 
 def run_dir_for(cfg: Mapping[str, Any], run_id: str) -> Path:
@@ -32,12 +45,15 @@ def run_dir_for(cfg: Mapping[str, Any], run_id: str) -> Path:
 def run_params(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The MLflow params of a run: the flattened config plus the facts that follow from ``regularizer``."""
     reg = cfg["regularizer"]
-    return flatten_config(cfg) | {"fsg.enabled": uses_gates(reg), "gr.enabled": uses_routing(reg)}
+    return flatten_config(cfg) | {"fsg.enabled": uses_gates(reg), "gr.enabled": uses_routing(reg),
+                                  "gr.accumulate_gate_pass_grads": accumulates_gate_pass(cfg)}
 
 
 def start_run(cfg: Mapping[str, Any], uri: str, parent_run_id: str | None = None,
               extra_tags: Mapping[str, str] = ()) -> Tracker:
     tags = {"regularizer": cfg["regularizer"], "task": cfg["task"], "git_commit": git_commit(), **dict(extra_tags)}
+    if grid_point(cfg):
+        tags[GRID_POINT_TAG] = grid_point(cfg)
     return Tracker.start(uri, cfg["name"], run_name=run_name(cfg), tags=tags, params=run_params(cfg),
                          parent_run_id=parent_run_id)
 
@@ -92,9 +108,12 @@ def execute(cfg: Mapping[str, Any], tracker: Tracker | NullTracker, run_dir: Pat
             results = fit_baseline(cfg, tracker) if ctx.is_main else {}
         else:
             data = ctx.main_first(lambda: prepare_data(cfg, ctx.world_size, ctx.rank))
+            lesions = data.summary.set_index("split")["lesions"]
+            sizes = {f"data/{split}_lesions": float(lesions[split]) for split in ("train", "test")}  # the report's
             if ctx.is_main:
                 record_data(data, tracker, run_dir)
-            results = fit(cfg, data, tracker, run_dir, ctx, stop)
+                tracker.log_metrics(sizes, 0)
+            results = fit(cfg, data, tracker, run_dir, ctx, stop) | sizes
     except KeyboardInterrupt:
         end_run(tracker, "KILLED")
         raise

@@ -11,8 +11,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
-# baseline_*: the scikit-learn baselines of fsg_endo.engine.baselines, run as arms (no network)
-Regularizer = Literal["none", "dropout", "fsg", "fsg_gr", "baseline_box", "baseline_appearance"]
+# baseline_*: the scikit-learn baselines of fsg_endo.engine.baselines, run as arms (no network);
+# fsg_frozen: the gated model with its gates fixed at init (the control that shows what the gates learn);
+# fsg_gr_release: Gradient Routing as the paper's released code does it (gate-pass gradients accumulate)
+Regularizer = Literal["none", "dropout", "fsg", "fsg_gr", "baseline_box", "baseline_appearance", "fsg_frozen",
+                      "fsg_gr_release"]
 REGULARIZERS: tuple[str, ...] = Regularizer.__args__
 DataSource = Literal["synthetic", "realcolon", "sun", "mnist", "imagenette", "cifar100"]
 IMAGE_SOURCES: tuple[str, ...] = DataSource.__args__[3:]  # the data sources of task image_class, the rest polyps
@@ -122,11 +125,13 @@ class Checkpoint(Section):
 class Sweep(Section):
     """regularization_sweep only (ignored for single runs)."""
 
-    enabled: bool = False  # run one child per (regularizer, train fraction, fold, seed) instead of one run
+    enabled: bool = False  # one child per (regularizer, train fraction, grid point, fold, seed), not one run
     regularizers: Annotated[list[Regularizer], NonEmpty] = ["none", "dropout", "fsg", "fsg_gr"]
     train_fractions: Annotated[list[Fraction], NonEmpty] = [0.1, 0.25, 0.5, 1.0]
     folds: Annotated[list[NonNegativeInt], NonEmpty] = [0]
     seeds: Annotated[list[NonNegativeInt], NonEmpty] = [0]
+    # more axes: {"dotted.key": [values, ...]}, e.g. {"gr.gate_lr": [1e-3, 1e-2]}; each value checked like --set
+    grid: dict[str, Any] = {}
 
 
 class Config(Section):
@@ -184,7 +189,10 @@ class Config(Section):
 DEFAULTS: dict[str, Any] = Config().model_dump()
 
 # keys that follow from another key: asked for by users, so setting one says where it comes from
-DERIVED = {"fsg.enabled": "regularizer in {fsg, fsg_gr}", "gr.enabled": "regularizer == fsg_gr"}
+DERIVED = {"fsg.enabled": "regularizer in {fsg, fsg_gr, fsg_frozen, fsg_gr_release}",
+           "gr.enabled": "regularizer in {fsg_gr, fsg_gr_release}"}
+# keys a sweep varies by its own axes (sweep.regularizers, train_fractions, folds, seeds): no grid axis
+SWEEP_AXES = ("regularizer", "seed", "data.train_fraction", "data.test_fold", "data.val_fold", "name")
 
 # built-in --smoke overrides: a few steps on tiny data
 SMOKE: dict[str, Any] = {

@@ -1,4 +1,5 @@
-"""The regularisation sweep: one parent MLflow run, one nested child per (regularizer, fraction, fold, seed)."""
+"""The regularisation sweep: one parent MLflow run, one nested child per (regularizer, fraction, grid point, fold,
+seed); the parent also holds the statistical report of its children."""
 
 from __future__ import annotations
 
@@ -12,24 +13,33 @@ from typing import Any
 import pandas as pd
 
 from fsg_endo.tracking import plots
-from fsg_endo.experiment.config import revalidate
+from fsg_endo.experiment.config import revalidate, set_in
+from fsg_endo.experiment.report import log_report
 from fsg_endo.engine.distributed import SINGLE, DistContext
-from fsg_endo.experiment.runs import end_run, execute, open_run, record_config, run_dir_for, run_name, start_run
+from fsg_endo.experiment.runs import (end_run, execute, grid_point, open_run, record_config, run_dir_for, run_name,
+                                     start_run)
 from fsg_endo.engine.interrupt import StopSignals
 from fsg_endo.tracking.tracker import Tracker, TrackingError
 
 SWEEP_KEY_TAG = "sweep_key"
 
 
+def grid_points(grid: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the ``sweep.grid`` values, ``[{}]`` without a grid."""
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
 def child_configs(cfg: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
     """Every child config of the sweep, in a stable order; validation fold = the fold after the test fold."""
     sweep, folds = cfg["sweep"], cfg["data"]["folds"]
-    for reg, frac, fold, seed in itertools.product(sweep["regularizers"], sweep["train_fractions"],
-                                                   sweep["folds"], sweep["seeds"]):
+    for reg, frac, point, fold, seed in itertools.product(sweep["regularizers"], sweep["train_fractions"],
+                                                          grid_points(sweep["grid"]), sweep["folds"], sweep["seeds"]):
         child = copy.deepcopy(dict(cfg))
         child["sweep"]["enabled"] = False
         child["regularizer"], child["seed"] = reg, seed
         child["data"].update(train_fraction=frac, test_fold=fold, val_fold=(fold + 1) % folds)
+        for key, value in point.items():
+            child = set_in(child, key, value)
         yield revalidate(child)
 
 
@@ -65,7 +75,7 @@ def run_sweep(cfg: Mapping[str, Any], uri: str, resume_run_id: str | None = None
     for child in child_configs(cfg):
         key = run_name(child)
         row = {"regularizer": child["regularizer"], "train_fraction": child["data"]["train_fraction"],
-               "fold": child["data"]["test_fold"], "seed": child["seed"]}
+               "grid_point": grid_point(child), "fold": child["data"]["test_fold"], "seed": child["seed"]}
         previous = done.get(key)
         if previous is not None and previous["status"] == "FINISHED":
             rows.append(row | {"run_id": previous["run_id"], "status": "FINISHED"} | previous["metrics"])
@@ -92,13 +102,15 @@ def run_sweep(cfg: Mapping[str, Any], uri: str, resume_run_id: str | None = None
 
 
 def log_summary(parent: Tracker, summary: pd.DataFrame, task: str) -> None:
-    """``sweep/summary.csv``, the failed-children tags and the headline metric against the train fraction."""
+    """``sweep/summary.csv``, the failed-children tags, the headline metric against the train fraction and
+    the paired report of the arms (``sweep/report.{csv,md,png}``)."""
     parent.log_text(summary.to_csv(index=False), "sweep/summary.csv")
     failed = summary.loc[summary["status"] != "FINISHED", "run_id"].tolist()
     parent.set_tags({"failed_children": ",".join(failed) or "none", "n_failed": str(len(failed))})
     metric = main_test_metric(task)
     if metric in summary and summary[metric].notna().any():
         parent.log_figure(plots.sweep_figure(summary, metric), f"sweep/{metric.replace('/', '_')}_vs_fraction.png")
+        log_report(parent, summary, metric)
 
 
 def main_test_metric(task: str) -> str:

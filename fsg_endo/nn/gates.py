@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ __all__ = [
     "GatedEncoderBlock",
     "GatedTransformerEncoderLayer",
     "fold_gates",
+    "gate_logits",
     "gate_parameters",
     "gate_statistics",
     "gate_values",
@@ -262,26 +263,35 @@ def non_gate_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in gate_ids]
 
 
+def gate_logits(model: nn.Module) -> dict[str, Tensor]:
+    """``{"attn_00": g, "mlp_00": ..., ...}``: detached copies of the raw gate vectors (e.g. their init)."""
+    logits: dict[str, Tensor] = {}
+    for i, block in enumerate(gated_blocks(model)):
+        logits[f"attn_{i:02d}"] = block.gate_attn.detach().clone()
+        logits[f"mlp_{i:02d}"] = block.gate_mlp.detach().clone()
+    return logits
+
+
 def gate_values(model: nn.Module) -> dict[str, Tensor]:
     """``{"attn_00": sigmoid(g), "mlp_00": ..., ...}``, detached, one entry per gated branch."""
-    values: dict[str, Tensor] = {}
-    for i, block in enumerate(gated_blocks(model)):
-        values[f"attn_{i:02d}"] = torch.sigmoid(block.gate_attn.detach())
-        values[f"mlp_{i:02d}"] = torch.sigmoid(block.gate_mlp.detach())
-    return values
+    return {key: torch.sigmoid(g) for key, g in gate_logits(model).items()}
 
 
-def gate_statistics(model: nn.Module, threshold: float = 0.1) -> dict[str, float]:
-    """Per layer and branch: mean, std and sparsity (share of gate values below ``threshold``).
+def gate_statistics(model: nn.Module, threshold: float = 0.1, init: Mapping[str, Tensor] | None = None
+                    ) -> dict[str, float]:
+    """Per layer and branch: mean, std and sparsity (share of gate values below ``threshold``), and with
+    ``init`` (the :func:`gate_logits` at init) the shift: mean ``|g - g_init|`` over the vector's logits.
 
-    Keys ``gates/{attn|mlp}/layer_LL/{mean|std|sparsity}`` plus ``gates/all/{mean|sparsity}``,
-    ready to log as MLflow metrics. Computed in one vectorised pass with a single host transfer.
+    Keys ``gates/{attn|mlp}/layer_LL/{mean|std|sparsity|shift}`` plus ``gates/all/{mean|sparsity}`` and
+    ``gates/all/{shift|shift_max}``, ready to log as MLflow metrics. Computed in one vectorised pass with a
+    single host transfer.
     """
     blocks = gated_blocks(model)
     if not blocks:
         return {}
     raw = [b.gate_attn for b in blocks] + [b.gate_mlp for b in blocks]
-    values = torch.sigmoid(torch.cat([g.detach().float() for g in raw]))
+    logits = torch.cat([g.detach().float() for g in raw])
+    values = torch.sigmoid(logits)
     sizes = torch.tensor([g.numel() for g in raw], device=values.device)
     segment = torch.repeat_interleave(torch.arange(len(raw), device=values.device), sizes)
     count = sizes.to(values.dtype)
@@ -292,17 +302,21 @@ def gate_statistics(model: nn.Module, threshold: float = 0.1) -> dict[str, float
     below = (values < threshold).to(values.dtype)
     mean = per_gate_sum(values) / count
     std = (per_gate_sum((values - mean[segment]).square()) / (count - 1)).sqrt()
-    table = torch.stack([mean, std, per_gate_sum(below) / count])
-    overall = torch.stack([values.mean(), below.mean()])
-    rows, (all_mean, all_sparsity) = table.T.tolist(), overall.tolist()
+    names = ["mean", "std", "sparsity"]
+    per_gate, overall = [mean, std, per_gate_sum(below) / count], [values.mean(), below.mean()]
+    if init is not None:
+        keys = [f"attn_{i:02d}" for i in range(len(blocks))] + [f"mlp_{i:02d}" for i in range(len(blocks))]
+        shift = (logits - torch.cat([init[k].detach().float().to(values.device) for k in keys])).abs()
+        names.append("shift")
+        per_gate.append(per_gate_sum(shift) / count)
+        overall += [shift.mean(), shift.max()]
+    rows, totals = torch.stack(per_gate).T.tolist(), torch.stack(overall).tolist()
 
     stats: dict[str, float] = {}
-    for i, (m, s, sp) in enumerate(rows):
+    for i, row in enumerate(rows):
         branch, layer = ("attn", i) if i < len(blocks) else ("mlp", i - len(blocks))
-        prefix = f"gates/{branch}/layer_{layer:02d}"
-        stats.update({f"{prefix}/mean": m, f"{prefix}/std": s, f"{prefix}/sparsity": sp})
-    stats["gates/all/mean"] = all_mean
-    stats["gates/all/sparsity"] = all_sparsity
+        stats.update({f"gates/{branch}/layer_{layer:02d}/{name}": v for name, v in zip(names, row)})
+    stats.update(zip(["gates/all/mean", "gates/all/sparsity", "gates/all/shift", "gates/all/shift_max"], totals))
     return stats
 
 

@@ -122,11 +122,14 @@ def build_model(
     attention_dropout: float = 0.0,
     stochastic_depth: float = 0.0,
     weights: str | os.PathLike | None = None,
+    gate_seed: int | None = None,
 ) -> nn.Module:
     """A torchvision ViT of the given preset (explicit sizes override it), optionally gated (FSG).
 
     ``weights`` (a local file) is loaded before gating. ``box_features > 0`` returns a
     :class:`SizingModel` (``forward(x, box)``); otherwise the ``VisionTransformer`` itself.
+    With ``gate_seed``, the gates are drawn from their own generator seeded by it and the global RNG is
+    left as it was, so the backbone and head weights equal those of the same model without gates.
     """
     size = _resolve_size(preset, {"hidden_dim": hidden_dim, "depth": depth, "heads": heads, "mlp_dim": mlp_dim})
     if image_size % patch_size:
@@ -150,8 +153,12 @@ def build_model(
                     len(report.missing), len(report.skipped))
     if stochastic_depth > 0:
         add_stochastic_depth(vit, stochastic_depth)
-    if fsg:
+    if fsg and gate_seed is None:
         vit_with_fsg(vit)
+    elif fsg:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(gate_seed)
+            vit_with_fsg(vit)
     if box_features > 0:
         return SizingModel(vit, box_features, num_outputs)
     return vit

@@ -79,3 +79,24 @@ def sweep_figure(summary: pd.DataFrame, metric: str):
     ax.set_ylabel(metric)
     ax.legend()
     return fig
+
+
+def report_figure(report: pd.DataFrame, metric: str):
+    """Per reference arm: each arm's mean paired difference with its 95% CI, one marker colour per train fraction."""
+    references = list(dict.fromkeys(report["reference"]))
+    fig, axes = plt.subplots(1, len(references), figsize=(5.5 * len(references), 3.6), squeeze=False)
+    labels = report["arm"] + (" " + report["grid_point"] if "grid_point" in report else "")
+    for ax, reference in zip(axes[0], references):
+        rows = report[report["reference"] == reference]
+        names, fractions = list(dict.fromkeys(labels[rows.index])), sorted(rows["train_fraction"].unique())
+        for k, (fraction, group) in enumerate(rows.groupby("train_fraction")):
+            x = np.array([names.index(name) for name in labels[group.index]]) + 0.1 * (k - (len(fractions) - 1) / 2)
+            err = np.abs(group[["diff_ci_low", "diff_ci_high"]].to_numpy().T - group["diff_mean"].to_numpy())
+            ax.errorbar(x, group["diff_mean"], yerr=np.nan_to_num(err), fmt="o", capsize=3,
+                        label=f"fraction {fraction:g}")
+        ax.axhline(0.0, color="grey", lw=1)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set(title=f"arm - {reference}", ylabel=f"{metric} difference")
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig

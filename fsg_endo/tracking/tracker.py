@@ -32,6 +32,8 @@ from fsg_endo.tracking import plots
 MetricRecord = tuple[str, float, int, int]  # key, value, step, timestamp (ms)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+GATE_INIT_ARTIFACT = "gates/init.npz"
+GRID_POINT_TAG = "grid_point"  # a sweep child's sweep.grid values, e.g. "gr.gate_lr=0.01"
 _BATCH = 1000  # MLflow's log_batch limit on metrics per call
 _PARAM_BATCH = 100
 
@@ -256,15 +258,24 @@ class Tracker:
         self.seconds += time.perf_counter() - t0
         self.log_bytes(png, artifact_file)
 
-    def log_gate_epoch(self, values: Mapping[str, Any], epoch: int, plot: bool = True) -> None:
-        """Every gate vector of an epoch as ``gates/epoch_EEE.npz`` (keys ``attn_LL``, ``mlp_LL``),
-        and its layer x channel heatmap as ``plots/gates_epoch_EEE.png``."""
+    def log_gates(self, values: Mapping[str, Any], artifact_file: str) -> dict[str, np.ndarray]:
+        """Gate vectors (keys ``attn_LL``, ``mlp_LL``) as one ``.npz`` artifact; returns them as arrays."""
         t0 = time.perf_counter()
         arrays = {k: v.detach().cpu().numpy() for k, v in values.items()}
         buf = io.BytesIO()
         np.savez_compressed(buf, **arrays)
         self.seconds += time.perf_counter() - t0
-        self.log_bytes(buf.getvalue(), f"gates/epoch_{epoch:03d}.npz")
+        self.log_bytes(buf.getvalue(), artifact_file)
+        return arrays
+
+    def log_gate_init(self, values: Mapping[str, Any]) -> None:
+        """The gate values at init, ``gates/init.npz``: what ``gates/*/shift`` measures movement from."""
+        self.log_gates(values, GATE_INIT_ARTIFACT)
+
+    def log_gate_epoch(self, values: Mapping[str, Any], epoch: int, plot: bool = True) -> None:
+        """Every gate vector of an epoch as ``gates/epoch_EEE.npz`` (keys ``attn_LL``, ``mlp_LL``),
+        and its layer x channel heatmap as ``plots/gates_epoch_EEE.png``."""
+        arrays = self.log_gates(values, f"gates/epoch_{epoch:03d}.npz")
         if plot:
             t0 = time.perf_counter()
             figure = plots.gate_heatmap(arrays, f"epoch {epoch}")

@@ -1,0 +1,110 @@
+"""The study's arms: identical starting weights across arms, frozen gates, released GR, gate shift from init."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.utils import set_determinism
+
+from fsg_endo.engine.distributed import SINGLE
+from fsg_endo.engine.recipe import build_recipe
+from fsg_endo.experiment.analysis import gate_shift
+from fsg_endo.experiment.config import load_config
+from fsg_endo.nn.gates import gate_logits, gate_parameters, gate_statistics, gate_values
+
+ARMS = ("none", "dropout", "fsg", "fsg_frozen", "fsg_gr")
+
+
+def recipe(regularizer: str, seed: int = 0):
+    cfg = load_config("polyp_size_fsg", [f"regularizer={regularizer}", f"seed={seed}"], smoke=True)
+    set_determinism(seed=seed)  # as fit does before building the recipe
+    return build_recipe(cfg, SINGLE, steps_per_epoch=4)
+
+
+def non_gate_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if not k.rsplit(".", 1)[-1].startswith("gate_")}
+
+
+def batch(r, n: int = 6):
+    size = r.cfg["data"]["image_size"]
+    g = torch.Generator().manual_seed(1)
+    inputs = (torch.randn(n, 3, size, size, generator=g), torch.randn(n, 4, generator=g))
+    sizes = torch.linspace(2.0, 14.0, n)
+    return inputs, r.task.targets({"size_mm": sizes})
+
+
+def test_every_arm_of_a_seed_starts_from_the_same_backbone_and_head():
+    states = {arm: non_gate_state(recipe(arm).model) for arm in ARMS}
+    reference = states["none"]
+    for arm, state in states.items():
+        assert state.keys() == reference.keys(), arm
+        for key, value in state.items():
+            assert torch.equal(value, reference[key]), f"{arm}: {key} differs from none at step 0"
+    other_seed = non_gate_state(recipe("none", seed=1).model)
+    assert not all(torch.equal(other_seed[k], v) for k, v in reference.items())
+
+
+def test_gated_arms_draw_the_same_gates_from_their_own_generator():
+    gates = {arm: gate_logits(recipe(arm).model) for arm in ("fsg", "fsg_frozen", "fsg_gr", "fsg_gr_release")}
+    first = gates["fsg"]
+    assert all(torch.equal(g[k], first[k]) for g in gates.values() for k in first)
+    assert not torch.equal(gate_logits(recipe("fsg", seed=1).model)["attn_00"], first["attn_00"])
+    # the global RNG draws the backbone only: another global state, other backbone, the same gates
+    cfg = load_config("polyp_size_fsg", ["regularizer=fsg"], smoke=True)
+    set_determinism(seed=5)
+    model = build_recipe(cfg, SINGLE, steps_per_epoch=4).model
+    assert all(torch.equal(g, first[k]) for k, g in gate_logits(model).items())
+    assert not torch.equal(non_gate_state(model)["vit.conv_proj.weight"],
+                           non_gate_state(recipe("fsg").model)["vit.conv_proj.weight"])
+
+
+def test_fsg_frozen_keeps_its_gates_and_trains_the_rest():
+    r = recipe("fsg_frozen")
+    gates = gate_parameters(r.model)
+    assert gates and not any(g.requires_grad for g in gates)
+    in_optimizers = {id(p) for o in r.optimizers.values() for group in o.param_groups for p in group["params"]}
+    assert not in_optimizers & {id(g) for g in gates}
+    before, init = non_gate_state(r.model), gate_logits(r.model)
+    before = {k: v.clone() for k, v in before.items()}
+    for _ in range(3):
+        out = r.step(*batch(r))
+        assert not out["skipped"]
+    assert all(torch.equal(g, init[k]) for k, g in gate_logits(r.model).items())
+    assert any(not torch.equal(v, before[k]) for k, v in non_gate_state(r.model).items())
+    stats = gate_statistics(r.model, init=init)
+    assert stats["gates/all/shift"] == 0.0 and stats["gates/all/shift_max"] == 0.0
+
+
+def test_fsg_gr_release_is_gradient_routing_with_accumulated_gate_pass():
+    r = recipe("fsg_gr_release")
+    assert r.gated and not recipe("fsg_gr").step.__self__.accumulate_gate_pass_grads
+    assert set(r.optimizers) == {"main", "gate"}
+    assert r.step.__self__.accumulate_gate_pass_grads
+
+
+@pytest.mark.parametrize("arm", ["fsg", "fsg_gr"])
+def test_learned_gates_move_and_the_shift_says_how_far(arm):
+    r = recipe(arm)
+    init = gate_logits(r.model)
+    for group in [g for o in r.optimizers.values() for g in o.param_groups]:
+        group["lr"] = 0.05  # a visible move in three steps
+    for _ in range(3):
+        r.step(*batch(r))
+    stats = gate_statistics(r.model, init=init)
+    now = gate_logits(r.model)
+    moved = {k: (now[k] - init[k]).abs() for k in init}
+    for key, diff in moved.items():
+        branch, layer = key.split("_")
+        assert stats[f"gates/{branch}/layer_{layer}/shift"] == pytest.approx(diff.mean().item(), rel=1e-5)
+    every = torch.cat(list(moved.values()))
+    assert stats["gates/all/shift"] == pytest.approx(every.mean().item(), rel=1e-5) and every.mean() > 0
+    assert stats["gates/all/shift_max"] == pytest.approx(every.max().item(), rel=1e-5)
+    assert "gates/all/shift" not in gate_statistics(r.model)  # without an init, no shift
+
+    # the notebook's shift, from the stored sigmoid values, is the same number
+    table = gate_shift({3: {k: v.numpy() for k, v in gate_values(r.model).items()}},
+                       {k: torch.sigmoid(v).numpy() for k, v in init.items()})
+    row = table[(table["branch"] == "attn") & (table["layer"] == 0)].iloc[0]
+    assert row["shift"] == pytest.approx(moved["attn_00"].mean().item(), rel=1e-3)
+    assert row["init_std"] == pytest.approx(np.std(init["attn_00"].numpy(), ddof=1), rel=1e-3)
