@@ -108,7 +108,8 @@ def test_derived_facts_are_params_not_keys(configs, regularizer, fsg, gr, accumu
     cfg = load_config("exp")
     assert "fsg" not in cfg and "enabled" not in cfg["gr"]
     params = run_params(cfg)
-    assert (params["fsg.enabled"], params["gr.enabled"], params["gr.accumulate_gate_pass_grads"]) == (fsg, gr, accumulate)
+    facts = (params["fsg.enabled"], params["gr.enabled"], params["gr.accumulate_gate_pass_grads"])
+    assert facts == (fsg, gr, accumulate)
 
 
 @pytest.mark.parametrize("yaml_text, expected", [

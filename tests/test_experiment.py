@@ -47,8 +47,8 @@ def test_smoke_run_logs_spec_names(smoke_store):
 
     files = _artifacts(client, run.info.run_id)
     for name in ("config.yaml", "data/split_summary.csv", "gates/init.npz", "gates/epoch_001.npz",
-                 "gates/epoch_002.npz", "plots/gates_epoch_002.png", "plots/confusion_test.png", "plots/learning_curves.png",
-                 "predictions/val.csv", "predictions/test.csv", "model/MLmodel"):
+                 "gates/epoch_002.npz", "plots/gates_epoch_002.png", "plots/confusion_test.png",
+                 "plots/learning_curves.png", "predictions/val.csv", "predictions/test.csv", "model/MLmodel"):
         assert name in files, name
 
     local = client.download_artifacts(run.info.run_id, "gates/epoch_002.npz", str(smoke_store["dir"] / "dl"))
