@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,7 +14,7 @@ from fsg_endo.engine.interrupt import StopSignals
 from fsg_endo.engine.recipe import uses_gates, uses_routing
 from fsg_endo.experiment.config import dump_config, flatten_config
 from fsg_endo.io import atomic_path
-from fsg_endo.tracking.tracker import NullTracker, Tracker, TrackingError, git_commit
+from fsg_endo.tracking.tracker import NullTracker, Tracker, TrackingError, git_commit, source_tags
 
 if TYPE_CHECKING:
     from fsg_endo.engine.prepare import DataBundle
@@ -37,7 +38,8 @@ def run_params(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def start_run(cfg: Mapping[str, Any], uri: str, parent_run_id: str | None = None,
               extra_tags: Mapping[str, str] = ()) -> Tracker:
-    tags = {"regularizer": cfg["regularizer"], "task": cfg["task"], "git_commit": git_commit(), **dict(extra_tags)}
+    tags = {"regularizer": cfg["regularizer"], "task": cfg["task"], "git_commit": git_commit(),
+            **source_tags(sys.argv[0] or "fsg-endo"), **dict(extra_tags)}
     return Tracker.start(uri, cfg["name"], run_name=run_name(cfg), tags=tags, params=run_params(cfg),
                          parent_run_id=parent_run_id)
 
@@ -71,6 +73,17 @@ def record_data(data: DataBundle, tracker: Tracker, run_dir: Path) -> None:
         tracker.log_file(run_dir / "data.json")
 
 
+def record_inputs(cfg: Mapping[str, Any], data: DataBundle, tracker: Tracker) -> None:
+    """Each split as an MLflow dataset input (contexts train/val/test, source the manifest); system metrics
+    from here on when ``tracking.system_metrics`` is set."""
+    source = data.manifest.resolve() if data.manifest else data.root.resolve()
+    name = data.manifest.stem if data.manifest else cfg["data"]["source"]
+    for context, rows in data.splits.items():
+        tracker.log_dataset(rows, source=str(source), name=name, context=context)
+    if cfg["tracking"]["system_metrics"]:
+        tracker.monitor_system()
+
+
 def end_run(tracker: Tracker | NullTracker, status: str) -> None:
     """Mark the run ``status`` on the way out of an error; an unreachable store must not hide that error."""
     with contextlib.suppress(TrackingError):
@@ -94,6 +107,7 @@ def execute(cfg: Mapping[str, Any], tracker: Tracker | NullTracker, run_dir: Pat
             data = ctx.main_first(lambda: prepare_data(cfg, ctx.world_size, ctx.rank))
             if ctx.is_main:
                 record_data(data, tracker, run_dir)
+                record_inputs(cfg, data, tracker)
             results = fit(cfg, data, tracker, run_dir, ctx, stop)
     except KeyboardInterrupt:
         end_run(tracker, "KILLED")
