@@ -57,7 +57,7 @@ def read_boxes(path: Path, frame_column: str) -> pd.DataFrame:
             i = int(np.flatnonzero(bad.to_numpy())[0])
             kind = "a frame number (integer >= 0)" if col == "frame_index" else "a number"
             raise FsgEndoError(f"{_where(path, i)}: {col} {table[col].iloc[i]!r} is not {kind}")
-        table[col] = values.astype(np.int64) if col == "frame_index" else values
+        table[col] = values.astype(np.int64) if (values % 1 == 0).all() else values
     for col in [c for c in (frame_column, "lesion_id") if c in table.columns and table[c].dtype == object]:
         empty = table[col].str.strip() == ""
         if empty.any():

@@ -7,6 +7,7 @@ must be fed with (crop, normalisation, task) as ``metadata["fsg_endo"]``. It loa
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,11 +57,30 @@ def log_pt2_model(uri: str, run_id: str, model, example: Sequence[Any], metadata
     model = model.eval()
     with torch.no_grad():
         output = model(*example)
-    mlflow.set_tracking_uri(uri)  # Model.log talks to the global store
-    return mlflow.pytorch.log_model(model, name=name, run_id=run_id, serialization_format="pt2",
+    mlflow.set_tracking_uri(uri)  # Model.log talks to the global store ...
+    client = mlflow.MlflowClient(uri)  # ... and its global experiment: the model is made in the run's own here
+    logged = client.create_logged_model(client.get_run(run_id).info.experiment_id, name=name, source_run_id=run_id)
+    return mlflow.pytorch.log_model(model, name=name, run_id=run_id, model_id=logged.model_id,
+                                    serialization_format="pt2",
                                     input_example=tuple(example), signature=tensor_signature(example, output),
                                     metadata={METADATA_KEY: dict(metadata)}, pip_requirements=pip_requirements(),
                                     registered_model_name=registered_model_name, step=step)
+
+
+class InferenceModule:
+    """A loaded model, put in eval mode once and kept there: ``eval()`` is a no-op. A ``torch.export``
+    program was exported in eval mode (dropout off) and refuses ``eval()`` and ``train()`` itself."""
+
+    def __init__(self, module) -> None:
+        with contextlib.suppress(NotImplementedError):
+            module.eval()
+        self.module = module
+
+    def __call__(self, *inputs):
+        return self.module(*inputs)
+
+    def eval(self) -> InferenceModule:
+        return self
 
 
 @dataclass
@@ -73,6 +93,25 @@ class LoadedModel:
     uri: str
 
 
+def resolve_model_uri(uri: str, client: mlflow.MlflowClient) -> str:
+    """``runs:/<id>/<name>`` as the ``models:/<model id>`` of the LoggedModel that run logged under that name
+    (MLflow 3 keeps models beside runs, not in them); other model URIs as they are, local folders absolute."""
+    if uri.startswith("runs:/"):
+        run_id, _, name = uri.removeprefix("runs:/").partition("/")
+        run = client.get_run(run_id)
+        found = client.search_logged_models([run.info.experiment_id], filter_string=f"name = '{name or 'model'}'")
+        for logged in found:
+            if logged.source_run_id == run_id:
+                return f"models:/{logged.model_id}"
+        raise MlflowException(f"run {run_id} logged no model named {name!r}")
+    if "://" in uri or uri.startswith("models:/"):
+        return uri
+    path = Path(uri)
+    if not (path / "MLmodel").is_file():
+        raise FsgEndoError(f"{path}: not an MLflow model folder (no MLmodel file)")
+    return str(path.resolve())
+
+
 def load_model(uri: str, tracking_uri: str) -> LoadedModel:
     """Load ``runs:/<id>/model``, ``models:/<name>/<version>`` or a local model folder, without pickle.
 
@@ -81,23 +120,18 @@ def load_model(uri: str, tracking_uri: str) -> LoadedModel:
     import mlflow.pytorch
 
     mlflow.set_tracking_uri(tracking_uri)
-    if "://" not in uri and not uri.startswith(("runs:", "models:")):
-        path = Path(uri)
-        if not (path / "MLmodel").is_file():
-            raise FsgEndoError(f"{path}: not an MLflow model folder (no MLmodel file)")
-        uri = str(path.resolve())
     try:
-        info = mlflow.models.get_model_info(uri)
+        info = mlflow.models.get_model_info(resolve_model_uri(uri, mlflow.MlflowClient(tracking_uri)))
     except (MlflowException, OSError) as err:
         raise FsgEndoError(f"model {uri}: not found in {tracking_uri} ({_first_line(err)})") from None
     metadata = (info.metadata or {}).get(METADATA_KEY)
     if not metadata:
         raise FsgEndoError(f"model {uri}: not an fsg_endo sizing model (no '{METADATA_KEY}' metadata)")
     try:
-        module = mlflow.pytorch.load_model(uri)
+        module = mlflow.pytorch.load_model(info.model_uri)
     except MlflowException as err:
         raise FsgEndoError(f"model {uri}: cannot load ({_first_line(err)})") from None
-    return LoadedModel(module=module, metadata=dict(metadata), run_id=info.run_id, uri=uri)
+    return LoadedModel(module=InferenceModule(module), metadata=dict(metadata), run_id=info.run_id, uri=uri)
 
 
 def _first_line(err: BaseException) -> str:

@@ -317,8 +317,8 @@ class Tracker:
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
             # and it hints that integer columns cannot hold missing values: manifests have none
             warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
-            dataset = mlflow.data.from_pandas(rows, source=source, name=name)
-        entry = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+            dataset = mlflow.data.from_pandas(rows, source=source, name=name)._to_mlflow_entity()
+        entry = DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
         self._timed(lambda: self.client.log_inputs(self.run_id, datasets=[entry]))
 
     def log_model(self, model, example, metadata: Mapping[str, Any], registered_model_name: str | None = None,
