@@ -47,8 +47,13 @@ def test_smoke_run_logs_spec_names(smoke_store):
     files = _artifacts(client, run.info.run_id)
     for name in ("config.yaml", "data/split_summary.csv", "gates/epoch_001.npz", "gates/epoch_002.npz",
                  "plots/gates_epoch_002.png", "plots/confusion_test.png", "plots/learning_curves.png",
-                 "predictions/val.csv", "predictions/test.csv", "model/MLmodel"):
+                 "predictions/val.csv", "predictions/test.csv"):
         assert name in files, name
+    # the model is an MLflow 3 LoggedModel linked to the run (runs:/<id>/model), its files beside the run's
+    (output,) = run.outputs.model_outputs
+    model = client.get_logged_model(output.model_id)
+    assert model.name == "model" and model.source_run_id == run.info.run_id
+    assert "MLmodel" in {a.path for a in client.list_logged_model_artifacts(model.model_id)}
 
     local = client.download_artifacts(run.info.run_id, "gates/epoch_002.npz", str(smoke_store["dir"] / "dl"))
     gates = np.load(local)
