@@ -250,3 +250,11 @@ def test_system_metrics_are_logged_when_asked(tmp_path):
     tracker.end()
     metrics = tracker.client.get_run(tracker.run_id).data.metrics
     assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
+
+
+def test_evaluate_names_a_model_that_is_not_there(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert main(["evaluate", "--model", "runs:/0123456789abcdef/model", "--data-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()  # beside MLflow's notice that it created the new store
+    (line,) = [line for line in err.splitlines() if line.startswith("fsg-endo:")]
+    assert "model runs:/0123456789abcdef/model: not found" in line and "Traceback" not in err, err

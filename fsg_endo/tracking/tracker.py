@@ -64,7 +64,8 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         raise FsgEndoError(f"tracking server {uri} is unreachable: {getattr(err, 'reason', err)}") from None
 
 
-EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI opens such experiments on runs
+# MLflow's kind of an experiment: training runs, not GenAI traces (MLflow 3.17's UI toggle still overrides it)
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def git_commit() -> str:
