@@ -1,4 +1,4 @@
-"""The ``fsg-endo`` command: ``run``, ``synth``, ``manifest``, ``compare``, ``report``.
+"""The ``fsg-endo`` command: ``run``, ``synth``, ``manifest``, ``compare``, ``report``, ``evaluate``, ``predict``.
 
 Each subcommand parses its arguments here and calls one function of the package. Expected user
 errors (:class:`FsgEndoError`) become one line on stderr and exit code 2, without a traceback.
@@ -14,7 +14,8 @@ from fsg_endo.errors import FsgEndoError
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``fsg-endo run``, shared with ``experiments/run.py``."""
-    p.add_argument("--exp", required=True, help="experiment name (a YAML shipped in fsg_endo/experiment/configs/) or a YAML path")
+    p.add_argument("--exp", required=True,
+                   help="experiment name (a YAML shipped in fsg_endo/experiment/configs/) or a YAML path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set optim.epochs=3 (repeatable)")
     p.add_argument("--profile", default=None, help="apply a named profile of the config, e.g. 'paper'")
@@ -66,6 +67,28 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from fsg_endo.experiment.evaluate import evaluate_model
+
+    result = evaluate_model(args.model, args.data_root, fmt=args.format, sizes=args.sizes, manifest=args.manifest,
+                            fold=args.fold, tracking_uri=args.tracking_uri)
+    print(f"{args.model} on {args.data_root}: {result.rows} boxes of {result.lesions} lesions; "
+          f"MLflow run {result.run_id}")
+    print(result.table.to_string(float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from fsg_endo.experiment.predict import predict_sizes
+
+    result = predict_sizes(args.model, args.boxes, args.out, video=args.video, frames=args.frames,
+                           tracking_uri=args.tracking_uri)
+    if result.lesions is not None:
+        print(result.lesions.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print(f"{len(result.boxes)} boxes sized -> {', '.join(map(str, result.written))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fsg-endo", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +126,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent", default=None, metavar="RUN_ID", help="the sweep's parent run (default: the latest)")
     p.add_argument("--tracking-uri", default=None)
     p.set_defaults(func=_report)
+
+    model_help = "runs:/<run id>/model, models:/<name>/<version> or a local model folder"
+    p = sub.add_parser("evaluate", help="test a logged model on a dataset (or one fold); logs a new run")
+    p.add_argument("--model", required=True, help=model_help)
+    p.add_argument("--data-root", required=True, help="dataset root (REAL-Colon, SUN or synthetic layout)")
+    p.add_argument("--format", default=None, choices=["realcolon", "sun", "synthetic"],
+                   help="layout of the root (default: sun if it has annotation_txt/, else realcolon)")
+    p.add_argument("--sizes", default=None, help="SUN only: CSV with columns case,size_mm")
+    p.add_argument("--manifest", default=None, help="manifest CSV of the root (default: read the root)")
+    p.add_argument("--fold", type=int, default=None, help="test on this fold only (folds made as in training)")
+    p.add_argument("--tracking-uri", default=None)
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("predict", help="size the polyps boxed in a new video or frames folder")
+    p.add_argument("--model", required=True, help=model_help)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--video", default=None, help="video file; boxes name frames by frame_index (from 0)")
+    source.add_argument("--frames", default=None, help="frames folder; boxes name frames by frame_path")
+    p.add_argument("--boxes", required=True, help="CSV: frame_index or frame_path, xmin, ymin, xmax, ymax[, lesion_id]")
+    p.add_argument("--out", required=True, help="output CSV (one row per box; <out>_lesions.csv with lesion ids)")
+    p.add_argument("--tracking-uri", default=None)
+    p.set_defaults(func=_predict)
     return parser
 
 

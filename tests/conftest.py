@@ -34,7 +34,7 @@ def smoke_store(tmp_path_factory, data_cache) -> dict:
     uri = f"sqlite:///{work / 'mlflow.db'}"
     proc = run_cli(["--exp", "polyp_size_fsg", "--smoke"], work, data_cache, uri)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"uri": uri, "dir": work, "stdout": proc.stdout}
+    return {"uri": uri, "dir": work, "stdout": proc.stdout, "stderr": proc.stderr}
 
 
 @pytest.fixture(scope="session")

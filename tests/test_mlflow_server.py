@@ -16,6 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 from conftest import run_cli
@@ -114,7 +115,11 @@ def test_smoke_run_through_a_tracking_server(mlflow_server, tmp_path, data_cache
     assert len(history) == len({m["step"] for m in history}) >= 1
 
     listed = {f["path"] for f in api(url, "artifacts/list", run_id=run_id)["files"]}
-    assert {"config.yaml", "data", "gates", "plots", "predictions", "model"} <= listed
+    assert {"config.yaml", "data", "gates", "plots", "predictions"} <= listed
+    # the model is an MLflow 3 LoggedModel of the run, its files also behind the proxy
+    (model,) = mlflow.MlflowClient(url).search_logged_models([exp["experiment_id"]])
+    assert model.source_run_id == run_id and model.artifact_location.startswith("mlflow-artifacts:")
+    assert "MLmodel" in {a.path for a in mlflow.MlflowClient(url).list_logged_model_artifacts(model.model_id)}
     npz = get(f"{url}/get-artifact?{urllib.parse.urlencode({'run_id': run_id, 'path': 'gates/epoch_001.npz'})}")
     with np.load(io.BytesIO(npz)) as gates:
         assert sorted(gates.files) == ["attn_00", "attn_01", "mlp_00", "mlp_01"]

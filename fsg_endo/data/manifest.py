@@ -42,16 +42,7 @@ def build_manifest(fmt: str, root: str | os.PathLike, folds: int = 5, seed: int 
     ``synthetic`` is read as REAL-Colon with ``dataset="synthetic"``; ``sizes`` (SUN only) is the
     ``case,size_mm`` CSV. ``check_images`` decodes every frame and reports the first unreadable one.
     """
-    if fmt not in FORMATS:
-        raise FsgEndoError(f"unknown dataset format {fmt!r} (expected one of {', '.join(FORMATS)})")
-    if sizes is not None and fmt != "sun":
-        raise FsgEndoError(f"{sizes}: a sizes CSV applies to the SUN format only, not {fmt!r}")
-    if fmt == "sun":
-        df = read_sun(root, sizes)
-    else:
-        df = read_realcolon(root, dataset=fmt)
-    if df.empty:
-        raise FsgEndoError(f"{root}: no annotated lesion boxes found (only negative frames?)")
+    df = read_dataset(fmt, root, sizes)
     if check_images:
         check_frames(df, root)
     try:
@@ -59,6 +50,23 @@ def build_manifest(fmt: str, root: str | os.PathLike, folds: int = 5, seed: int 
     except FsgEndoError as err:
         raise FsgEndoError(f"{root}: {err}") from None
     return df[list(MANIFEST_COLUMNS)]
+
+
+def detect_format(root: str | os.PathLike) -> str:
+    """The layout of a dataset root: ``sun`` when it has ``annotation_txt/``, else ``realcolon``."""
+    return "sun" if (Path(root) / "annotation_txt").is_dir() else "realcolon"
+
+
+def read_dataset(fmt: str, root: str | os.PathLike, sizes: str | os.PathLike | None = None) -> pd.DataFrame:
+    """The manifest rows of a dataset root in layout ``fmt``, without folds (a whole dataset to test on)."""
+    if fmt not in FORMATS:
+        raise FsgEndoError(f"unknown dataset format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    if sizes is not None and fmt != "sun":
+        raise FsgEndoError(f"{sizes}: a sizes CSV applies to the SUN format only, not {fmt!r}")
+    df = read_sun(root, sizes) if fmt == "sun" else read_realcolon(root, dataset=fmt)
+    if df.empty:
+        raise FsgEndoError(f"{root}: no annotated lesion boxes found (only negative frames?)")
+    return df
 
 
 def _lesion_table(df: pd.DataFrame) -> pd.DataFrame:

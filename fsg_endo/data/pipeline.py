@@ -64,8 +64,12 @@ def frame_index(frame_id: str) -> int:
     return int(match.group(1))
 
 
-def rows_to_items(rows: pd.DataFrame, root: str | Path, source: str = "frames") -> list[dict[str, Any]]:
-    """Manifest rows -> plain dicts for the transforms, with targets and box features computed once."""
+def rows_to_items(rows: pd.DataFrame, root: str | Path, source: str = "frames",
+                  video: str | Path | None = None) -> list[dict[str, Any]]:
+    """Manifest rows -> plain dicts for the transforms, with targets and box features computed once.
+
+    With ``source="video"`` frames come from ``root/videos/<video_id>.mp4``, or from ``video`` for every row.
+    """
     missing = [c for c in ROW_COLUMNS if c not in rows.columns]
     if missing:
         raise FsgEndoError(f"manifest rows lack column(s) {', '.join(missing)}")
@@ -83,7 +87,7 @@ def rows_to_items(rows: pd.DataFrame, root: str | Path, source: str = "frames") 
                 "target_reg": float(targets[i]), "size_class3": int(class3[i]), "size_class2": int(class2[i]),
                 "lesion_id": str(row.lesion_id), "video_id": str(row.video_id), "frame_id": str(row.frame_id)}
         if source == "video":
-            item["video"] = str(root / "videos" / f"{row.video_id}.mp4")
+            item["video"] = str(video or root / "videos" / f"{row.video_id}.mp4")
             item["frame_index"] = frame_index(row.frame_id)
         items.append(item)
     return items
@@ -154,12 +158,14 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
 def build_dataset(rows: pd.DataFrame, root: str | Path, *, image_size: int = 64, context: float = 0.5,
                   fov_mask: bool = True, train: bool = False, mean: Sequence[float] | None = None,
                   std: Sequence[float] | None = None, cache: str = "memory", cache_dir: str | Path | None = None,
-                  source: str = "frames", seed: int = 0, workers: int = 0) -> Dataset:
+                  source: str = "frames", seed: int = 0, workers: int = 0,
+                  video: str | Path | None = None, progress: bool = True) -> Dataset:
     """MONAI dataset of normalised crops of ``rows``; ``train`` adds the paper's augmentation after the cache.
 
     ``cache``: "none" (``Dataset``), "memory" (``CacheDataset``, filled by ``workers`` threads) or "disk"
-    (``PersistentDataset`` under ``cache_dir``, one folder per crop setting). ``mean``/``std`` are per
-    channel in [0, 1] units (see :func:`compute_mean_std`); None leaves the crop in [0, 1].
+    (``PersistentDataset`` under ``cache_dir``, one folder per crop setting); ``progress``: MONAI's bar while
+    the memory cache fills. ``mean``/``std`` are per channel in [0, 1] units (see :func:`compute_mean_std`);
+    None leaves the crop in [0, 1]. ``video``: one video file that every row's frame comes from.
     """
     _check_choice("data cache", cache, CACHE_MODES)
     _check_choice("data source", source, ("frames", "video"))
@@ -167,7 +173,7 @@ def build_dataset(rows: pd.DataFrame, root: str | Path, *, image_size: int = 64,
     if train:
         steps.append(Augmentd("image", seed=seed))
     transform = Compose(steps + [ToNormalizedTensor(mean, std)]).set_random_state(seed=seed)
-    items = rows_to_items(rows, root, source)
+    items = rows_to_items(rows, root, source, video)
     if cache == "none":
         return FrameDataset(items, transform)
     if cache == "disk":
@@ -177,7 +183,7 @@ def build_dataset(rows: pd.DataFrame, root: str | Path, *, image_size: int = 64,
         return FramePersistentDataset(items, transform, cache_dir=folder, hash_func=_item_file_hash)
     with user_errors():
         # copy_cache=False: the steps after the cache build new dicts and arrays, never edit cached ones
-        return FrameCacheDataset(items, transform, num_workers=max(workers, 1), copy_cache=False)
+        return FrameCacheDataset(items, transform, num_workers=max(workers, 1), copy_cache=False, progress=progress)
 
 
 def compute_mean_std(rows: pd.DataFrame, root: str | Path, *, image_size: int = 64, context: float = 0.5,

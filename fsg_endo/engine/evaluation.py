@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
+from fsg_endo.engine.progress import progress_bar
 from fsg_endo.engine.tasks import Task
 
 
@@ -25,7 +25,7 @@ def predict(model: torch.nn.Module, loader, task: Task, device: torch.device, us
     """Frame-level predictions of ``model`` over ``loader`` (ids, target, prediction)."""
     model.eval()
     frames = []
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+    for batch in progress_bar(loader, desc):
         inputs = model_inputs(batch, device, use_box)
         outputs = model(*inputs) if use_box else model(inputs)
         frames.append(task.frame_predictions(batch, task.outputs_to_numpy(outputs.float().cpu())))

@@ -35,6 +35,7 @@ from fsg_endo.data.manifest import build_manifest, load_manifest, write_manifest
 from fsg_endo.data.pipeline import build_dataset, compute_mean_std, make_loader
 from fsg_endo.data.sampling import LesionFrameSampler
 from fsg_endo.data.splits import make_splits, split_summary
+from fsg_endo.engine.progress import interactive
 from fsg_endo.errors import FsgEndoError
 
 
@@ -57,6 +58,8 @@ class DataBundle:
     tags: dict[str, str] = field(default_factory=dict)  # MLflow tags saying what was read, e.g. a fallback
     info: dict[str, Any] = field(default_factory=dict)  # image_class: what inference needs (data.json)
     note: str = ""  # a line for the user, e.g. why a fallback was used
+    manifest: Path | None = None  # the manifest the rows come from (polyp data)
+    preprocess: dict[str, Any] = field(default_factory=dict)  # crop size, normalisation: what a saved model needs
 
     def set_epoch(self, epoch: int, batches_done: int = 0) -> None:
         """Draw epoch ``epoch`` and skip its first ``batches_done`` batches (a run resumed mid-epoch)."""
@@ -114,6 +117,7 @@ class Splits:
     root: Path
     manifest_sha256: str
     splits: dict[str, pd.DataFrame]
+    manifest: Path | None = None
 
 
 def prepare_splits(cfg: Mapping[str, Any]) -> Splits:
@@ -125,7 +129,7 @@ def prepare_splits(cfg: Mapping[str, Any]) -> Splits:
     splits = make_splits(manifest, data["test_fold"], data["val_fold"], data["train_fraction"], seed=seed)
     for name in ("val", "test"):
         splits[name] = cap_frames_per_lesion(splits[name], data["eval_frames_per_lesion"])
-    return Splits(root, hashlib.sha256(mpath.read_bytes()).hexdigest(), splits)
+    return Splits(root, hashlib.sha256(mpath.read_bytes()).hexdigest(), splits, mpath)
 
 
 def prepare_data(cfg: Mapping[str, Any], num_replicas: int = 1, rank: int = 0) -> DataBundle:
@@ -145,7 +149,7 @@ def prepare_data(cfg: Mapping[str, Any], num_replicas: int = 1, rank: int = 0) -
     crop = {"image_size": data["image_size"], "context": data["context"], "fov_mask": data["fov_mask"]}
     mean, std = compute_mean_std(splits["train"], root, **crop)
     common = dict(crop, mean=mean, std=std, cache=data["cache"], source=data["source_media"],
-                  cache_dir=cache_dir() / "persistent", workers=data["workers"])
+                  cache_dir=cache_dir() / "persistent", workers=data["workers"], progress=interactive())
     train_ds = SeededItems(build_dataset(splits["train"], root, train=data["augment"], seed=seed, **common))
     sampler = EpochSampler(LesionFrameSampler(splits["train"], frames_per_lesion=data["frames_per_lesion"],
                                               class_balanced=data["class_balanced"], seed=seed,
@@ -156,7 +160,8 @@ def prepare_data(cfg: Mapping[str, Any], num_replicas: int = 1, rank: int = 0) -
         ds = build_dataset(splits[name], root, train=False, seed=seed, **common)
         loaders[name] = make_loader(ds, batch * 2, workers=data["workers"], seed=seed)
     return DataBundle(root=root, manifest_sha256=rows.manifest_sha256,
-                      splits=splits, summary=split_summary(splits), sampler=sampler, loaders=loaders)
+                      splits=splits, summary=split_summary(splits), sampler=sampler, loaders=loaders,
+                      manifest=rows.manifest, preprocess=dict(crop, mean=list(mean), std=list(std)))
 
 
 FALLBACKS = {"sklearn_digits"}  # sources read in place of the configured one
@@ -206,4 +211,5 @@ def prepare_image_data(cfg: Mapping[str, Any], num_replicas: int = 1, rank: int 
                       manifest_sha256=hashlib.sha256(table.to_csv(index=False).encode()).hexdigest(),
                       splits={name: table[table["split"] == name] for name in splits}, summary=summary,
                       sampler=sampler, loaders=loaders, class_names=images.class_names, tags=tags, info=info,
-                      note=images.note)
+                      note=images.note, preprocess={"image_size": data["image_size"], "mean": list(mean),
+                                                    "std": list(std)})

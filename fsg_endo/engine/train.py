@@ -23,16 +23,23 @@ from typing import Any
 import pandas as pd
 import torch
 from monai.utils import set_determinism
-from tqdm.auto import tqdm
 
 from fsg_endo.tracking import plots
-from fsg_endo.engine.checkpoint import Progress, load_checkpoint, restore_training_state, save_checkpoint, training_state
+from fsg_endo.engine.checkpoint import (
+    Progress,
+    load_checkpoint,
+    restore_training_state,
+    save_checkpoint,
+    training_state,
+)
 from fsg_endo.engine.prepare import DataBundle
 from fsg_endo.engine.distributed import SINGLE, DistContext
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.engine.evaluation import evaluate, is_better, lesion_bootstrap_ci, model_inputs
-from fsg_endo.nn.gates import fold_gates, gate_logits, gate_statistics, gate_values
+from fsg_endo.engine.export import log_trained_model
+from fsg_endo.nn.gates import gate_logits, gate_statistics, gate_values
 from fsg_endo.engine.interrupt import RunInterrupted, StopSignals
+from fsg_endo.engine.progress import progress_bar, report_epoch
 from fsg_endo.engine.recipe import Recipe, build_recipe
 from fsg_endo.tracking.tracker import Tracker, metric_records
 
@@ -74,7 +81,7 @@ def train_epoch(r: Recipe, data: DataBundle, progress: Progress, tracker: Tracke
     sums = progress.sums or {"loss": 0.0, "gate_loss": 0.0, "steps": 0}
     progress.sums = sums
     desc = f"epoch {progress.epoch + 1}/{cfg['optim']['epochs']}"
-    for batch in tqdm(data.loaders["train"], desc=desc, leave=False, dynamic_ncols=True, disable=not ctx.is_main):
+    for batch in progress_bar(data.loaders["train"], desc, enabled=ctx.is_main):
         out = r.step(model_inputs(batch, r.device, r.use_box), r.task.targets(batch).to(r.device))
         for scheduler in r.schedulers.values():
             scheduler.step()
@@ -136,6 +143,8 @@ def end_epoch(r: Recipe, data: DataBundle, progress: Progress, tracker: Tracker,
             progress.best, progress.best_epoch = val_metrics[r.metric], epoch
             save_checkpoint(best_path, {"model": r.model.state_dict(), "epoch": epoch})
     row.update(clock.lap())
+    if ctx.is_main:
+        report_epoch(row, cfg["optim"]["epochs"], r.metric)
     progress.epoch, progress.batch, progress.sums = epoch, 0, {}
     progress.history.append({k: float(v) for k, v in row.items()})
     progress.metrics += metric_records(row, progress.step)
@@ -219,7 +228,6 @@ def finish(r: Recipe, data: DataBundle, tracker: Tracker, progress: Progress, be
         tracker.log_figure(plots.learning_curves(pd.DataFrame(progress.history), r.metric),
                            "plots/learning_curves.png")
     if cfg["tracking"]["log_model"]:
-        model = model.cpu().eval()
-        tracker.log_model(fold_gates(model) if r.gated else model)
+        log_trained_model(tracker, model, cfg, r.task, data.preprocess, r.gated, progress.step)
     tracker.flush()
     return results

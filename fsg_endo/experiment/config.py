@@ -114,8 +114,8 @@ def _one_line(err: ValidationError, where: str) -> FsgEndoError:
     if kind == "literal_error":
         return FsgEndoError(f"{where}: config key '{key}' must be {_describe(info.annotation)}; got {value!r}")
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        return FsgEndoError(f"{where}: config key '{key}' must be {_bounds(info.metadata) or _element_bounds(info.annotation)}, "
-                             f"got {value!r}")
+        rule = _bounds(info.metadata) or _element_bounds(info.annotation)
+        return FsgEndoError(f"{where}: config key '{key}' must be {rule}, got {value!r}")
     return FsgEndoError(f"{where}: config key '{key}' must be {_describe(info.annotation)}, "
                         f"got {type(value).__name__} {value!r}")
 

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import pandas as pd
 
 from fsg_endo.data.image_folders import check_image_root
+from fsg_endo.data.manifest import detect_format
 from fsg_endo.engine.baselines import baseline_metrics, baseline_of
 from fsg_endo.engine.distributed import DistContext, init_distributed, shutdown
 from fsg_endo.engine.interrupt import RunInterrupted, StopSignals
@@ -95,7 +96,7 @@ def _overrides(args: argparse.Namespace, image_task: bool) -> list[str]:
     if args.data_root:
         root = Path(args.data_root)
         if not image_task:
-            overrides.append(f"data.source={'sun' if (root / 'annotation_txt').is_dir() else 'realcolon'}")
+            overrides.append(f"data.source={detect_format(root)}")
         overrides.append(f"data.root={root}")
     if args.manifest:
         overrides.append(f"data.manifest={args.manifest}")

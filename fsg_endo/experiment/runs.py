@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,7 +14,7 @@ from fsg_endo.engine.interrupt import StopSignals
 from fsg_endo.engine.recipe import accumulates_gate_pass, uses_gates, uses_routing
 from fsg_endo.experiment.config import dump_config, flatten_config
 from fsg_endo.io import atomic_path
-from fsg_endo.tracking.tracker import GRID_POINT_TAG, NullTracker, Tracker, TrackingError, git_commit
+from fsg_endo.tracking.tracker import GRID_POINT_TAG, NullTracker, Tracker, TrackingError, git_commit, source_tags
 
 
 def grid_point(cfg: Mapping[str, Any]) -> str:
@@ -51,7 +52,8 @@ def run_params(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def start_run(cfg: Mapping[str, Any], uri: str, parent_run_id: str | None = None,
               extra_tags: Mapping[str, str] = ()) -> Tracker:
-    tags = {"regularizer": cfg["regularizer"], "task": cfg["task"], "git_commit": git_commit(), **dict(extra_tags)}
+    tags = {"regularizer": cfg["regularizer"], "task": cfg["task"], "git_commit": git_commit(),
+            **source_tags(sys.argv[0] or "fsg-endo"), **dict(extra_tags)}
     if grid_point(cfg):
         tags[GRID_POINT_TAG] = grid_point(cfg)
     return Tracker.start(uri, cfg["name"], run_name=run_name(cfg), tags=tags, params=run_params(cfg),
@@ -87,6 +89,17 @@ def record_data(data: DataBundle, tracker: Tracker, run_dir: Path) -> None:
         tracker.log_file(run_dir / "data.json")
 
 
+def record_inputs(cfg: Mapping[str, Any], data: DataBundle, tracker: Tracker) -> None:
+    """Each split as an MLflow dataset input (contexts train/val/test, source the manifest); system metrics
+    from here on when ``tracking.system_metrics`` is set."""
+    source = data.manifest.resolve() if data.manifest else data.root.resolve()
+    name = data.manifest.stem if data.manifest else cfg["data"]["source"]
+    for context, rows in data.splits.items():
+        tracker.log_dataset(rows, source=str(source), name=name, context=context)
+    if cfg["tracking"]["system_metrics"]:
+        tracker.monitor_system()
+
+
 def end_run(tracker: Tracker | NullTracker, status: str) -> None:
     """Mark the run ``status`` on the way out of an error; an unreachable store must not hide that error."""
     with contextlib.suppress(TrackingError):
@@ -113,6 +126,7 @@ def execute(cfg: Mapping[str, Any], tracker: Tracker | NullTracker, run_dir: Pat
             if ctx.is_main:
                 record_data(data, tracker, run_dir)
                 tracker.log_metrics(sizes, 0)
+                record_inputs(cfg, data, tracker)
             results = fit(cfg, data, tracker, run_dir, ctx, stop) | sizes
     except KeyboardInterrupt:
         end_run(tracker, "KILLED")

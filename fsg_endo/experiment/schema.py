@@ -114,6 +114,8 @@ class Tracking(Section):
     uri: str | None = None  # MLFLOW_TRACKING_URI > --tracking-uri > this > sqlite:///mlflow.db
     log_every: Count = 10  # steps between train-metric logs
     log_model: bool = True
+    register_model: str | None = None  # a Model Registry name: register the logged model under it
+    system_metrics: bool = False  # log CPU, memory and GPU use (psutil, nvidia-ml-py) beside the run
     plots: bool = True
 
 

@@ -16,18 +16,27 @@ import subprocess
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_DATASET_CONTEXT,
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_RUN_NAME,
+    MLFLOW_SOURCE_NAME,
+    MLFLOW_SOURCE_TYPE,
+)
 
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.tracking import plots
+from fsg_endo.tracking.model_store import log_pt2_model
 
 MetricRecord = tuple[str, float, int, int]  # key, value, step, timestamp (ms)
 
@@ -57,6 +66,10 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         raise FsgEndoError(f"tracking server {uri} is unreachable: {getattr(err, 'reason', err)}") from None
 
 
+# MLflow's kind of an experiment: training runs, not GenAI traces (MLflow 3.17's UI toggle still overrides it)
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def git_commit() -> str:
     """The repository's HEAD commit, or 'unknown' outside a git checkout."""
     try:
@@ -65,6 +78,21 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def source_tags(entry_point: str) -> dict[str, str]:
+    """MLflow's own source tags of a run started by ``entry_point`` (the UI's Source column and commit link)."""
+    return {MLFLOW_SOURCE_NAME: entry_point, MLFLOW_SOURCE_TYPE: "LOCAL", MLFLOW_GIT_COMMIT: git_commit()}
+
+
+def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created if new; tagged as custom model development either way."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
+    if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 class TrackingError(FsgEndoError):
@@ -117,6 +145,7 @@ class Tracker:
         self._error: BaseException | None = None
         self._writer = threading.Thread(target=self._write_loop, name="mlflow-writer", daemon=True)
         self._writer.start()
+        self._system_monitor = None
 
     # -- lifecycle -------------------------------------------------------------------------
     @classmethod
@@ -128,8 +157,7 @@ class Tracker:
         if resume_run_id:
             client.update_run(resume_run_id, status="RUNNING")
             return cls(client, resume_run_id, logged=stored_steps(client, resume_run_id))
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        exp_id = experiment_id(client, experiment)
         all_tags = dict(tags)
         if run_name:
             all_tags[MLFLOW_RUN_NAME] = run_name
@@ -157,11 +185,22 @@ class Tracker:
 
         After a store outage the run cannot be marked: it stays RUNNING until resumed.
         """
+        if self._system_monitor is not None:
+            self._system_monitor.finish()
+            self._system_monitor = None
         self._queue.join()
         self._queue.put(None)
         self._writer.join()
         if not self.failed:
             self._timed(lambda: self.client.set_terminated(self.run_id, status=status))
+
+    def monitor_system(self, interval: float = 10.0) -> None:
+        """Log MLflow's system metrics (CPU, memory, disk, network; GPU through nvidia-ml-py) until :meth:`end`."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._system_monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval,
+                                                    tracking_uri=self.client.tracking_uri)
+        self._system_monitor.start()
 
     # -- metrics ---------------------------------------------------------------------------
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -282,17 +321,25 @@ class Tracker:
             self.seconds += time.perf_counter() - t0
             self.log_figure(figure, f"plots/gates_epoch_{epoch:03d}.png")
 
-    def log_model(self, model, artifact_path: str = "model") -> None:
-        """Save ``model`` with MLflow's PyTorch flavour (pickled module) and attach it to the run."""
-        import mlflow.pytorch
+    def log_dataset(self, rows, source: str, name: str, context: str) -> None:
+        """Log ``rows`` (a DataFrame) as an MLflow dataset input of the run: digest, ``source``, ``context``."""
+        import mlflow.data
 
-        t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp) / artifact_path
-            mlflow.pytorch.save_model(model, local, pip_requirements=_pip_requirements(),
-                                      serialization_format="pickle")
-            self.seconds += time.perf_counter() - t0
-            self._timed(lambda: self.client.log_artifacts(self.run_id, str(local), artifact_path))
+        with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns about it;
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            # and it hints that integer columns cannot hold missing values: manifests have none
+            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+            dataset = mlflow.data.from_pandas(rows, source=source, name=name)._to_mlflow_entity()
+        entry = DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        self._timed(lambda: self.client.log_inputs(self.run_id, datasets=[entry]))
+
+    def log_model(self, model, example, metadata: Mapping[str, Any], registered_model_name: str | None = None,
+                  step: int = 0) -> None:
+        """Log ``model`` as a pickle-free pt2 program with its signature and ``metadata`` (see model_store),
+        linked to the run's metrics at ``step``; registered as ``registered_model_name`` if given."""
+        self.flush()  # the metrics to link must be stored first
+        self._timed(lambda: log_pt2_model(self.client.tracking_uri, self.run_id, model, example, metadata,
+                                          registered_model_name=registered_model_name, step=step))
 
     def _timed(self, fn: Callable[[], Any]) -> Any:
         t0 = time.perf_counter()
@@ -300,14 +347,6 @@ class Tracker:
             return self._call(fn)
         finally:
             self.seconds += time.perf_counter() - t0
-
-
-def _pip_requirements() -> list[str]:
-    """Pinned requirements of a logged model, stated explicitly so MLflow does not infer them (slow)."""
-    import torch
-    import torchvision
-
-    return [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}"]
 
 
 class NullTracker:

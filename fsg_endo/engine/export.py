@@ -1,0 +1,46 @@
+"""A trained sizing model as others use it: the settings it must be fed with, and the example it is exported on.
+
+The metadata travels inside the logged MLflow model, so ``fsg-endo evaluate`` and ``predict`` crop and
+normalise a new dataset exactly as the model's training data was, without the training config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from fsg_endo.engine.recipe import BOX_FEATURES
+from fsg_endo.engine.tasks import Task
+from fsg_endo.nn.gates import fold_gates
+from fsg_endo.tracking.tracker import Tracker
+
+PREPROCESS_KEYS = ("image_size", "context", "fov_mask", "mean", "std")
+
+
+def model_metadata(cfg: Mapping[str, Any], task: Task, preprocess: Mapping[str, Any]) -> dict[str, Any]:
+    """What a saved model needs besides its weights: task, inputs, crop and normalisation (what the data has
+    of :data:`PREPROCESS_KEYS`), and where it came from (experiment, dataset, folds and seed, so ``--fold K``
+    of the training data means the same)."""
+    return {"task": task.name, "class_names": list(task.class_names), "box_features": cfg["model"]["box_features"],
+            **{k: preprocess[k] for k in PREPROCESS_KEYS if k in preprocess}, "experiment": cfg["name"],
+            "regularizer": cfg["regularizer"], "trained_on": cfg["data"]["source"], "folds": cfg["data"]["folds"],
+            "seed": cfg["seed"], "test_fold": cfg["data"]["test_fold"]}
+
+
+def example_inputs(metadata: Mapping[str, Any], batch: int = 2) -> tuple[torch.Tensor, ...]:
+    """Zero tensors of the model's input shapes; a batch of 2 keeps the exported batch dimension dynamic."""
+    size = metadata["image_size"]
+    image = torch.zeros(batch, 3, size, size)
+    return (image, torch.zeros(batch, BOX_FEATURES)) if metadata["box_features"] else (image,)
+
+
+def log_trained_model(tracker: Tracker, model: torch.nn.Module, cfg: Mapping[str, Any], task: Task,
+                      preprocess: Mapping[str, Any], gated: bool, step: int) -> None:
+    """Log the model (gates folded into the weights: a stock ViT) with its metadata, linked to the metrics
+    at ``step``, and register it as ``tracking.register_model`` when that is set."""
+    model = model.cpu().eval()
+    metadata = model_metadata(cfg, task, preprocess)
+    tracker.log_model(fold_gates(model) if gated else model, example_inputs(metadata), metadata,
+                      registered_model_name=cfg["tracking"]["register_model"], step=step)

@@ -1,0 +1,139 @@
+"""MLflow models without pickle: a sizing model logged as a ``torch.export`` program (pt2), and loaded back.
+
+The logged model carries a tensor signature (image, and box when the model takes one), and the settings it
+must be fed with (crop, normalisation, task) as ``metadata["fsg_endo"]``. It loads with
+``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``: nothing in it is unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
+
+from fsg_endo.errors import FsgEndoError
+
+METADATA_KEY = "fsg_endo"
+INPUT_NAMES = ("image", "box")
+
+
+def pip_requirements() -> list[str]:
+    """Pinned requirements of a logged model, stated explicitly so MLflow does not infer them (slow)."""
+    import torch
+    import torchvision
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}"]
+
+
+def _spec(tensor, name: str | None = None) -> TensorSpec:
+    """A tensor's spec with a dynamic batch dimension."""
+    return TensorSpec(np.dtype(str(tensor.dtype).removeprefix("torch.")), (-1, *tensor.shape[1:]), name)
+
+
+def tensor_signature(example: Sequence[Any], output: Any) -> ModelSignature:
+    """The signature of a model called as ``model(image[, box])``: named input tensors, one output tensor."""
+    inputs = Schema([_spec(t, name) for t, name in zip(example, INPUT_NAMES)])
+    return ModelSignature(inputs=inputs, outputs=Schema([_spec(output)]))
+
+
+def log_pt2_model(uri: str, run_id: str, model, example: Sequence[Any], metadata: Mapping[str, Any], *,
+                  name: str = "model", registered_model_name: str | None = None, step: int = 0):
+    """Export ``model`` (eval mode, CPU) on ``example`` and log it to run ``run_id`` as an MLflow LoggedModel.
+
+    The run's metrics at ``step`` are linked to the model; ``registered_model_name`` also registers it in
+    the Model Registry (the version links back to the run). Returns MLflow's ``ModelInfo``.
+    """
+    import mlflow.pytorch
+    import torch
+
+    model = model.eval()
+    with torch.no_grad():
+        output = model(*example)
+    mlflow.set_tracking_uri(uri)  # Model.log talks to the global store ...
+    client = mlflow.MlflowClient(uri)  # ... and its global experiment: the model is made in the run's own here
+    logged = client.create_logged_model(client.get_run(run_id).info.experiment_id, name=name, source_run_id=run_id)
+    return mlflow.pytorch.log_model(model, name=name, run_id=run_id, model_id=logged.model_id,
+                                    serialization_format="pt2",
+                                    input_example=tuple(example), signature=tensor_signature(example, output),
+                                    metadata={METADATA_KEY: dict(metadata)}, pip_requirements=pip_requirements(),
+                                    registered_model_name=registered_model_name, step=step)
+
+
+class InferenceModule:
+    """A loaded model, put in eval mode once and kept there: ``eval()`` is a no-op. A ``torch.export``
+    program was exported in eval mode (dropout off) and refuses ``eval()`` and ``train()`` itself."""
+
+    def __init__(self, module) -> None:
+        with contextlib.suppress(NotImplementedError):
+            module.eval()
+        self.module = module
+
+    def __call__(self, *inputs):
+        return self.module(*inputs)
+
+    def eval(self) -> InferenceModule:
+        return self
+
+
+@dataclass
+class LoadedModel:
+    """A sizing model loaded from MLflow: the callable module, its fsg_endo metadata and where it came from."""
+
+    module: Any
+    metadata: dict[str, Any]
+    run_id: str | None
+    uri: str
+
+
+def resolve_model_uri(uri: str, client: mlflow.MlflowClient) -> str:
+    """``runs:/<id>/<name>`` as the ``models:/<model id>`` of the LoggedModel that run logged under that name
+    (MLflow 3 keeps models beside runs, not in them); other model URIs as they are, local folders absolute."""
+    if uri.startswith("runs:/"):
+        run_id, _, name = uri.removeprefix("runs:/").partition("/")
+        run = client.get_run(run_id)
+        found = client.search_logged_models([run.info.experiment_id], filter_string=f"name = '{name or 'model'}'")
+        for logged in found:
+            if logged.source_run_id == run_id:
+                return f"models:/{logged.model_id}"
+        raise MlflowException(f"run {run_id} logged no model named {name!r}")
+    if "://" in uri or uri.startswith("models:/"):
+        return uri
+    path = Path(uri)
+    if not (path / "MLmodel").is_file():
+        raise FsgEndoError(f"{path}: not an MLflow model folder (no MLmodel file)")
+    return str(path.resolve())
+
+
+def load_model(uri: str, tracking_uri: str) -> LoadedModel:
+    """Load ``runs:/<id>/model``, ``models:/<name>/<version>`` or a local model folder, without pickle.
+
+    A model saved with pickle is refused unless ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION`` says otherwise.
+    """
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        info = mlflow.models.get_model_info(resolve_model_uri(uri, mlflow.MlflowClient(tracking_uri)))
+    except (MlflowException, OSError) as err:
+        raise FsgEndoError(f"model {uri}: not found in {tracking_uri} ({_first_line(err)})") from None
+    metadata = (info.metadata or {}).get(METADATA_KEY)
+    if not metadata:
+        raise FsgEndoError(f"model {uri}: not an fsg_endo sizing model (no '{METADATA_KEY}' metadata)")
+    try:
+        module = mlflow.pytorch.load_model(info.model_uri)
+    except MlflowException as err:
+        raise FsgEndoError(f"model {uri}: cannot load ({_first_line(err)})") from None
+    return LoadedModel(module=InferenceModule(module), metadata=dict(metadata), run_id=info.run_id, uri=uri)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
