@@ -101,6 +101,23 @@ def augment_us(image_size: int, repeats: int = 2000) -> float:
     return 1e6 * statistics.median(timed(lambda: augment(image=crop)) for _ in range(repeats))
 
 
+def cpu_ms_per_item(rows: pd.DataFrame, root: Path, image_size: int, epochs: int = 1) -> float:
+    """CPU milliseconds (process time) per item of the cached training pipeline, 0 workers.
+
+    Process time barely moves with other jobs on the machine, unlike wall time, so this is the cost of
+    one item on one dedicated core: a worker's items/s is about 1000 / this.
+    """
+    mean, std = compute_mean_std(rows, root, image_size=image_size)
+    ds = build_dataset(rows, root, image_size=image_size, train=True, mean=mean, std=std, cache="memory", workers=2)
+    sampler = LesionFrameSampler(rows, frames_per_lesion=FRAMES_PER_LESION, seed=0)
+    loader = make_loader(ds, BATCH, sampler=sampler, workers=0, seed=0)
+    start = time.process_time()
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        sum(len(b["frame_id"]) for b in loader)
+    return 1e3 * (time.process_time() - start) / (epochs * len(sampler))
+
+
 def default_report(rows: pd.DataFrame, root: Path, rounds: int) -> None:
     """Cold and cached pipelines, 0 and 2 workers, eval pipeline and cache fills, against the default model."""
     step = gr_step(DEFAULT_SIZE, "micro", 8, BATCH)
@@ -134,6 +151,7 @@ def paper_report(rows: pd.DataFrame, root: Path, rounds: int, image_size: int) -
         label = f"train pipeline cached, {workers} workers"
         print(f"{label:<34} {r['items_s']:8.1f}  {r['train_s']:15.1f}  {r['ratio']:5.1f}x  {r['build_s']:.2f}")
     print(f"{f'albumentations per {image_size} px crop':<34} {augment_us(image_size, repeats=200):8.1f} us")
+    print(f"{'cached pipeline, CPU time per item':<34} {cpu_ms_per_item(rows, root, image_size):8.2f} ms (1 thread)")
 
 
 def main() -> None:
