@@ -1,11 +1,14 @@
-"""Throughput of the training data pipeline (cold and cached, 0 and 2 workers) next to the training step.
+"""Throughput of the training data pipeline next to the training step it feeds.
 
 Generates a small synthetic dataset (timing the generator), builds its manifest, then times epochs of
-the augmented training loader (batch 32, 64 px crops, 40 frames per lesion) interleaved with Gradient
-Routing steps of the default model (micro ViT with FSG and box features), so load drifts on a shared
-machine hit both alike; ratios are medians of per-round ratios. 2 threads:
+the augmented training loader (batch 32, 40 frames per lesion) interleaved with Gradient Routing steps,
+so load drifts on a shared machine hit both alike; ratios are medians of per-round ratios. 2 threads.
 
-    python benchmarks/bench_data.py [--videos 4] [--frame-size 256 256] [--rounds 5] [--threads 2]
+At the default 64 px: cold and cached pipelines with 0 and 2 workers against the default model (micro
+ViT/8 with FSG and box features). At ``--image-size 384``, the paper profile's data path: the cached
+pipeline with 0, 2 and 4 workers against GR steps of the paper's ViT-Ti/16 at 384 px:
+
+    python benchmarks/bench_data.py [--image-size 64] [--videos 4] [--frame-size 256 256] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from fsg_endo.nn.gates import gate_parameters, non_gate_parameters
 from fsg_endo.nn.models import build_model
 from fsg_endo.nn.routing import GradientRouter
 
-BATCH, IMAGE_SIZE, FRAMES_PER_LESION, STEPS_PER_ROUND = 32, 64, 40, 4
+BATCH, FRAMES_PER_LESION, STEPS_PER_ROUND = 32, 40, 4
+DEFAULT_SIZE = 64  # the default experiment's crops; any other size runs the paper profile's data path
+PAPER_WORKERS, PAPER_GR_BATCH, PAPER_STEPS_PER_ROUND = (0, 2, 4), 8, 2  # a ViT-Ti/16 GR step at 384 px takes seconds
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -50,24 +55,25 @@ def generate(root: Path, videos: int, frame_size: tuple[int, int]) -> float:
     return sum(1 for _ in root.glob("*_frames/*.jpg")) / seconds
 
 
-def gr_step() -> Callable[[], object]:
-    """One GR step of the default model on a batch of 32 crops with box features, as a callable."""
+def gr_step(image_size: int, preset: str, patch_size: int, batch: int) -> Callable[[], object]:
+    """One GR step of a sizing model (FSG, box features) on a random batch, as a callable."""
     torch.manual_seed(0)
-    model = build_model(preset="micro", image_size=IMAGE_SIZE, patch_size=8, num_outputs=1, fsg=True,
+    model = build_model(preset=preset, image_size=image_size, patch_size=patch_size, num_outputs=1, fsg=True,
                         box_features=4).train()
     main = torch.optim.Adam(non_gate_parameters(model), lr=5e-5, weight_decay=1e-5)
     gates = torch.optim.Adam(gate_parameters(model), lr=1e-4)
     router = GradientRouter(model, main, gates, nn.SmoothL1Loss())
-    x, box, y = torch.randn(BATCH, 3, IMAGE_SIZE, IMAGE_SIZE), torch.randn(BATCH, 4), torch.randn(BATCH, 1)
+    x, box, y = torch.randn(batch, 3, image_size, image_size), torch.randn(batch, 4), torch.randn(batch, 1)
     return lambda: router.step((x, box), y)
 
 
-def pipeline_vs_training(rows: pd.DataFrame, root: Path, step: Callable[[], object], cache: str, workers: int,
-                         rounds: int, train: bool = True) -> dict[str, float]:
-    """Rounds of one loader epoch then STEPS_PER_ROUND training steps; medians of items/s, samples/s, ratio."""
-    mean, std = compute_mean_std(rows, root, image_size=IMAGE_SIZE)
+def pipeline_vs_training(rows: pd.DataFrame, root: Path, step: Callable[[], object], step_batch: int,
+                         cache: str, workers: int, rounds: int, image_size: int, train: bool = True,
+                         steps_per_round: int = STEPS_PER_ROUND) -> dict[str, float]:
+    """Rounds of one loader epoch then ``steps_per_round`` training steps; medians of items/s, samples/s, ratio."""
+    mean, std = compute_mean_std(rows, root, image_size=image_size)
     start = time.perf_counter()
-    ds = build_dataset(rows, root, image_size=IMAGE_SIZE, train=train, mean=mean, std=std, cache=cache, workers=2)
+    ds = build_dataset(rows, root, image_size=image_size, train=train, mean=mean, std=std, cache=cache, workers=2)
     build_s = time.perf_counter() - start
     sampler = LesionFrameSampler(rows, frames_per_lesion=FRAMES_PER_LESION, seed=0)
     loader = make_loader(ds, BATCH, sampler=sampler, workers=workers, seed=0)
@@ -75,24 +81,77 @@ def pipeline_vs_training(rows: pd.DataFrame, root: Path, step: Callable[[], obje
     for epoch in range(rounds + 1):  # round 0 warms up (starts the persistent workers)
         sampler.set_epoch(epoch)
         items.append(len(sampler) / timed(lambda: sum(len(b["frame_id"]) for b in loader)))
-        samples.append(BATCH / statistics.median(timed(step) for _ in range(STEPS_PER_ROUND)))
+        samples.append(step_batch / statistics.median(timed(step) for _ in range(steps_per_round)))
     items, samples = items[1:], samples[1:]
     return {"items_s": statistics.median(items), "train_s": statistics.median(samples),
             "ratio": statistics.median(i / s for i, s in zip(items, samples)), "build_s": build_s}
 
 
-def fill_rate(rows: pd.DataFrame, root: Path, source: str, workers: int) -> float:
+def fill_rate(rows: pd.DataFrame, root: Path, source: str, workers: int, image_size: int) -> float:
     """Items/s of filling a memory cache (decode, crop, mask, resize) from JPEG frames or from the mp4s."""
-    seconds = timed(lambda: build_dataset(rows, root, image_size=IMAGE_SIZE, cache="memory", source=source,
+    seconds = timed(lambda: build_dataset(rows, root, image_size=image_size, cache="memory", source=source,
                                           workers=workers))
     return len(rows) / seconds
 
 
-def augment_us(repeats: int = 2000) -> float:
-    """Median microseconds of the paper's albumentations pipeline on one 64 px uint8 crop."""
+def augment_us(image_size: int, repeats: int = 2000) -> float:
+    """Median microseconds of the paper's albumentations pipeline on one uint8 crop of ``image_size``."""
     augment = paper_augmentation(seed=0)
-    crop = np.random.default_rng(0).integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    crop = np.random.default_rng(0).integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)
     return 1e6 * statistics.median(timed(lambda: augment(image=crop)) for _ in range(repeats))
+
+
+def cpu_ms_per_item(rows: pd.DataFrame, root: Path, image_size: int, epochs: int = 1) -> float:
+    """CPU milliseconds (process time) per item of the cached training pipeline, 0 workers.
+
+    Process time barely moves with other jobs on the machine, unlike wall time, so this is the cost of
+    one item on one dedicated core: a worker's items/s is about 1000 / this.
+    """
+    mean, std = compute_mean_std(rows, root, image_size=image_size)
+    ds = build_dataset(rows, root, image_size=image_size, train=True, mean=mean, std=std, cache="memory", workers=2)
+    sampler = LesionFrameSampler(rows, frames_per_lesion=FRAMES_PER_LESION, seed=0)
+    loader = make_loader(ds, BATCH, sampler=sampler, workers=0, seed=0)
+    start = time.process_time()
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        sum(len(b["frame_id"]) for b in loader)
+    return 1e3 * (time.process_time() - start) / (epochs * len(sampler))
+
+
+def default_report(rows: pd.DataFrame, root: Path, rounds: int) -> None:
+    """Cold and cached pipelines, 0 and 2 workers, eval pipeline and cache fills, against the default model."""
+    step = gr_step(DEFAULT_SIZE, "micro", 8, BATCH)
+    for _ in range(3):
+        step()
+    print(f"{'case':<34} {'items/s':>8}  {'train samples/s':>15}  {'ratio':>6}  build s")
+    cases = [(cache, workers, True) for cache in ("none", "memory") for workers in (0, 2)]
+    for cache, workers, train in cases + [("memory", 0, False)]:
+        r = pipeline_vs_training(rows, root, step, BATCH, cache, workers, rounds, DEFAULT_SIZE, train)
+        label = f"{'train' if train else 'eval'} pipeline {'cached' if cache == 'memory' else 'cold'}, " \
+                f"{workers} workers"
+        print(f"{label:<34} {r['items_s']:8.1f}  {r['train_s']:15.1f}  {r['ratio']:5.1f}x  {r['build_s']:.2f}")
+    print(f"{'albumentations per 64 px crop':<34} {augment_us(DEFAULT_SIZE):8.1f} us")
+    for source in ("frames", "video"):
+        for workers in (1, 2):
+            rates = [fill_rate(rows, root, source, workers, DEFAULT_SIZE) for _ in range(rounds)]
+            label = f"cache fill from {source}, {workers} thread{'s' * (workers > 1)}"
+            print(f"{label:<34} {statistics.median(rates):8.1f} items/s")
+
+
+def paper_report(rows: pd.DataFrame, root: Path, rounds: int, image_size: int) -> None:
+    """The paper profile's data path: the cached pipeline, 0/2/4 workers, against ViT-Ti/16 GR steps."""
+    step = gr_step(image_size, "ti", 16, PAPER_GR_BATCH)
+    step()
+    print(f"# ViT-Ti/16 GR steps at {image_size} px, batch {PAPER_GR_BATCH}, median of {PAPER_STEPS_PER_ROUND} "
+          f"per round")
+    print(f"{'case':<34} {'items/s':>8}  {'train samples/s':>15}  {'ratio':>6}  build s")
+    for workers in PAPER_WORKERS:
+        r = pipeline_vs_training(rows, root, step, PAPER_GR_BATCH, "memory", workers, rounds, image_size,
+                                 steps_per_round=PAPER_STEPS_PER_ROUND)
+        label = f"train pipeline cached, {workers} workers"
+        print(f"{label:<34} {r['items_s']:8.1f}  {r['train_s']:15.1f}  {r['ratio']:5.1f}x  {r['build_s']:.2f}")
+    print(f"{f'albumentations per {image_size} px crop':<34} {augment_us(image_size, repeats=200):8.1f} us")
+    print(f"{'cached pipeline, CPU time per item':<34} {cpu_ms_per_item(rows, root, image_size):8.2f} ms (1 thread)")
 
 
 def main() -> None:
@@ -101,6 +160,8 @@ def main() -> None:
     parser.add_argument("--frame-size", type=int, nargs=2, default=(256, 256), metavar=("W", "H"))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=DEFAULT_SIZE,
+                        help=f"crop size; other than {DEFAULT_SIZE}: the paper profile's data path (ViT-Ti/16)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -112,24 +173,12 @@ def main() -> None:
               f"load average {os.getloadavg()[0]:.1f}")
         print(f"# synthetic {args.videos} videos {args.frame_size[0]}x{args.frame_size[1]}: {len(rows)} rows, "
               f"{rows['lesion_id'].nunique()} lesions, {rows['lesion_id'].nunique() * FRAMES_PER_LESION} "
-              f"items/epoch; medians of {args.rounds} rounds (1 epoch + {STEPS_PER_ROUND} GR steps each)")
+              f"items/epoch; medians of {args.rounds} rounds (1 epoch + GR steps each)")
         print(f"{'synthetic generator':<34} {gen_fps:8.1f} frames/s (2 processes)")
-        step = gr_step()
-        for _ in range(3):
-            step()
-        print(f"{'case':<34} {'items/s':>8}  {'train samples/s':>15}  {'ratio':>6}  build s")
-        cases = [(cache, workers, True) for cache in ("none", "memory") for workers in (0, 2)]
-        for cache, workers, train in cases + [("memory", 0, False)]:
-            r = pipeline_vs_training(rows, root, step, cache, workers, args.rounds, train)
-            label = f"{'train' if train else 'eval'} pipeline {'cached' if cache == 'memory' else 'cold'}, " \
-                    f"{workers} workers"
-            print(f"{label:<34} {r['items_s']:8.1f}  {r['train_s']:15.1f}  {r['ratio']:5.1f}x  {r['build_s']:.2f}")
-        print(f"{'albumentations per 64 px crop':<34} {augment_us():8.1f} us")
-        for source in ("frames", "video"):
-            for workers in (1, 2):
-                rates = [fill_rate(rows, root, source, workers) for _ in range(args.rounds)]
-                label = f"cache fill from {source}, {workers} thread{'s' * (workers > 1)}"
-                print(f"{label:<34} {statistics.median(rates):8.1f} items/s")
+        if args.image_size == DEFAULT_SIZE:
+            default_report(rows, root, args.rounds)
+        else:
+            paper_report(rows, root, args.rounds, args.image_size)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,15 @@ def gate_seed(seed: int) -> int:
     return int(np.random.SeedSequence([seed, GATE_STREAM]).generate_state(1)[0])
 
 
+def compiled(cfg: Mapping[str, Any], model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``torch.compile(model)`` when ``optim.compile`` is set and the run is on CUDA, else ``model`` itself.
+
+    CUDA only by design: the ``paper`` profile (a GPU setting) turns it on, and on CPU a compile costs
+    minutes for little gain (benchmarks/README.md). Parameters stay shared with ``model``.
+    """
+    return torch.compile(model) if cfg["optim"]["compile"] and device.type == "cuda" else model
+
+
 def build_optimizers(cfg: Mapping[str, Any], model: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
     """GR: two optimisers over disjoint sets. Joint FSG: one optimiser, gates in their own group.
     Frozen FSG: the gates keep their init (``requires_grad=False``, in no optimiser)."""
@@ -122,12 +131,13 @@ def build_recipe(cfg: Mapping[str, Any], ctx: DistContext, steps_per_epoch: int,
     epochs, warmup = cfg["optim"]["epochs"], cfg["optim"]["warmup_epochs"] * steps_per_epoch
     schedulers = {k: warmup_cosine(o, warmup, epochs * steps_per_epoch) for k, o in optimizers.items()}
     clip, gr = cfg["optim"]["clip"], cfg["gr"]
+    fast = compiled(cfg, model, device)  # both GR passes and the plain step run this module
     if uses_routing(cfg["regularizer"]):
-        trained = ctx.wrap(model, device, ignore=gate_parameters(model))  # the router all-reduces the gates
+        trained = ctx.wrap(fast, device, ignore=gate_parameters(model))  # the router all-reduces the gates
         step = GradientRouter(trained, optimizers["main"], optimizers["gate"], task.main_loss, task.gate_loss,
                               main_clip=clip, gate_clip=gr["gate_clip"], amp=amp,
                               accumulate_gate_pass_grads=accumulates_gate_pass(cfg)).step
     else:
-        step = partial(train_step, ctx.wrap(model, device), optimizers["main"], task.main_loss, clip=clip, amp=amp)
+        step = partial(train_step, ctx.wrap(fast, device), optimizers["main"], task.main_loss, clip=clip, amp=amp)
     metric = f"val/{task.main_metric}" if cfg["eval"]["metric"] == "auto" else cfg["eval"]["metric"]
     return Recipe(cfg, task, device, model, optimizers, schedulers, step, metric, metric_mode(metric))

@@ -69,7 +69,7 @@ class Model(Section):
     heads: Count | None = None
     mlp_dim: Count | None = None
     box_features: bool = True  # log box width/height joined to the class token before the head
-    weights: str | None = None  # local weight file (torchvision or timm ViT)
+    weights: str | None = None  # local weight file (torchvision, timm ViT, or the paper's release with its gates)
     dropout: Rate = 0.1  # used by regularizer=dropout only
     attention_dropout: Rate = 0.1  # used by regularizer=dropout only
     stochastic_depth: Rate = 0.1  # used by regularizer=dropout only
@@ -83,6 +83,7 @@ class Optim(Section):
     clip: PositiveFloat = 10.0
     warmup_epochs: NonNegativeInt = 1
     amp: bool = True  # bf16 autocast on CUDA only
+    compile: bool = False  # torch.compile the trained model, on CUDA only (ignored on CPU); the paper profile sets it
     max_skipped_steps: NonNegativeInt = 10  # non-finite (NaN/Inf) steps skipped before the run stops as FAILED
 
 
@@ -226,7 +227,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "paper": {  # the paper's setting, for a GPU: ViT-Ti at 384 px, its optimisers, clips and loss weights
         "data": {"image_size": 384, "frames_per_lesion": 40},
         "model": {"preset": "ti", "patch_size": 16},
-        "optim": {"epochs": 40, "lr": 5.0e-5, "weight_decay": 1.0e-5, "clip": 10.0},
+        "optim": {"epochs": 40, "lr": 5.0e-5, "weight_decay": 1.0e-5, "clip": 10.0, "compile": True},
         "gr": {"gate_lr": 1.0e-4, "gate_clip": 32.0},
         "loss": {"main_weights": [1.0, 3.0, 5.0], "gate_weights": [1.0, 5.0, 10.0]},
     },

@@ -2,7 +2,8 @@
 
 The gated blocks reuse the original block's submodules (no copy, no ViT surgery) and add only
 the two gate vectors, so a torchvision or PyTorch transformer is gated, unwrapped or folded
-without touching its code. See SPEC §1 and §5.
+without touching its code. The gated ViT block runs its attention through
+:func:`~fsg_endo.nn.attention.self_attention`, as the plain blocks do. See SPEC §1 and §5.
 """
 
 from __future__ import annotations
@@ -15,6 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
+
+from fsg_endo.nn.attention import (
+    FastEncoderBlock,
+    build_on_meta,
+    check_fast_attention,
+    check_materialised,
+    self_attention,
+    stock_encoder_block,
+)
 
 __all__ = [
     "GatedEncoderBlock",
@@ -46,29 +56,16 @@ def _scale_rows_(linear: nn.Linear, scale: Tensor) -> None:
             linear.bias.mul_(scale.to(linear.bias.dtype))
 
 
-def _on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
-    """Build a module skeleton on the meta device: no memory, no draw from the global RNG."""
-    with torch.device("meta"):
-        return factory()
-
-
-def _check_materialised(module: nn.Module) -> nn.Module:
-    """Guard against a rebuilt block that kept a meta tensor its source block did not provide."""
-    if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
-        raise RuntimeError(f"unwrapping left an uninitialised tensor in {type(module).__name__}")
-    return module
-
-
 class GatedEncoderBlock(nn.Module):
     """torchvision ``EncoderBlock`` with an FSG gate on its attention and its MLP branch."""
 
-    def __init__(self, block: EncoderBlock) -> None:
+    def __init__(self, block: EncoderBlock | FastEncoderBlock) -> None:
         super().__init__()
         self.num_heads = block.num_heads
 
         # Attention block (the original submodules, shared)
         self.ln_1 = block.ln_1
-        self.self_attention = block.self_attention
+        self.self_attention = check_fast_attention(block.self_attention)
         self.dropout = block.dropout
 
         # MLP block
@@ -82,7 +79,7 @@ class GatedEncoderBlock(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         torch._assert(input.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {input.shape}")
         x = self.ln_1(input)
-        x, _ = self.self_attention(x, x, x, need_weights=False)
+        x = self_attention(self.self_attention, x)
         x = torch.addcmul(input, torch.sigmoid(self.gate_attn), self.dropout(x))
 
         y = self.ln_2(x)
@@ -99,13 +96,7 @@ class GatedEncoderBlock(nn.Module):
 
     def unwrap(self) -> EncoderBlock:
         """A plain ``EncoderBlock`` sharing this block's submodules (gates dropped, not folded)."""
-        attn = self.self_attention
-        hidden_dim = attn.embed_dim
-        mlp_dim = next(m for m in self.mlp.modules() if isinstance(m, nn.Linear)).out_features
-        block = _on_meta(lambda: EncoderBlock(self.num_heads, hidden_dim, mlp_dim, 0.0, attn.dropout))
-        for name in ("ln_1", "self_attention", "dropout", "ln_2", "mlp"):
-            setattr(block, name, getattr(self, name))
-        return _check_materialised(block)
+        return stock_encoder_block(self)
 
 
 class GatedTransformerEncoderLayer(nn.Module):
@@ -177,7 +168,7 @@ class GatedTransformerEncoderLayer(nn.Module):
     def unwrap(self) -> nn.TransformerEncoderLayer:
         """A plain ``TransformerEncoderLayer`` sharing this layer's submodules (gates dropped)."""
         attn = self.self_attn
-        layer = _on_meta(lambda: nn.TransformerEncoderLayer(
+        layer = build_on_meta(lambda: nn.TransformerEncoderLayer(
             attn.embed_dim, attn.num_heads, self.linear1.out_features, dropout=self.dropout.p,
             activation=self.activation, layer_norm_eps=self.norm1.eps, batch_first=attn.batch_first,
             norm_first=self.norm_first, bias=self.linear1.bias is not None,
@@ -186,11 +177,12 @@ class GatedTransformerEncoderLayer(nn.Module):
             setattr(layer, name, getattr(self, name))
         layer.activation = self.activation
         layer.activation_relu_or_gelu = self.activation_relu_or_gelu
-        return _check_materialised(layer)
+        return check_materialised(layer)
 
 
 GATED_BLOCKS = (GatedEncoderBlock, GatedTransformerEncoderLayer)
-_GATED_FOR = {EncoderBlock: GatedEncoderBlock, nn.TransformerEncoderLayer: GatedTransformerEncoderLayer}
+_GATED_FOR = {EncoderBlock: GatedEncoderBlock, FastEncoderBlock: GatedEncoderBlock,
+              nn.TransformerEncoderLayer: GatedTransformerEncoderLayer}
 
 
 def _replace_blocks(module: nn.Module, convert: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
@@ -321,6 +313,8 @@ def gate_statistics(model: nn.Module, threshold: float = 0.1, init: Mapping[str,
 
 
 def _fold_block(module: nn.Module) -> nn.Module | None:
+    if isinstance(module, FastEncoderBlock):
+        return module.unwrap()
     if not isinstance(module, GATED_BLOCKS):
         return None
     # The deep copy's gated block and its unwrapped block share submodules: scaling one scales both.
@@ -333,7 +327,8 @@ def fold_gates(model: nn.Module) -> nn.Module:
     """A new plain model with each sigmoid(g) multiplied into the last linear of its branch.
 
     The input is left untouched; the result holds stock ``EncoderBlock`` /
-    ``TransformerEncoderLayer`` blocks, costs what the plain model costs, and matches the gated
-    model's outputs in eval mode (dropout commutes with the per-channel scaling).
+    ``TransformerEncoderLayer`` blocks (fast-attention blocks become stock ones too), costs what the
+    plain model costs, and matches the gated model's outputs in eval mode (dropout commutes with the
+    per-channel scaling).
     """
     return _replace_blocks(copy.deepcopy(model), _fold_block)
