@@ -37,10 +37,10 @@ def example_inputs(metadata: Mapping[str, Any], batch: int = 2) -> tuple[torch.T
 
 
 def log_trained_model(tracker: Tracker, model: torch.nn.Module, cfg: Mapping[str, Any], task: Task,
-                      preprocess: Mapping[str, Any], gated: bool, step: int) -> None:
-    """Log the model (gates folded into the weights: a stock ViT) with its metadata, linked to the metrics
-    at ``step``, and register it as ``tracking.register_model`` when that is set."""
+                      preprocess: Mapping[str, Any], step: int) -> None:
+    """Log the model as stock torchvision blocks (gates folded into the weights, fast attention undone) with
+    its metadata, linked to the metrics at ``step``; register it as ``tracking.register_model`` if set."""
     model = model.cpu().eval()
     metadata = model_metadata(cfg, task, preprocess)
-    tracker.log_model(fold_gates(model) if gated else model, example_inputs(metadata), metadata,
+    tracker.log_model(fold_gates(model), example_inputs(metadata), metadata,
                       registered_model_name=cfg["tracking"]["register_model"], step=step)

@@ -228,6 +228,6 @@ def finish(r: Recipe, data: DataBundle, tracker: Tracker, progress: Progress, be
         tracker.log_figure(plots.learning_curves(pd.DataFrame(progress.history), r.metric),
                            "plots/learning_curves.png")
     if cfg["tracking"]["log_model"]:
-        log_trained_model(tracker, model, cfg, r.task, data.preprocess, r.gated, progress.step)
+        log_trained_model(tracker, model, cfg, r.task, data.preprocess, progress.step)
     tracker.flush()
     return results
