@@ -69,7 +69,8 @@ class SequentialExecutor:
             tracker = open_run(self.ctx, lambda child=child: open_child(child, self.uri, parent_run_id))
             run_dir = child.run_dir or run_dir_for(child.cfg, tracker.run_id)
             try:
-                yield Outcome(child.key, tracker.run_id, "FINISHED", execute(child.cfg, tracker, run_dir, self.ctx, stop))
+                results = execute(child.cfg, tracker, run_dir, self.ctx, stop)
+                yield Outcome(child.key, tracker.run_id, "FINISHED", results)
             except (KeyboardInterrupt, TrackingError):
                 raise
             except Exception as err:
@@ -92,6 +93,7 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         # Ray resolves 127.0.0.1 to the machine's routable address unless it believes it runs no cluster
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_worker_niceness", "0")  # children are the work, not background (Ray's default: 15)
     import ray
 
     if ray.is_initialized():
@@ -204,7 +206,7 @@ class RayExecutor:
 
 
 def default_concurrency(resources: Mapping[str, float], cpus: float, gpus: float) -> int:
-    """Children that fit at once: the cluster's CPUs / ``cpus``, capped by its GPUs / ``gpus`` when children use GPUs."""
+    """Children that fit at once: the cluster's CPUs / ``cpus``, capped by its GPUs / ``gpus`` if they use GPUs."""
     n = int(resources.get("CPU", 1) // cpus)
     if gpus > 0:
         if not resources.get("GPU"):
