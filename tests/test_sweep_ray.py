@@ -4,6 +4,7 @@ into the same run (or FAILED past ``sweep.max_retries``), a stopped driver leave
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import re
@@ -27,8 +28,7 @@ from fsg_endo.tracking.tracker import Tracker
 EXP = "regularization_sweep"
 # 4 children (2 regularisers x 2 fractions), 3 epochs of several steps: room to kill a child between checkpoints
 GRID = ["--exp", EXP, "--smoke", "--set", "sweep.regularizers=[none, fsg]", "--set", "sweep.train_fractions=[0.5, 1.0]",
-        "--set", "optim.epochs=3", "--set", "data.frames_per_lesion=8", "--set", "tracking.log_model=false",
-        "--set", "tracking.plots=false"]
+        "--set", "optim.epochs=3", "--set", "tracking.log_model=false", "--set", "tracking.plots=false"]
 TWO = [*GRID, "--set", "sweep.regularizers=[none]"]  # the grid's first two children
 
 
@@ -220,19 +220,38 @@ def test_worker_killed_past_its_retries_fails_and_the_sweep_goes_on(ray_local, t
     assert [a.path for a in client.list_artifacts(killer.killed, "logs")] == ["logs/train.log"]
 
 
+def freeze_at_first_checkpoint(work: Path, n: int, driver: subprocess.Popen) -> list[int]:
+    """SIGSTOP each child's worker (pid from its log) once its first checkpoint exists, until ``n`` are stopped
+    (so none can finish); their pids."""
+    frozen: dict[str, int] = {}
+    deadline = time.monotonic() + 300
+    while len(frozen) < n:
+        assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[1][-3000:]
+        for log in work.glob("runs/*/train.log"):
+            if log.parent.name not in frozen and (log.parent / "last.pt").exists():
+                frozen[log.parent.name] = int(re.findall(r"\(pid (\d+)\)", log.read_text())[-1])
+                os.kill(frozen[log.parent.name], signal.SIGSTOP)
+        time.sleep(0.02)
+    return list(frozen.values())
+
+
 def test_stopped_driver_leaves_killed_children_that_resume_continues(ray_local, sequential, tmp_path, data_cache):
-    """SIGTERM on a driver (its own process) while both children train: each checkpoints and ends KILLED; the
-    resumed sweep continues both, in parallel, and they log what the sequential sweep logged."""
+    """SIGTERM on a driver (its own process) while both children train (held after their first checkpoint): each
+    checkpoints and ends KILLED; the resumed sweep continues both, in parallel, logging what the sequential one did."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "FSG_ENDO_CACHE": str(data_cache), "MLFLOW_TRACKING_URI": uri}
     driver = subprocess.Popen([sys.executable, str(REPO / "experiments" / "run.py"), *TWO], cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    frozen = []
     try:
-        deadline = time.monotonic() + 300
-        while len(list(tmp_path.glob("runs/*/last.pt"))) < 2 and time.monotonic() < deadline:
-            assert driver.poll() is None, driver.communicate()[1][-3000:]
-            time.sleep(0.05)
+        frozen = freeze_at_first_checkpoint(tmp_path, 2, driver)
         driver.send_signal(signal.SIGTERM)
+        time.sleep(1.0)  # the driver asks the children to stop; they see it once they run again
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    try:
         _, err = driver.communicate(timeout=300)
     finally:
         driver.kill()

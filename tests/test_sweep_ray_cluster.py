@@ -3,12 +3,13 @@ local SQLite store before any work, and a smoke sweep through ``--ray-address`` 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,10 @@ from test_mlflow_server import free_port, mlflow_server  # noqa: F401  (the fixt
 SWEEP = ["--exp", "regularization_sweep", "--smoke", "--set", "sweep.regularizers=[none]",
          "--set", "sweep.train_fractions=[0.5, 1.0]", "--set", "optim.epochs=1", "--set", "tracking.log_model=false",
          "--set", "tracking.plots=false"]
-LOCAL_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}  # nodes on 127.0.0.1
+# nodes and drivers on 127.0.0.1 (Ray would otherwise swap 127.0.0.1 for the machine's routable address), with
+# the token authentication `ray start` enables, under this test's own token (not the user's ~/.ray/auth_token)
+LOCAL_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+              "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
 
 def ray_node(args: list[str], log: Path) -> subprocess.Popen:
@@ -33,30 +37,26 @@ def ray_node(args: list[str], log: Path) -> subprocess.Popen:
 
 
 def stop_session(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL, the process group of a node (its GCS, raylet and workers)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    """SIGTERM the process group of a node (its GCS, raylet and workers), then SIGKILL whatever is left."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
-            proc.wait(timeout=20)
-            return
         except ProcessLookupError:
             return
-        except subprocess.TimeoutExpired:
-            continue
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=wait)
 
 
-def wait_nodes(address: str, n: int, procs: list[subprocess.Popen], timeout: float = 240) -> None:
-    """Poll the cluster until ``n`` nodes are alive (fails with the nodes' logs if one exits)."""
-    import ray
+NODES = ("import sys, time, ray\n"
+         "ray.init(address=sys.argv[1], include_dashboard=False, log_to_driver=False, logging_level='ERROR')\n"
+         "while sum(n['Alive'] for n in ray.nodes()) < int(sys.argv[2]): time.sleep(0.5)\n")
 
-    deadline = time.monotonic() + timeout
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    try:
-        while sum(node["Alive"] for node in ray.nodes()) < n:
-            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "Ray nodes did not start"
-            time.sleep(0.5)
-    finally:
-        ray.shutdown()
+
+def wait_nodes(address: str, n: int, timeout: float = 240) -> None:
+    """Wait until the cluster has ``n`` live nodes (a driver on 127.0.0.1 polls it)."""
+    proc = subprocess.run([sys.executable, "-c", NODES, address, str(n)], env={**os.environ, **LOCAL_ONLY},
+                          timeout=timeout, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 @pytest.fixture
@@ -68,9 +68,9 @@ def ray_cluster() -> Iterator[str]:
                      "--temp-dir", str(temp)], temp / "head.log")
     nodes = [head]
     try:
-        wait_nodes(address, 1, nodes)
+        wait_nodes(address, 1)
         nodes.append(ray_node(["--address", address, "--num-cpus", "1"], temp / "worker.log"))
-        wait_nodes(address, 2, nodes)
+        wait_nodes(address, 2)
         yield address
     finally:
         for proc in reversed(nodes):
@@ -80,12 +80,12 @@ def ray_cluster() -> Iterator[str]:
 def test_smoke_sweep_on_a_cluster_logs_to_an_mlflow_server(ray_cluster, mlflow_server, tmp_path, data_cache):  # noqa: F811
     url, _ = mlflow_server
     sqlite = f"sqlite:///{tmp_path / 'local.db'}"
-    proc = run_cli([*SWEEP, "--ray-address", ray_cluster], tmp_path, data_cache, sqlite, timeout=300)
+    proc = run_cli([*SWEEP, "--ray-address", ray_cluster], tmp_path, data_cache, sqlite, timeout=300, **LOCAL_ONLY)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "MLflow server" in lines[0], proc.stderr[-2000:]
     assert not (tmp_path / "local.db").exists()  # refused before any work
 
-    proc = run_cli([*SWEEP, "--ray-address", ray_cluster], tmp_path, data_cache, url, timeout=600)
+    proc = run_cli([*SWEEP, "--ray-address", ray_cluster], tmp_path, data_cache, url, timeout=600, **LOCAL_ONLY)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = mlflow.MlflowClient(tracking_uri=url)
     runs = client.search_runs([client.get_experiment_by_name("regularization_sweep").experiment_id])

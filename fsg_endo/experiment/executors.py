@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -20,7 +22,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from fsg_endo.engine.distributed import SINGLE, DistContext
-from fsg_endo.engine.interrupt import RunInterrupted, StopSignals
+from fsg_endo.engine.interrupt import HANDLED, RunInterrupted, StopSignals
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.experiment.runs import execute, open_run, run_dir_for, start_run
 from fsg_endo.tracking.tracker import Tracker, TrackingError, retry_store
@@ -99,6 +101,7 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     quiet = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR", configure_logging=True)
+    handlers = {signum: signal.getsignal(signum) for signum in HANDLED}
     try:
         if address:
             ray.init(address=address, **quiet)
@@ -107,6 +110,9 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
                      object_store_memory=100 * 2**20, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise FsgEndoError(f"Ray cluster {address or 'local'}: cannot connect: {str(err).splitlines()[0]}") from None
+    if threading.current_thread() is threading.main_thread():
+        for signum, handler in handlers.items():  # ray.init installs its own; the sweep's stay in charge
+            signal.signal(signum, handler)
     return True
 
 
