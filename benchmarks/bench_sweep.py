@@ -1,10 +1,12 @@
 """Wall time of one short sweep, sequential against Ray (children side by side), interleaved repeats.
 
-The grid is the default experiment's (micro ViT, 64 px) with ``--arms`` x one train fraction and ``--epochs``
-epochs, models not logged, the synthetic dataset cached beforehand. Each sweep is a fresh
-``experiments/run.py`` process into its own SQLite store, so Ray's start-up is part of its time:
+The grid is the default experiment's (micro ViT, 64 px) with ``--arms`` x one train fraction, ``--epochs``
+epochs of ``--frames`` frames per lesion (also the cap at evaluation), models not logged, the synthetic dataset
+cached beforehand (``--cache``). Each sweep is a fresh ``experiments/run.py`` process into its own SQLite
+store, so Ray's start-up is part of its time:
 
-    python benchmarks/bench_sweep.py [--rounds 3] [--epochs 2] [--concurrent 2] [--gpus 0.25,0.5,1]
+    python benchmarks/bench_sweep.py [--rounds 3] [--epochs 2] [--frames 5] [--concurrent 2] [--cache DIR]
+                                     [--gpus 0.25,0.5,1]
 
 ``--gpus`` (on a machine with a GPU): children per hour of the same grid for each ``sweep.resources.gpus``.
 """
@@ -24,10 +26,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def sweep_args(arms: str, epochs: int) -> list[str]:
+def sweep_args(arms: str, epochs: int, frames: int) -> list[str]:
     return ["--exp", "regularization_sweep", "--set", f"sweep.regularizers=[{arms}]", "--set",
             "sweep.train_fractions=[1.0]", "--set", f"optim.epochs={epochs}", "--set", "tracking.log_model=false",
-            "--set", "tracking.plots=false"]
+            "--set", "tracking.plots=false", "--set", f"data.frames_per_lesion={frames}",
+            "--set", f"data.eval_frames_per_lesion={frames}"]
 
 
 def timed_sweep(args: list[str], work: Path, cache: Path) -> float:
@@ -47,20 +50,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--frames", type=int, default=5, help="frames per lesion per epoch and at evaluation")
+    parser.add_argument("--cache", default=None, help="FSG_ENDO_CACHE holding the dataset (default: a new one)")
     parser.add_argument("--arms", default="none, dropout, fsg, fsg_gr")
     parser.add_argument("--concurrent", type=int, default=2, help="Ray children at once (1 CPU each)")
     parser.add_argument("--gpus", default=None, help="comma-separated sweep.resources.gpus values (GPU machine)")
     args = parser.parse_args()
-    base = sweep_args(args.arms, args.epochs)
+    base = sweep_args(args.arms, args.epochs, args.frames)
     variants = {"sequential": [*base, "--set", "sweep.executor=sequential"],
                 "ray": [*base, "--set", "sweep.executor=ray", "--set", f"sweep.max_concurrent={args.concurrent}",
                         "--set", "sweep.resources.cpus=1"]}
     for share in filter(None, (args.gpus or "").split(",")):
         variants[f"ray_gpus_{share}"] = [*base, "--set", "device=cuda", "--set", f"sweep.resources.gpus={share}"]
     with tempfile.TemporaryDirectory() as tmp:
-        cache = Path(tmp) / "cache"
+        cache = Path(args.cache or Path(tmp) / "cache")
         timed_sweep([*base, "--set", "sweep.executor=sequential", "--set", "optim.epochs=1",
-                     "--set", "sweep.regularizers=[none]"], Path(tmp) / "warmup", cache)  # data generated, cached
+                     "--set", "sweep.regularizers=[none]"], Path(tmp) / "warmup", cache)  # data cached, imports warm
         times: dict[str, list[float]] = {name: [] for name in variants}
         loads = [os.getloadavg()[0]]
         for r in range(args.rounds):
@@ -70,7 +75,8 @@ def main() -> None:
                 print(f"round {r + 1}: {name} {times[name][-1]} s", file=sys.stderr, flush=True)
     children = len(args.arms.split(","))
     medians = {name: statistics.median(t) for name, t in times.items()}
-    report = {"grid": f"{children} arms x 1 fraction, {args.epochs} epochs", "seconds": times,
+    report = {"grid": f"{children} arms x 1 fraction, {args.epochs} epochs, {args.frames} frames per lesion",
+              "seconds": times,
               "median_seconds": medians,
               "speedup_ray_vs_sequential": {"of_medians": round(medians["sequential"] / medians["ray"], 3),
                                             "per_round": [round(s / r, 3) for s, r in

@@ -37,9 +37,12 @@ def ray_local():
     """One local Ray instance for the module's in-process sweeps (they reuse it instead of starting their own)."""
     import ray
 
-    connect_ray(None, num_cpus=2)
+    environ = dict(os.environ)
+    connect_ray(None, num_cpus=2)  # sets Ray's variables for a local instance in this process
     yield
     ray.shutdown()
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,10 @@ from test_mlflow_server import free_port, mlflow_server  # noqa: F401  (the fixt
 SWEEP = ["--exp", "regularization_sweep", "--smoke", "--set", "sweep.regularizers=[none]",
          "--set", "sweep.train_fractions=[0.5, 1.0]", "--set", "optim.epochs=1", "--set", "tracking.log_model=false",
          "--set", "tracking.plots=false"]
-# nodes and drivers on 127.0.0.1 (Ray would otherwise swap 127.0.0.1 for the machine's routable address), with
-# the token authentication `ray start` enables, under this test's own token (not the user's ~/.ray/auth_token)
-LOCAL_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
-              "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+# the token authentication `ray start` enables, under this test's own token (not the user's ~/.ray/auth_token).
+# On a multi-node cluster Ray swaps 127.0.0.1 for this machine's own address: the nodes never leave the machine.
+CLUSTER_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}  # Linux's default, whatever a local sweep set before
 
 
 def ray_node(args: list[str], log: Path) -> subprocess.Popen:
@@ -32,7 +32,7 @@ def ray_node(args: list[str], log: Path) -> subprocess.Popen:
     with open(log, "w") as out:
         return subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--block",
                                  "--node-ip-address", "127.0.0.1", *args],
-                                env={**os.environ, **LOCAL_ONLY}, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **CLUSTER_ENV}, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
 
@@ -53,15 +53,15 @@ NODES = ("import sys, time, ray\n"
 
 
 def wait_nodes(address: str, n: int, timeout: float = 240) -> None:
-    """Wait until the cluster has ``n`` live nodes (a driver on 127.0.0.1 polls it)."""
-    proc = subprocess.run([sys.executable, "-c", NODES, address, str(n)], env={**os.environ, **LOCAL_ONLY},
+    """Wait until the cluster has ``n`` live nodes (a driver polls it)."""
+    proc = subprocess.run([sys.executable, "-c", NODES, address, str(n)], env={**os.environ, **CLUSTER_ENV},
                           timeout=timeout, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 @pytest.fixture
 def ray_cluster() -> Iterator[str]:
-    """A head node and a second node on 127.0.0.1 (1 CPU each); yields the head's address; always stopped."""
+    """A head node and a second node on this machine (1 CPU each); yields the head's address; always stopped."""
     temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
     address = f"127.0.0.1:{free_port()}"
     head = ray_node(["--head", "--port", address.split(":")[1], "--num-cpus", "1", "--include-dashboard", "false",
@@ -80,12 +80,12 @@ def ray_cluster() -> Iterator[str]:
 def test_smoke_sweep_on_a_cluster_logs_to_an_mlflow_server(ray_cluster, mlflow_server, tmp_path, data_cache):  # noqa: F811
     url, _ = mlflow_server
     sqlite = f"sqlite:///{tmp_path / 'local.db'}"
-    proc = run_cli([*SWEEP, "--ray-address", ray_cluster], tmp_path, data_cache, sqlite, timeout=300, **LOCAL_ONLY)
+    proc = run_cli([*SWEEP, "--ray-address", ray_cluster], tmp_path, data_cache, sqlite, timeout=300, **CLUSTER_ENV)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "MLflow server" in lines[0], proc.stderr[-2000:]
     assert not (tmp_path / "local.db").exists()  # refused before any work
 
-    proc = run_cli([*SWEEP, "--ray-address", ray_cluster], tmp_path, data_cache, url, timeout=600, **LOCAL_ONLY)
+    proc = run_cli([*SWEEP, "--ray-address", ray_cluster], tmp_path, data_cache, url, timeout=600, **CLUSTER_ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = mlflow.MlflowClient(tracking_uri=url)
     runs = client.search_runs([client.get_experiment_by_name("regularization_sweep").experiment_id])

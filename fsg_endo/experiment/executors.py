@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -149,7 +149,7 @@ class RayExecutor:
                 if bar.postfix != (state := f"running={len(inflight)}, failed={failed}"):
                     bar.set_postfix_str(state)
                 if stop.requested is not None:
-                    yield from self.cancel(inflight, stop.requested)
+                    yield from self.cancel(inflight)
                     raise RunInterrupted(stop.requested, f"sweep stopped by a signal; resume with --resume "
                                                          f"{parent_run_id}")
                 ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
@@ -176,17 +176,20 @@ class RayExecutor:
             return ray.get(ref)
         except ray.exceptions.TaskCancelledError:
             return self.mark(child, "KILLED", None)
+        except ray.exceptions.RayTaskError as err:  # the task itself raised (it catches what training raises)
+            return self.mark(child, "FAILED", str(err).strip().splitlines()[-1][:200])
         except ray.exceptions.RayError as err:
             reason = str(err).strip().splitlines()[0][:200]
             return self.mark(child, "FAILED", f"worker died ({self.max_retries} retries): {reason}")
 
-    def cancel(self, inflight: dict[Any, Child], signum: int) -> Iterator[Outcome]:
+    def cancel(self, inflight: dict[Any, Child]) -> Iterator[Outcome]:
         """Ask every running child to stop (each checkpoints and ends KILLED), wait for them, mark the rest."""
         import ray
 
         for ref in inflight:
-            ray.cancel(ref)
-        ray.wait(list(inflight), num_returns=len(inflight), timeout=CANCEL_WAIT_S)
+            ray.cancel(ref)  # a KeyboardInterrupt in the task: the training loop's stop request
+        if inflight:
+            ray.wait(list(inflight), num_returns=len(inflight), timeout=CANCEL_WAIT_S)
         for ref, child in inflight.items():
             yield self.collect(ref, child)
         inflight.clear()
@@ -196,7 +199,10 @@ class RayExecutor:
         import mlflow
 
         client = mlflow.MlflowClient(tracking_uri=self.uri)
-        call = lambda fn: retry_store(fn, self.uri, Tracker.max_outage)  # noqa: E731
+
+        def call(fn: Callable[[], Any]) -> Any:
+            return retry_store(fn, self.uri, Tracker.max_outage)
+
         if call(lambda: client.get_run(child.run_id)).info.status in ("RUNNING", "SCHEDULED"):
             call(lambda: client.set_terminated(child.run_id, status))
         log = child.run_dir / "train.log"
