@@ -25,6 +25,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", default=None, help="manifest CSV to train from")
     p.add_argument("--resume", default=None, metavar="RUN_ID", help="resume an MLflow run ('last' for the latest)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (MLFLOW_TRACKING_URI wins)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="sweeps: join this Ray cluster (default: RAY_ADDRESS, else a local Ray instance)")
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -96,7 +96,7 @@ def test_sweep_resumes_only_unfinished_children(tmp_path, data_cache, monkeypatc
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["--exp", "regularization_sweep", "--smoke", "--set", "sweep.regularizers=[none]",
             "--set", "sweep.train_fractions=[0.5, 1.0]", "--set", "tracking.log_model=false",
-            "--set", "tracking.plots=false"]
+            "--set", "tracking.plots=false", "--set", "sweep.executor=sequential"]  # Ray: tests/test_sweep_ray.py
     interrupt_at(monkeypatch, signal.SIGTERM, step=2, run=2)  # in the second child
     assert in_process(args, tmp_path, data_cache, uri) == 143
     client = mlflow.MlflowClient(tracking_uri=uri)

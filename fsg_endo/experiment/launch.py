@@ -133,7 +133,8 @@ def _run(args: argparse.Namespace, cfg: dict[str, Any], uri: str, ctx: DistConte
         resume = ctx.broadcast(resume_target(uri, cfg["name"], args.resume) if ctx.is_main else None)
         cfg = resume.cfg
     if cfg["sweep"]["enabled"]:
-        summary = run_sweep(cfg, uri, resume_run_id=resume.run_id if resume else None, ctx=ctx, stop=stop)
+        summary = run_sweep(cfg, uri, resume_run_id=resume.run_id if resume else None, ctx=ctx, stop=stop,
+                            ray_address=args.ray_address)
         if ctx.is_main:
             cols = [c for c in ("regularizer", "train_fraction", "grid_point", "fold", "seed", "status",
                                 main_test_metric(cfg["task"]), "gates/all/shift", "gates/init/std")

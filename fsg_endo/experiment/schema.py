@@ -125,6 +125,13 @@ class Checkpoint(Section):
     every: Count = 1  # epochs between checkpoints
 
 
+class Resources(Section):
+    """What one sweep child asks of Ray: CPUs (also its torch threads) and a share of a GPU (0.25: four per GPU)."""
+
+    cpus: PositiveFloat = 1.0
+    gpus: Annotated[float, Field(ge=0)] = 0.0
+
+
 class Sweep(Section):
     """regularization_sweep only (ignored for single runs)."""
 
@@ -135,6 +142,10 @@ class Sweep(Section):
     seeds: Annotated[list[NonNegativeInt], NonEmpty] = [0]
     # more axes: {"dotted.key": [values, ...]}, e.g. {"gr.gate_lr": [1e-3, 1e-2]}; each value checked like --set
     grid: dict[str, Any] = {}
+    executor: Literal["ray", "sequential"] = "ray"  # ray: children side by side on Ray (local or --ray-address)
+    max_concurrent: Count | None = None  # children at once (None = CPUs / resources.cpus, capped by GPUs / gpus)
+    resources: Resources = Resources()
+    max_retries: NonNegativeInt = 1  # re-runs of a child whose worker died, from its checkpoint into the same run
 
 
 class Config(Section):

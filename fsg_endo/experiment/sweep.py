@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,12 +15,10 @@ from fsg_endo.tracking import plots
 from fsg_endo.experiment.config import revalidate, set_in
 from fsg_endo.experiment.report import log_report
 from fsg_endo.engine.distributed import SINGLE, DistContext
-from fsg_endo.experiment.runs import (end_run, execute, grid_point, open_run, record_config, run_dir_for, run_name,
-                                     start_run)
+from fsg_endo.experiment.executors import SWEEP_KEY_TAG, Child, open_executor
+from fsg_endo.experiment.runs import end_run, grid_point, open_run, record_config, run_dir_for, run_name
 from fsg_endo.engine.interrupt import StopSignals
 from fsg_endo.tracking.tracker import Tracker, TrackingError
-
-SWEEP_KEY_TAG = "sweep_key"
 
 
 def grid_points(grid: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
@@ -63,38 +60,41 @@ def open_parent(cfg: Mapping[str, Any], uri: str, resume_run_id: str | None) -> 
                          tags={"task": cfg["task"], "regularizer": "sweep"})
 
 
+def cell(child: Mapping[str, Any]) -> dict[str, Any]:
+    """The grid cell of a child config: its row in the sweep summary."""
+    return {"regularizer": child["regularizer"], "train_fraction": child["data"]["train_fraction"],
+            "grid_point": grid_point(child), "fold": child["data"]["test_fold"], "seed": child["seed"]}
+
+
 def run_sweep(cfg: Mapping[str, Any], uri: str, resume_run_id: str | None = None, ctx: DistContext = SINGLE,
-              stop: StopSignals | None = None) -> pd.DataFrame:
-    """Run every child, or resume the sweep: FINISHED children are kept, the others continue in their own
-    run from their last checkpoint. A failed child is reported and recorded, and the sweep goes on."""
-    parent = open_run(ctx, lambda: open_parent(cfg, uri, resume_run_id))
-    if ctx.is_main:
-        record_config(cfg, parent, run_dir_for(cfg, parent.run_id))
-    done = ctx.broadcast(existing_children(parent) if ctx.is_main and resume_run_id else {})
-    rows = []
-    for child in child_configs(cfg):
-        key = run_name(child)
-        row = {"regularizer": child["regularizer"], "train_fraction": child["data"]["train_fraction"],
-               "grid_point": grid_point(child), "fold": child["data"]["test_fold"], "seed": child["seed"]}
-        previous = done.get(key)
-        if previous is not None and previous["status"] == "FINISHED":
-            rows.append(row | {"run_id": previous["run_id"], "status": "FINISHED"} | previous["metrics"])
-            continue
-        tracker = open_run(ctx, lambda child=child, key=key, previous=previous: (
-            Tracker.start(uri, cfg["name"], resume_run_id=previous["run_id"]) if previous is not None
-            else start_run(child, uri, parent_run_id=parent.run_id, extra_tags={SWEEP_KEY_TAG: key})))
-        folder = previous and previous["checkpoint_dir"]
-        run_dir = Path(folder) if folder else run_dir_for(child, tracker.run_id)
+              stop: StopSignals | None = None, ray_address: str | None = None) -> pd.DataFrame:
+    """Run every child with the executor of ``sweep.executor``, or resume the sweep: FINISHED children are kept,
+    the others continue in their own run from their last checkpoint. A failed child is recorded, the sweep goes on."""
+    executor = open_executor(cfg["sweep"], uri, ctx, ray_address)  # before any work: a cluster may refuse the store
+    try:
+        parent = open_run(ctx, lambda: open_parent(cfg, uri, resume_run_id))
+        if ctx.is_main:
+            record_config(cfg, parent, run_dir_for(cfg, parent.run_id))
+        done = ctx.broadcast(existing_children(parent) if ctx.is_main and resume_run_id else {})
+        configs = {run_name(child): child for child in child_configs(cfg)}
+        rows, todo = {}, []
+        for key, child in configs.items():
+            previous = done.get(key)
+            if previous is not None and previous["status"] == "FINISHED":
+                rows[key] = cell(child) | {"run_id": previous["run_id"], "status": "FINISHED"} | previous["metrics"]
+            else:
+                folder = previous and previous["checkpoint_dir"]
+                todo.append(Child(key, child, previous and previous["run_id"], Path(folder) if folder else None))
         try:
-            results = execute(child, tracker, run_dir, ctx, stop)
-            rows.append(row | {"run_id": tracker.run_id, "status": "FINISHED"} | results)
+            for out in executor.run(todo, parent.run_id, stop or StopSignals()):
+                rows[out.key] = (cell(configs[out.key]) | {"run_id": out.run_id, "status": out.status}
+                                 | out.results | ({"error": out.error} if out.error else {}))
         except (KeyboardInterrupt, TrackingError):
             end_run(parent, "KILLED")
             raise
-        except Exception as err:
-            print(f"sweep: child {key} failed: {err}", file=sys.stderr)
-            rows.append(row | {"run_id": tracker.run_id, "status": "FAILED", "error": str(err)})
-    summary = pd.DataFrame(rows)
+    finally:
+        executor.close()
+    summary = pd.DataFrame([rows[key] for key in configs])
     if ctx.is_main:
         log_summary(parent, summary, cfg["task"])
     parent.end("FINISHED")

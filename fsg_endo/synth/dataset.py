@@ -19,6 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pandas as pd
+from filelock import FileLock
 from tqdm import tqdm
 
 from fsg_endo.data.sizes import CLASS3_NAMES, size_class3
@@ -107,12 +108,17 @@ def generate_dataset(out: str | os.PathLike, n_videos: int | None = None, seed: 
 
 
 def ensure_synthetic(root: str | os.PathLike, n_videos: int | None = None, seed: int = 0, **kw: Any) -> Path:
-    """``root`` if it holds a complete dataset made with these parameters, else (re)generate it there."""
+    """``root`` if it holds a complete dataset made with these parameters, else (re)generate it there.
+
+    Under a file lock beside ``root``: concurrent runs on one node (a parallel sweep) generate it once.
+    """
     root = Path(root)
     params = resolve_params(n_videos, seed, kw.get("frames_per_video"), kw.get("image_size"))
-    if is_complete(root, params):
-        return root
-    return generate_dataset(root, n_videos, seed, **kw)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(root.parent / f".{root.name}.lock"):
+        if is_complete(root, params):
+            return root
+        return generate_dataset(root, n_videos, seed, **kw)
 
 
 def is_complete(root: Path, params: SynthParams) -> bool:

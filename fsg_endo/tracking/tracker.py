@@ -4,7 +4,8 @@ Metrics are queued and written by one background thread with ``log_batch``, so t
 never waits on the store. A failing store call is retried with exponential backoff, keeping every
 queued metric, for up to ``max_outage`` seconds; past that the tracker is :attr:`~Tracker.failed` and
 the training loop saves a checkpoint (holding the metrics still :meth:`~Tracker.unconfirmed`) and stops.
-A (key, step) pair is logged at most once per run, also across a resume.
+A (key, step) pair is logged at most once per run, also across a resume. Concurrent writers on one
+SQLite store (the children of a parallel sweep) may see "database is locked": it is retried the same way.
 """
 
 from __future__ import annotations
@@ -99,12 +100,37 @@ class TrackingError(FsgEndoError):
     """The tracking store failed for longer than the tracker tolerates, or rejected a request."""
 
 
+class TrackingOutage(TrackingError):
+    """The tracking store kept failing for longer than the tracker tolerates."""
+
+
 def _transient(err: Exception) -> bool:
     """Whether a store error may pass on retry: anything but MLflow refusing the request itself (HTTP 4xx)."""
     if isinstance(err, MlflowException):
         status = err.get_http_status_code()
         return not 400 <= status < 500 or status in (408, 429)
     return True
+
+
+def retry_store(fn: Callable[[], Any], uri: str, max_outage: float, first_backoff: float = 0.5,
+                max_backoff: float = 30.0) -> Any:
+    """``fn()``, retried with exponential backoff while the store fails (unreachable, or SQLite's "database is
+    locked") for less than ``max_outage`` seconds; a request the store rejects raises at once."""
+    first_failure, delay = None, first_backoff
+    while True:
+        try:
+            return fn()
+        except Exception as err:
+            if not _transient(err):
+                raise TrackingError(f"tracking store {uri} rejected a request: "
+                                    f"{str(err).splitlines()[0][:200]}") from err
+            now = time.monotonic()
+            first_failure = now if first_failure is None else first_failure
+            if now - first_failure >= max_outage:
+                raise TrackingOutage(f"tracking store {uri} failed for {now - first_failure:.1f} s: "
+                                     f"{str(err).splitlines()[0][:200]}") from err
+            time.sleep(min(delay, max_backoff, max_outage - (now - first_failure)))
+            delay *= 2
 
 
 def metric_records(metrics: Mapping[str, float], step: int) -> list[MetricRecord]:
@@ -154,16 +180,20 @@ class Tracker:
               resume_run_id: str | None = None) -> Tracker:
         """Create (or reopen, for ``resume_run_id``) a run in ``experiment`` and log its params and tags."""
         client = mlflow.MlflowClient(tracking_uri=uri)
+
+        def call(fn: Callable[[], Any]) -> Any:
+            return retry_store(fn, uri, cls.max_outage, cls.first_backoff, cls.max_backoff)
+
         if resume_run_id:
-            client.update_run(resume_run_id, status="RUNNING")
-            return cls(client, resume_run_id, logged=stored_steps(client, resume_run_id))
-        exp_id = experiment_id(client, experiment)
+            call(lambda: client.update_run(resume_run_id, status="RUNNING"))
+            return cls(client, resume_run_id, logged=call(lambda: stored_steps(client, resume_run_id)))
+        exp_id = call(lambda: experiment_id(client, experiment))
         all_tags = dict(tags)
         if run_name:
             all_tags[MLFLOW_RUN_NAME] = run_name
         if parent_run_id:
             all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-        run = client.create_run(exp_id, tags=all_tags, run_name=run_name)
+        run = call(lambda: client.create_run(exp_id, tags=all_tags, run_name=run_name))
         tracker = cls(client, run.info.run_id)
         items = [Param(k, str(v)[:6000]) for k, v in dict(params).items()]
         for i in range(0, len(items), _PARAM_BATCH):
@@ -188,11 +218,16 @@ class Tracker:
         if self._system_monitor is not None:
             self._system_monitor.finish()
             self._system_monitor = None
-        self._queue.join()
-        self._queue.put(None)
-        self._writer.join()
+        self.close()
         if not self.failed:
             self._timed(lambda: self.client.set_terminated(self.run_id, status=status))
+
+    def close(self) -> None:
+        """Flush every queued metric and stop the writer thread, leaving the run's status as it is."""
+        if self._writer.is_alive():
+            self._queue.join()
+            self._queue.put(None)
+            self._writer.join()
 
     def monitor_system(self, interval: float = 10.0) -> None:
         """Log MLflow's system metrics (CPU, memory, disk, network; GPU through nvidia-ml-py) until :meth:`end`."""
@@ -253,24 +288,12 @@ class Tracker:
                 self._queue.task_done()
 
     def _call(self, fn: Callable[[], Any]) -> Any:
-        """``fn()``, retried with exponential backoff while the store fails for less than ``max_outage``."""
-        first_failure, delay = None, self.first_backoff
-        while True:
-            try:
-                return fn()
-            except Exception as err:
-                if not _transient(err):
-                    raise TrackingError(f"tracking store {self.client.tracking_uri} rejected a request: "
-                                        f"{str(err).splitlines()[0][:200]}") from err
-                now = time.monotonic()
-                if first_failure is None:
-                    first_failure = now
-                if now - first_failure >= self.max_outage:
-                    self._error = TrackingError(f"tracking store {self.client.tracking_uri} failed for "
-                                                f"{now - first_failure:.1f} s: {str(err).splitlines()[0][:200]}")
-                    raise self._error from err
-                time.sleep(min(delay, self.max_backoff, self.max_outage - (now - first_failure)))
-                delay *= 2
+        """``fn()`` under :func:`retry_store`; an outage past ``max_outage`` makes the tracker :attr:`failed`."""
+        try:
+            return retry_store(fn, self.client.tracking_uri, self.max_outage, self.first_backoff, self.max_backoff)
+        except TrackingOutage as err:
+            self._error = err
+            raise
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self._timed(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
