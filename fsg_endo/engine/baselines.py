@@ -20,6 +20,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from fsg_endo.data.crop_features import CUES, crop_features
+from fsg_endo.engine.evaluation import lesion_counts, lesion_test_ci
 from fsg_endo.engine.prepare import Splits, prepare_splits
 from fsg_endo.engine.tasks import ClassificationTask, Task, get_task
 from fsg_endo.errors import FsgEndoError
@@ -121,6 +122,8 @@ def fit_baseline(cfg: Mapping[str, Any], tracker: Tracker) -> dict[str, float]:
     rows = prepare_splits(cfg)
     tracker.set_tags({"data.manifest_sha256": rows.manifest_sha256})
     metrics, tables = baseline_metrics(cfg, baseline_of(cfg["regularizer"]), rows)
+    task = get_task(cfg["task"], cfg["loss"]["main_weights"], cfg["loss"]["gate_weights"])
+    metrics |= lesion_test_ci(task, tables["test"], cfg["seed"]) | lesion_counts(rows.splits)
     tracker.log_metrics(metrics, 0)
     for split, frames in tables.items():
         tracker.log_text(frames.to_csv(index=False), f"predictions/{split}.csv")

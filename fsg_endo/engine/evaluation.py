@@ -93,3 +93,18 @@ def lesion_bootstrap_ci(task: Task, lesions: pd.DataFrame, seed: int = 0, level:
                          n_resamples=resamples, confidence_level=level, method="percentile",
                          rng=np.random.default_rng(seed)).confidence_interval
     return float(ci.low), float(ci.high)
+
+
+def lesion_test_ci(task: Task, frames: pd.DataFrame, seed: int) -> dict[str, float]:
+    """``lesion/test/<main metric>_ci_low|_ci_high`` of a run's test frame predictions (polyp tasks only)."""
+    if not task.lesion_level:
+        return {}
+    low, high = lesion_bootstrap_ci(task, task.lesion_predictions(frames), seed=seed)
+    return {f"lesion/test/{task.main_metric}_ci_low": low, f"lesion/test/{task.main_metric}_ci_high": high}
+
+
+def lesion_counts(splits: Mapping[str, pd.DataFrame]) -> dict[str, float]:
+    """``data/{train,test}_lesions``: the training and test set sizes the report's corrected t-test reads."""
+    if any("lesion_id" not in splits[name] for name in ("train", "test")):
+        return {}
+    return {f"data/{name}_lesions": float(splits[name]["lesion_id"].nunique()) for name in ("train", "test")}

@@ -35,7 +35,7 @@ from fsg_endo.engine.checkpoint import (
 from fsg_endo.engine.prepare import DataBundle
 from fsg_endo.engine.distributed import SINGLE, DistContext
 from fsg_endo.errors import FsgEndoError
-from fsg_endo.engine.evaluation import evaluate, is_better, lesion_bootstrap_ci, model_inputs
+from fsg_endo.engine.evaluation import evaluate, is_better, model_inputs, lesion_test_ci
 from fsg_endo.engine.export import log_trained_model
 from fsg_endo.nn.gates import gate_logits, gate_statistics, gate_values
 from fsg_endo.engine.interrupt import RunInterrupted, StopSignals
@@ -216,8 +216,7 @@ def finish(r: Recipe, data: DataBundle, tracker: Tracker, progress: Progress, be
         metrics, frames = evaluate(model, data.loaders[split], r.task, r.device, r.use_box, split)
         results.update(metrics)
         tracker.log_text(frames.to_csv(index=False), f"predictions/{split}.csv")
-    low, high = lesion_bootstrap_ci(r.task, r.task.lesion_predictions(frames), seed=cfg["seed"])
-    results |= {f"lesion/test/{r.task.main_metric}_ci_low": low, f"lesion/test/{r.task.main_metric}_ci_high": high}
+    results |= lesion_test_ci(r.task, frames, cfg["seed"])
     tracker.log_metrics({k: v for k, v in results.items() if k.startswith(("test/", "lesion/test/"))}
                         | {"best_epoch": progress.best_epoch}, progress.step)
     if r.gated:

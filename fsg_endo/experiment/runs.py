@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fsg_endo.engine.distributed import SINGLE, DistContext
+from fsg_endo.engine.evaluation import lesion_counts
 from fsg_endo.engine.interrupt import StopSignals
 from fsg_endo.engine.recipe import accumulates_gate_pass, uses_gates, uses_routing
 from fsg_endo.experiment.config import dump_config, flatten_config
@@ -121,8 +122,7 @@ def execute(cfg: Mapping[str, Any], tracker: Tracker | NullTracker, run_dir: Pat
             results = fit_baseline(cfg, tracker) if ctx.is_main else {}
         else:
             data = ctx.main_first(lambda: prepare_data(cfg, ctx.world_size, ctx.rank))
-            lesions = data.summary.set_index("split")["lesions"]
-            sizes = {f"data/{split}_lesions": float(lesions[split]) for split in ("train", "test")}  # the report's
+            sizes = lesion_counts(data.splits)
             if ctx.is_main:
                 record_data(data, tracker, run_dir)
                 tracker.log_metrics(sizes, 0)
