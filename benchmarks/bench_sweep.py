@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def sweep_args(arms: str, epochs: int, frames: int) -> list[str]:
     return ["--exp", "regularization_sweep", "--set", f"sweep.regularizers=[{arms}]", "--set",
-            "sweep.train_fractions=[1.0]", "--set", f"optim.epochs={epochs}", "--set", "tracking.log_model=false",
+            "sweep.train_fractions=[1.0]", "--set", "sweep.folds=[0]", "--set", "sweep.seeds=[0]",
+            "--set", f"optim.epochs={epochs}", "--set", "tracking.log_model=false",
             "--set", "tracking.plots=false", "--set", f"data.frames_per_lesion={frames}",
             "--set", f"data.eval_frames_per_lesion={frames}"]
 
