@@ -116,3 +116,22 @@ def test_baseline_arms_are_child_runs_with_the_model_metric_names(tmp_path, data
 
 def test_results_table_shows_the_appearance_baseline(smoke_store):
     assert "appearance baseline lesion/test" in smoke_store["stdout"]
+
+
+def test_a_regenerated_dataset_gets_a_new_manifest(tmp_path, monkeypatch):
+    """The manifest cache follows the dataset's version, not only its folder (a stale manifest names old frames)."""
+    from fsg_endo.engine import prepare
+
+    built = []
+    monkeypatch.setenv("FSG_ENDO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(prepare, "build_manifest", lambda *a, **k: built.append(1) or pd.DataFrame({"x": [1]}))
+    monkeypatch.setattr(prepare, "write_manifest", lambda df, path: path.parent.mkdir(parents=True, exist_ok=True)
+                        or path.write_text("x\n1\n"))
+    root = tmp_path / "ds"
+    root.mkdir()
+    (root / "synthetic.json").write_text('{"params": {"version": 1}}')
+    data = {"manifest": None, "source": "synthetic", "sizes": None, "folds": 5}
+    first = prepare.manifest_path(data, root, 0)
+    assert prepare.manifest_path(data, root, 0) == first and len(built) == 1  # cached
+    (root / "synthetic.json").write_text('{"params": {"version": 2}}')
+    assert prepare.manifest_path(data, root, 0) != first and len(built) == 2

@@ -82,11 +82,21 @@ def dataset_root(data: Mapping[str, Any], seed: int) -> Path:
     return ensure_synthetic(root, n_videos=data["videos"], seed=gen_seed)
 
 
+def dataset_stamp(root: Path) -> str:
+    """A dataset's version: the synthetic generator's record of it, else the modification times of the root's
+    entries (a regenerated or edited dataset then gets a new manifest, not a stale cached one)."""
+    record = root / "synthetic.json"
+    if record.is_file():
+        return record.read_text(encoding="utf-8")
+    return ",".join(str(p.stat().st_mtime_ns) for p in sorted(root.iterdir()))
+
+
 def manifest_path(data: Mapping[str, Any], root: Path, seed: int) -> Path:
     """The manifest of a config: the one given, else one built from the root and cached by content key."""
     if data["manifest"]:
         return Path(data["manifest"])
-    key = hashlib.sha1(f"{data['source']}|{root.resolve()}|{data['sizes']}".encode()).hexdigest()[:10]
+    key = hashlib.sha1(f"{data['source']}|{root.resolve()}|{data['sizes']}|{dataset_stamp(root)}".encode())
+    key = key.hexdigest()[:10]
     path = cache_dir() / "manifests" / f"{data['source']}_{key}_k{data['folds']}_s{seed}.csv"
     if not path.exists():
         df = build_manifest(data["source"], root, folds=data["folds"], seed=seed, sizes=data["sizes"])
