@@ -67,21 +67,19 @@ def stock_encoder_block(block: nn.Module) -> EncoderBlock:
     return check_materialised(stock)
 
 
+def share_submodules(new: nn.Module, block: nn.Module) -> None:
+    """Give ``new`` the submodules of an ``EncoderBlock`` (shared, not copied), its attention on the fast path."""
+    new.num_heads = block.num_heads
+    new.ln_1, new.self_attention, new.dropout = block.ln_1, check_fast_attention(block.self_attention), block.dropout
+    new.ln_2, new.mlp = block.ln_2, block.mlp
+
+
 class FastEncoderBlock(nn.Module):
     """torchvision ``EncoderBlock`` (its submodules, shared) with the attention of :func:`self_attention`."""
 
     def __init__(self, block: EncoderBlock) -> None:
         super().__init__()
-        self.num_heads = block.num_heads
-
-        # Attention block
-        self.ln_1 = block.ln_1
-        self.self_attention = check_fast_attention(block.self_attention)
-        self.dropout = block.dropout
-
-        # MLP block
-        self.ln_2 = block.ln_2
-        self.mlp = block.mlp
+        share_submodules(self, block)
 
     def forward(self, input: Tensor) -> Tensor:
         torch._assert(input.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {input.shape}")

@@ -20,7 +20,7 @@ from torchvision.models.vision_transformer import EncoderBlock, VisionTransforme
 from fsg_endo.nn.attention import (
     FastEncoderBlock,
     build_on_meta,
-    check_fast_attention,
+    share_submodules,
     check_materialised,
     self_attention,
     stock_encoder_block,
@@ -61,16 +61,7 @@ class GatedEncoderBlock(nn.Module):
 
     def __init__(self, block: EncoderBlock | FastEncoderBlock) -> None:
         super().__init__()
-        self.num_heads = block.num_heads
-
-        # Attention block (the original submodules, shared)
-        self.ln_1 = block.ln_1
-        self.self_attention = check_fast_attention(block.self_attention)
-        self.dropout = block.dropout
-
-        # MLP block
-        self.ln_2 = block.ln_2
-        self.mlp = block.mlp
+        share_submodules(self, block)  # the original submodules, shared
 
         dim, like = block.self_attention.embed_dim, next(block.parameters())
         self.gate_attn = _new_gate(dim, like)

@@ -17,7 +17,7 @@ from torchvision.models.vision_transformer import EncoderBlock, VisionTransforme
 from torchvision.ops import StochasticDepth
 
 from fsg_endo.errors import FsgEndoError
-from fsg_endo.nn.attention import check_fast_attention, self_attention, use_fast_attention
+from fsg_endo.nn.attention import self_attention, share_submodules, use_fast_attention
 from fsg_endo.nn.gates import vit_with_fsg
 from fsg_endo.nn.weights import LoadReport, load_local_weights, read_state_dict, timm_to_torchvision, vit_shape
 
@@ -71,12 +71,7 @@ class StochasticDepthBlock(nn.Module):
 
     def __init__(self, block: EncoderBlock, p: float) -> None:
         super().__init__()
-        self.num_heads = block.num_heads
-        self.ln_1 = block.ln_1
-        self.self_attention = check_fast_attention(block.self_attention)
-        self.dropout = block.dropout
-        self.ln_2 = block.ln_2
-        self.mlp = block.mlp
+        share_submodules(self, block)
         self.drop_path = StochasticDepth(p, mode="row")
 
     def forward(self, input: Tensor) -> Tensor:
