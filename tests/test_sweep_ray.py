@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -223,17 +224,35 @@ def test_worker_killed_past_its_retries_fails_and_the_sweep_goes_on(ray_local, t
     assert [a.path for a in client.list_artifacts(killer.killed, "logs")] == ["logs/train.log"]
 
 
+def store_is_unlocked(db: Path) -> bool:
+    """Whether no connection holds a lock on the SQLite file (an exclusive transaction can begin at once)."""
+    conn = sqlite3.connect(db, timeout=0.2)
+    try:
+        conn.execute("BEGIN EXCLUSIVE")
+        conn.rollback()
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.close()
+
+
 def freeze_at_first_checkpoint(work: Path, n: int, driver: subprocess.Popen) -> list[int]:
     """SIGSTOP each child's worker (pid from its log) once its first checkpoint exists, until ``n`` are stopped
-    (so none can finish); their pids."""
+    (so none can finish); their pids. A worker stopped inside a store call would hold the SQLite lock and starve
+    the others, so it is let go and stopped again a moment later."""
     frozen: dict[str, int] = {}
     deadline = time.monotonic() + 300
     while len(frozen) < n:
         assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[1][-3000:]
         for log in work.glob("runs/*/train.log"):
             if log.parent.name not in frozen and (log.parent / "last.pt").exists():
-                frozen[log.parent.name] = int(re.findall(r"\(pid (\d+)\)", log.read_text())[-1])
-                os.kill(frozen[log.parent.name], signal.SIGSTOP)
+                pid = int(re.findall(r"\(pid (\d+)\)", log.read_text())[-1])
+                os.kill(pid, signal.SIGSTOP)
+                if store_is_unlocked(work / "mlflow.db"):
+                    frozen[log.parent.name] = pid
+                else:
+                    os.kill(pid, signal.SIGCONT)
         time.sleep(0.02)
     return list(frozen.values())
 
