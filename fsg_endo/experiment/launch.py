@@ -6,20 +6,19 @@ import argparse
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import pandas as pd
-
-from fsg_endo.data.image_folders import check_image_root
-from fsg_endo.data.manifest import detect_format
-from fsg_endo.engine.baselines import baseline_metrics, baseline_of
-from fsg_endo.engine.distributed import DistContext, init_distributed, shutdown
 from fsg_endo.engine.interrupt import RunInterrupted, StopSignals
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.experiment.config import load_config, load_config_file
-from fsg_endo.experiment.runs import execute, open_run, run_dir_for, run_name, start_run
-from fsg_endo.experiment.sweep import main_test_metric, run_sweep
-from fsg_endo.tracking.tracker import Tracker, check_tracking_uri, resolve_tracking_uri
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from fsg_endo.engine.distributed import DistContext
+
+# The config is checked before torch, MONAI and MLflow are imported (about 9 s here): a bad --set, experiment or
+# data root is reported in about a second. Those imports sit in the functions that run once the config is valid.
 
 REPORT_METRICS = {
     "size_regression": ["mae", "rmse", "within_1mm", "cls3_balanced_accuracy", "cls2_balanced_accuracy"],
@@ -32,6 +31,8 @@ REPORT_METRICS = {
 def results_table(results: Mapping[str, float], metrics: list[str],
                   baseline: Mapping[str, float] | None = None) -> pd.DataFrame:
     """Rows: metrics; columns: frame/lesion x val/test, and the appearance baseline's lesion/test if given."""
+    import pandas as pd
+
     cols = {f"{level}/{split}": f"{prefix}{split}/" for level, prefix in (("frame", ""), ("lesion", "lesion/"))
             for split in ("val", "test")}
     table = pd.DataFrame({col: [results.get(p + m, float("nan")) for m in metrics] for col, p in cols.items()},
@@ -92,6 +93,8 @@ def resume_target(uri: str, exp_name: str, run_id: str) -> ResumeTarget:
 
 def _overrides(args: argparse.Namespace, image_task: bool) -> list[str]:
     """``--data-root`` and ``--manifest`` as overrides; a polyp root also sets its source (SUN or REAL-Colon)."""
+    from fsg_endo.data.manifest import detect_format
+
     overrides = []
     if args.data_root:
         root = Path(args.data_root)
@@ -110,6 +113,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     """
     image_task = load_config(args.exp, args.overrides, profile=args.profile, smoke=args.smoke)["task"] == "image_class"
     cfg = load_config(args.exp, _overrides(args, image_task), profile=args.profile, smoke=args.smoke)
+    from fsg_endo.data.image_folders import check_image_root
+    from fsg_endo.engine.distributed import init_distributed, shutdown
+    from fsg_endo.tracking.tracker import check_tracking_uri, resolve_tracking_uri
+
     if image_task and not args.resume:
         check_image_root(cfg["data"]["source"], cfg["data"]["root"])  # before a run opens: no empty FAILED run
     uri = resolve_tracking_uri(args.tracking_uri, cfg["tracking"]["uri"])
@@ -128,6 +135,11 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, cfg: dict[str, Any], uri: str, ctx: DistContext, stop: StopSignals) -> None:
+    from fsg_endo.engine.baselines import baseline_metrics, baseline_of
+    from fsg_endo.experiment.runs import execute, open_run, run_dir_for, run_name, start_run
+    from fsg_endo.experiment.sweep import main_test_metric, run_sweep
+    from fsg_endo.tracking.tracker import Tracker
+
     resume = None
     if args.resume:
         resume = ctx.broadcast(resume_target(uri, cfg["name"], args.resume) if ctx.is_main else None)
