@@ -5,8 +5,8 @@ epochs of ``--frames`` frames per lesion (also the cap at evaluation), models no
 cached beforehand (``--cache``). Each sweep is a fresh ``experiments/run.py`` process into its own SQLite
 store, so Ray's start-up is part of its time:
 
-    python benchmarks/bench_sweep.py [--rounds 3] [--epochs 2] [--frames 5] [--concurrent 2] [--cache DIR]
-                                     [--gpus 0.25,0.5,1]
+    python benchmarks/bench_sweep.py [--rounds 3] [--epochs 2] [--frames 5] [--fraction 1.0] [--concurrent 2]
+                                     [--cache DIR] [--gpus 0.25,0.5,1]
 
 ``--gpus`` (on a machine with a GPU): children per hour of the same grid for each ``sweep.resources.gpus``.
 """
@@ -26,9 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def sweep_args(arms: str, epochs: int, frames: int) -> list[str]:
+def sweep_args(arms: str, epochs: int, frames: int, fraction: float = 1.0) -> list[str]:
     return ["--exp", "regularization_sweep", "--set", f"sweep.regularizers=[{arms}]", "--set",
-            "sweep.train_fractions=[1.0]", "--set", "sweep.folds=[0]", "--set", "sweep.seeds=[0]",
+            f"sweep.train_fractions=[{fraction}]", "--set", "sweep.folds=[0]", "--set", "sweep.seeds=[0]",
             "--set", f"optim.epochs={epochs}", "--set", "tracking.log_model=false",
             "--set", "tracking.plots=false", "--set", f"data.frames_per_lesion={frames}",
             "--set", f"data.eval_frames_per_lesion={frames}"]
@@ -52,12 +52,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--frames", type=int, default=5, help="frames per lesion per epoch and at evaluation")
+    parser.add_argument("--fraction", type=float, default=1.0, help="the grid's one train fraction")
     parser.add_argument("--cache", default=None, help="FSG_ENDO_CACHE holding the dataset (default: a new one)")
     parser.add_argument("--arms", default="none, dropout, fsg, fsg_gr")
     parser.add_argument("--concurrent", type=int, default=2, help="Ray children at once (1 CPU each)")
     parser.add_argument("--gpus", default=None, help="comma-separated sweep.resources.gpus values (GPU machine)")
     args = parser.parse_args()
-    base = sweep_args(args.arms, args.epochs, args.frames)
+    base = sweep_args(args.arms, args.epochs, args.frames, args.fraction)
     variants = {"sequential": [*base, "--set", "sweep.executor=sequential"],
                 "ray": [*base, "--set", "sweep.executor=ray", "--set", f"sweep.max_concurrent={args.concurrent}",
                         "--set", "sweep.resources.cpus=1"]}
@@ -76,7 +77,8 @@ def main() -> None:
                 print(f"round {r + 1}: {name} {times[name][-1]} s", file=sys.stderr, flush=True)
     children = len(args.arms.split(","))
     medians = {name: statistics.median(t) for name, t in times.items()}
-    report = {"grid": f"{children} arms x 1 fraction, {args.epochs} epochs, {args.frames} frames per lesion",
+    report = {"grid": f"{children} arms x fraction {args.fraction}, {args.epochs} epochs, "
+                      f"{args.frames} frames per lesion",
               "seconds": times,
               "median_seconds": medians,
               "speedup_ray_vs_sequential": {"of_medians": round(medians["sequential"] / medians["ray"], 3),

@@ -278,6 +278,8 @@ def test_stopped_driver_leaves_killed_children_that_resume_continues(ray_local, 
     finally:
         driver.kill()
     assert driver.returncode == 143, err[-3000:]
+    for log in tmp_path.glob("runs/*/train.log"):  # the driver's own local instance listens on loopback only
+        assert re.search(r"^--- .* on \S+ 127\.0\.0\.1 \(pid", log.read_text(), flags=re.M), log.read_text()[:300]
     before = children(uri)
     (parent,) = before.pop("parents")
     assert parent.info.status == "KILLED" and len(before) == 2

@@ -120,9 +120,9 @@ class RayExecutor:
     """Children as Ray tasks (``sweep.resources`` each), at most ``max_concurrent`` at once, one progress bar."""
 
     def __init__(self, sweep: Mapping[str, Any], uri: str, address: str | None = None) -> None:
+        self.uri, self.owns_ray = uri, connect_ray(address)  # first: Ray reads its variables when imported
         import ray
 
-        self.uri, self.owns_ray = uri, connect_ray(address)
         nodes = [n for n in ray.nodes() if n["Alive"]]
         if len(nodes) > 1 and is_local_store(uri):
             raise FsgEndoError(f"tracking store {uri} is a local file, but the Ray cluster {address} has "
@@ -132,10 +132,11 @@ class RayExecutor:
         self.max_retries = sweep["max_retries"]
         self.max_concurrent = sweep["max_concurrent"] or default_concurrency(ray.cluster_resources(),
                                                                              self.cpus, self.gpus)
-        env = {k: str(Path(v).resolve()) for k, v in os.environ.items() if k == "FSG_ENDO_CACHE"}
+        # passed with each task, not as a runtime_env: a runtime_env needs workers of its own, so the workers Ray
+        # starts with the instance would sit idle while new ones start and import
+        self.env = {k: str(Path(v).resolve()) for k, v in os.environ.items() if k == "FSG_ENDO_CACHE"}
         self.task = ray.remote(run_child_task).options(
-            num_cpus=self.cpus, num_gpus=self.gpus, max_retries=self.max_retries, retry_exceptions=False,
-            runtime_env={"env_vars": env} if env else None)
+            num_cpus=self.cpus, num_gpus=self.gpus, max_retries=self.max_retries, retry_exceptions=False)
 
     def run(self, children: list[Child], parent_run_id: str, stop: StopSignals) -> Iterator[Outcome]:
         import ray
@@ -145,7 +146,7 @@ class RayExecutor:
             while pending or inflight:
                 while pending and len(inflight) < self.max_concurrent and stop.requested is None:
                     child = self.submit_ready(pending.pop(0), parent_run_id)
-                    inflight[self.task.remote(child, self.uri, self.cpus, os.getcwd())] = child
+                    inflight[self.task.remote(child, self.uri, self.cpus, os.getcwd(), self.env)] = child
                 if bar.postfix != (state := f"running={len(inflight)}, failed={failed}"):
                     bar.set_postfix_str(state)
                 if stop.requested is not None:
@@ -227,17 +228,21 @@ def default_concurrency(resources: Mapping[str, float], cpus: float, gpus: float
     return max(1, n)
 
 
-def run_child_task(child: Child, uri: str, cpus: float, cwd: str) -> Outcome:
+def run_child_task(child: Child, uri: str, cpus: float, cwd: str, env: Mapping[str, str]) -> Outcome:
     """A Ray task: the child's run reopened and executed with ``cpus`` torch threads, in the driver's folder
-    (a shared filesystem on a cluster); its output goes to ``train.log``, logged as ``logs/train.log``."""
+    (a shared filesystem on a cluster) and with the driver's ``env`` (the data cache); its output goes to
+    ``train.log``, logged as ``logs/train.log``."""
+    import ray
     import torch
 
     torch.set_num_threads(max(1, int(cpus)))
+    os.environ.update(env)
     log, home = child.run_dir / "train.log", os.getcwd()
     os.chdir(cwd)
     try:
         with output_to(log), StopSignals() as stop:
-            print(f"--- {child.key}: run {child.run_id} on {os.uname().nodename} (pid {os.getpid()}) "
+            node = f"{os.uname().nodename} {ray.util.get_node_ip_address()}"
+            print(f"--- {child.key}: run {child.run_id} on {node} (pid {os.getpid()}) "
                   f"at {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
             tracker = None
             try:
