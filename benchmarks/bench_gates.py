@@ -4,9 +4,10 @@ ViT 64 px / patch 8 / 6 layers / 192 dim / 3 heads / batch 32, one regression ou
 in one process, interleaved (one timing of each case per round). The targets apply to the ratio
 of medians; the median of per-round ratios ("paired") and the ratio of minima are printed too, as
 they are steadier when other processes share the cores. ``--compile`` adds a torch.compile'd GR step
-(Inductor; its warmup compiles for minutes on 2 cores):
+(Inductor; its warmup compiles for minutes on 2 cores). ``--dropout-parts`` adds the ``dropout`` arm's three
+regularisers one at a time, to tell which of them its cost comes from:
 
-    python benchmarks/bench_gates.py [--rounds 30] [--threads 2] [--compile]
+    python benchmarks/bench_gates.py [--rounds 30] [--threads 2] [--compile] [--dropout-parts]
 """
 
 from __future__ import annotations
@@ -35,11 +36,16 @@ RATIOS = {
     "GR step / plain step": ("gr_step", "plain_step", 1.70),
     "fast plain / stock plain step": ("plain_step", "stock_plain_step", 0.95),
     "FSG joint / plain step": ("fsg_joint_step", "plain_step", 1.05),
+    "dropout arm / plain step": ("dropout_step", "plain_step", None),
     "folded / stock inference": ("folded_inference", "stock_inference", 1.01),
     "fast plain / stock inference": ("plain_inference", "stock_inference", None),
     "gated / plain inference": ("gated_inference", "plain_inference", None),
     "compiled / eager GR step": ("gr_step_compiled", "gr_step", None),
+    "  dropout only / plain step": ("dropout_only_step", "plain_step", None),
+    "  attention dropout only / plain step": ("attention_dropout_only_step", "plain_step", None),
+    "  stochastic depth only / plain step": ("stochastic_depth_only_step", "plain_step", None),
 }
+DROPOUT_ARM = {"dropout": 0.1, "attention_dropout": 0.1, "stochastic_depth": 0.1}  # the schema's defaults
 
 
 def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -80,7 +86,15 @@ def stock_vit() -> nn.Module:
     return fold_gates(build_model(**SIZE))
 
 
-def make_cases(x: torch.Tensor, y: torch.Tensor, compile_gr: bool) -> dict[str, Callable[[], object]]:
+def plain_step_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
+    """One plain optimiser step of ``model`` on ``(x, y)``, in train mode with an Adam of its own."""
+    model.train()
+    optimizer = adam(model.parameters())
+    return lambda: train_step(model, optimizer, mse, x, y)
+
+
+def make_cases(x: torch.Tensor, y: torch.Tensor, compile_gr: bool,
+               dropout_parts: bool = False) -> dict[str, Callable[[], object]]:
     """Each benchmark case as a no-argument callable doing one step or one inference batch."""
     torch.manual_seed(0)
     plain, stock = build_model(**SIZE).train(), stock_vit().train()
@@ -106,11 +120,15 @@ def make_cases(x: torch.Tensor, y: torch.Tensor, compile_gr: bool) -> dict[str, 
         "gr_step": lambda: router.step(x, y),
         "release_gr_step": lambda: release(x, y),
         "fsg_joint_step": lambda: train_step(joint, joint_opt, mse, x, y),
+        "dropout_step": plain_step_of(build_model(**DROPOUT_ARM, **SIZE), x, y),
         "plain_inference": infer(plain_eval),
         "stock_inference": infer(stock_eval),
         "folded_inference": infer(folded_eval),
         "gated_inference": infer(gated_eval),
     }
+    if dropout_parts:
+        for name, rate in DROPOUT_ARM.items():
+            cases[f"{name}_only_step"] = plain_step_of(build_model(**{name: rate}, **SIZE), x, y)
     if compile_gr:
         model = build_model(fsg=True, **SIZE).train()
         compiled = GradientRouter(torch.compile(model), adam(non_gate_parameters(model)),
@@ -139,12 +157,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="add a torch.compile'd GR step (Inductor)")
+    parser.add_argument("--dropout-parts", action="store_true", help="add the dropout arm's regularisers one by one")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(BATCH, 3, 64, 64, generator=gen), torch.randn(BATCH, 1, generator=gen)
-    cases = make_cases(x, y, args.compile)
+    cases = make_cases(x, y, args.compile, args.dropout_parts)
     load_before = os.getloadavg()[0]
     times = measure(cases, args.rounds, args.warmup)
     load_after = os.getloadavg()[0]
@@ -156,7 +175,7 @@ def main() -> None:
     print(f"{'case':<18} {'median ms':>10} {'min ms':>8} {'max ms':>8}")
     for name, t in times.items():
         print(f"{name:<18} {median[name] * 1e3:>10.1f} {best[name] * 1e3:>8.1f} {max(t) * 1e3:>8.1f}")
-    print(f"\n{'ratio':<32} {'medians':>8} {'paired':>8} {'minima':>8}  target (on medians)")
+    print(f"\n{'ratio':<38} {'medians':>8} {'paired':>8} {'minima':>8}  target (on medians)")
     for label, (name, baseline, target) in RATIOS.items():
         if name not in times:
             continue
@@ -164,7 +183,7 @@ def main() -> None:
         paired = statistics.median(a / b for a, b in zip(times[name], times[baseline]))
         verdict = "reported" if target is None else f"<= {target:.2f} " + ("ok" if ratio <= target else "MISSED")
         floor = best[name] / best[baseline]
-        print(f"{label:<32} {ratio:7.3f}x {paired:7.3f}x {floor:7.3f}x  {verdict}")
+        print(f"{label:<38} {ratio:7.3f}x {paired:7.3f}x {floor:7.3f}x  {verdict}")
 
 
 if __name__ == "__main__":
