@@ -23,6 +23,7 @@ from torch import nn
 
 from machine import cpu_name
 
+from fsg_endo.experiment.schema import Model
 from fsg_endo.nn.gates import fold_gates, gate_parameters, non_gate_parameters
 from fsg_endo.nn.models import build_model
 from fsg_endo.nn.routing import GradientRouter, train_step
@@ -45,7 +46,7 @@ RATIOS = {
     "  attention dropout only / plain step": ("attention_dropout_only_step", "plain_step", None),
     "  stochastic depth only / plain step": ("stochastic_depth_only_step", "plain_step", None),
 }
-DROPOUT_ARM = {"dropout": 0.1, "attention_dropout": 0.1, "stochastic_depth": 0.1}  # the schema's defaults
+DROPOUT_ARM = {k: Model.model_fields[k].default for k in ("dropout", "attention_dropout", "stochastic_depth")}
 
 
 def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -97,14 +98,12 @@ def make_cases(x: torch.Tensor, y: torch.Tensor, compile_gr: bool,
                dropout_parts: bool = False) -> dict[str, Callable[[], object]]:
     """Each benchmark case as a no-argument callable doing one step or one inference batch."""
     torch.manual_seed(0)
-    plain, stock = build_model(**SIZE).train(), stock_vit().train()
-    joint = build_model(fsg=True, **SIZE).train()
+    plain, stock, joint = build_model(**SIZE), stock_vit(), build_model(fsg=True, **SIZE)
     routed, released = build_model(fsg=True, **SIZE).train(), build_model(fsg=True, **SIZE).train()
     plain_eval, stock_eval = build_model(**SIZE).eval(), stock_vit().eval()
     gated_eval = build_model(fsg=True, **SIZE).eval()
     folded_eval = fold_gates(gated_eval).eval()
 
-    plain_opt, stock_opt, joint_opt = adam(plain.parameters()), adam(stock.parameters()), adam(joint.parameters())
     router = GradientRouter(routed, adam(non_gate_parameters(routed)), adam(gate_parameters(routed)), mse)
     release = ReleaseGRStep(released, adam(non_gate_parameters(released)), adam(gate_parameters(released)))
 
@@ -115,11 +114,11 @@ def make_cases(x: torch.Tensor, y: torch.Tensor, compile_gr: bool,
         return run
 
     cases = {
-        "plain_step": lambda: train_step(plain, plain_opt, mse, x, y),
-        "stock_plain_step": lambda: train_step(stock, stock_opt, mse, x, y),
+        "plain_step": plain_step_of(plain, x, y),
+        "stock_plain_step": plain_step_of(stock, x, y),
         "gr_step": lambda: router.step(x, y),
         "release_gr_step": lambda: release(x, y),
-        "fsg_joint_step": lambda: train_step(joint, joint_opt, mse, x, y),
+        "fsg_joint_step": plain_step_of(joint, x, y),
         "dropout_step": plain_step_of(build_model(**DROPOUT_ARM, **SIZE), x, y),
         "plain_inference": infer(plain_eval),
         "stock_inference": infer(stock_eval),
