@@ -25,7 +25,8 @@ from fsg_endo.engine.distributed import SINGLE, DistContext
 from fsg_endo.engine.interrupt import HANDLED, RunInterrupted, StopSignals
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.experiment.runs import execute, open_run, run_dir_for, start_run
-from fsg_endo.tracking.tracker import Tracker, TrackingError, retry_store
+from fsg_endo.tracking.store import TrackingError, retry_store
+from fsg_endo.tracking.tracker import Tracker
 
 SWEEP_KEY_TAG = "sweep_key"
 LOG_ARTIFACT = "logs/train.log"

@@ -5,7 +5,8 @@ never waits on the store. A failing store call is retried with exponential backo
 queued metric, for up to ``max_outage`` seconds; past that the tracker is :attr:`~Tracker.failed` and
 the training loop saves a checkpoint (holding the metrics still :meth:`~Tracker.unconfirmed`) and stops.
 A (key, step) pair is logged at most once per run, also across a resume. Concurrent writers on one
-SQLite store (the children of a parallel sweep) may see "database is locked": it is retried the same way.
+SQLite store (the children of a parallel sweep) may see "database is locked": it is retried the same way;
+two children logging one dataset at once race on its insert, and the loser repeats its request once.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from mlflow.utils.mlflow_tags import (
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.tracking import plots
 from fsg_endo.tracking.model_store import log_pt2_model
+from fsg_endo.tracking.store import TrackingError, TrackingOutage, lost_insert_race, retry_store
 
 MetricRecord = tuple[str, float, int, int]  # key, value, step, timestamp (ms)
 
@@ -94,43 +96,6 @@ def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
     if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
         client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
     return exp.experiment_id
-
-
-class TrackingError(FsgEndoError):
-    """The tracking store failed for longer than the tracker tolerates, or rejected a request."""
-
-
-class TrackingOutage(TrackingError):
-    """The tracking store kept failing for longer than the tracker tolerates."""
-
-
-def _transient(err: Exception) -> bool:
-    """Whether a store error may pass on retry: anything but MLflow refusing the request itself (HTTP 4xx)."""
-    if isinstance(err, MlflowException):
-        status = err.get_http_status_code()
-        return not 400 <= status < 500 or status in (408, 429)
-    return True
-
-
-def retry_store(fn: Callable[[], Any], uri: str, max_outage: float, first_backoff: float = 0.5,
-                max_backoff: float = 30.0) -> Any:
-    """``fn()``, retried with exponential backoff while the store fails (unreachable, or SQLite's "database is
-    locked") for less than ``max_outage`` seconds; a request the store rejects raises at once."""
-    first_failure, delay = None, first_backoff
-    while True:
-        try:
-            return fn()
-        except Exception as err:
-            if not _transient(err):
-                raise TrackingError(f"tracking store {uri} rejected a request: "
-                                    f"{str(err).splitlines()[0][:200]}") from err
-            now = time.monotonic()
-            first_failure = now if first_failure is None else first_failure
-            if now - first_failure >= max_outage:
-                raise TrackingOutage(f"tracking store {uri} failed for {now - first_failure:.1f} s: "
-                                     f"{str(err).splitlines()[0][:200]}") from err
-            time.sleep(min(delay, max_backoff, max_outage - (now - first_failure)))
-            delay *= 2
 
 
 def metric_records(metrics: Mapping[str, float], step: int) -> list[MetricRecord]:
@@ -354,7 +319,16 @@ class Tracker:
             warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
             dataset = mlflow.data.from_pandas(rows, source=source, name=name)._to_mlflow_entity()
         entry = DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
-        self._timed(lambda: self.client.log_inputs(self.run_id, datasets=[entry]))
+
+        def link() -> None:  # MLflow looks the dataset up, then inserts it: sweep children logging one split race
+            try:
+                self.client.log_inputs(self.run_id, datasets=[entry])
+            except MlflowException as err:
+                if not lost_insert_race(err):
+                    raise
+                self.client.log_inputs(self.run_id, datasets=[entry])
+
+        self._timed(link)
 
     def log_model(self, model, example, metadata: Mapping[str, Any], registered_model_name: str | None = None,
                   step: int = 0) -> None:
