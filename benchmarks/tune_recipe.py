@@ -31,6 +31,8 @@ CANDIDATES: dict[str, list[str]] = {
     "unweighted": ["loss.main_weights=[1,1,1]", "loss.gate_weights=[1,1,1]"],
     "lr1e-3": ["optim.lr=1e-3"],
     "long": ["optim.epochs=25", "data.frames_per_lesion=12"],
+    "noaug": ["data.augment=false"],
+    "geometric": ["data.photometric=false"],
 }
 LESION_VAL = ("mae", "cls3_balanced_accuracy")
 

@@ -199,6 +199,18 @@ def test_augmentation_changes_items_reproducibly(painted):
     assert a.shape == val.shape
 
 
+@pytest.mark.parametrize("photometric", [True, False])
+def test_geometric_augmentation_keeps_the_rendered_colour(painted, photometric):
+    """Without colour jitter and noise the crop's centre (inside the square under any rotation of +-30 deg and
+    flip) keeps the square's exact colour; with them it does not."""
+    root, rows = painted
+    ds = build_dataset(rows.iloc[:3], root, image_size=16, cache="memory", train=True, seed=0,
+                       photometric=photometric)
+    centres = torch.stack([ds[i % 3]["image"][:, 6:10, 6:10] for i in range(12)])
+    square = torch.tensor(SQUARE / 255.0, dtype=torch.float32)[None, :, None, None]
+    assert torch.allclose(centres, square.expand_as(centres), atol=1e-6) is not photometric
+
+
 def test_seed_augmentation_fixes_the_next_draw(painted):
     root, rows = painted
     ds = build_dataset(rows, root, image_size=16, cache="memory", train=True, seed=0)

@@ -33,6 +33,7 @@ from fsg_endo.data.transforms import (
     LoadFramed,
     ResizeImaged,
     ToNormalizedTensor,
+    paper_augmentation,
 )
 from fsg_endo.errors import FsgEndoError
 
@@ -159,8 +160,9 @@ def build_dataset(rows: pd.DataFrame, root: str | Path, *, image_size: int = 64,
                   fov_mask: bool = True, train: bool = False, mean: Sequence[float] | None = None,
                   std: Sequence[float] | None = None, cache: str = "memory", cache_dir: str | Path | None = None,
                   source: str = "frames", seed: int = 0, workers: int = 0,
-                  video: str | Path | None = None, progress: bool = True) -> Dataset:
-    """MONAI dataset of normalised crops of ``rows``; ``train`` adds the paper's augmentation after the cache.
+                  video: str | Path | None = None, progress: bool = True, photometric: bool = True) -> Dataset:
+    """MONAI dataset of normalised crops of ``rows``; ``train`` adds the paper's augmentation after the cache
+    (without its colour jitter and noise when ``photometric`` is False).
 
     ``cache``: "none" (``Dataset``), "memory" (``CacheDataset``, filled by ``workers`` threads) or "disk"
     (``PersistentDataset`` under ``cache_dir``, one folder per crop setting); ``progress``: MONAI's bar while
@@ -171,7 +173,7 @@ def build_dataset(rows: pd.DataFrame, root: str | Path, *, image_size: int = 64,
     _check_choice("data source", source, ("frames", "video"))
     steps = crop_transforms(image_size, context, fov_mask, source)
     if train:
-        steps.append(Augmentd("image", seed=seed))
+        steps.append(Augmentd("image", paper_augmentation(seed, photometric), seed=seed))
     transform = Compose(steps + [ToNormalizedTensor(mean, std)]).set_random_state(seed=seed)
     items = rows_to_items(rows, root, source, video)
     if cache == "none":

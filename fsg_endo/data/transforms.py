@@ -201,15 +201,22 @@ class ResizeImaged(MapTransform):
         return d
 
 
-def paper_augmentation(seed: int = 0) -> A.Compose:
-    """The paper's training augmentation on uint8 HWC: rotation +-30 deg, flips, colour jitter, noise 0.01."""
-    return A.Compose([
+def paper_augmentation(seed: int = 0, photometric: bool = True) -> A.Compose:
+    """The paper's training augmentation on uint8 HWC: rotation +-30 deg, flips, colour jitter, noise 0.01.
+
+    ``photometric=False`` keeps the rotation and flips only: they leave the crop's brightness, colour and
+    texture energy as rendered, which are cues of the distance (and so of the size in mm).
+    """
+    geometric = [
         A.Rotate(limit=30, border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0),
         A.HorizontalFlip(p=0.5),
         A.VerticalFlip(p=0.5),
+    ]
+    photometric_steps = [
         A.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.15, hue=0.01, p=1.0),
         A.GaussNoise(std_range=(0.01, 0.01), p=1.0),  # std as a fraction of the 255 range
-    ], seed=seed, strict=True)
+    ]
+    return A.Compose(geometric + (photometric_steps if photometric else []), seed=seed, strict=True)
 
 
 class Augmentd(Randomizable, MapTransform):

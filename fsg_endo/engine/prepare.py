@@ -160,7 +160,8 @@ def prepare_data(cfg: Mapping[str, Any], num_replicas: int = 1, rank: int = 0) -
     mean, std = compute_mean_std(splits["train"], root, **crop)
     common = dict(crop, mean=mean, std=std, cache=data["cache"], source=data["source_media"],
                   cache_dir=cache_dir() / "persistent", workers=data["workers"], progress=interactive())
-    train_ds = SeededItems(build_dataset(splits["train"], root, train=data["augment"], seed=seed, **common))
+    train_ds = SeededItems(build_dataset(splits["train"], root, train=data["augment"], seed=seed,
+                                         photometric=data["photometric"], **common))
     sampler = EpochSampler(LesionFrameSampler(splits["train"], frames_per_lesion=data["frames_per_lesion"],
                                               class_balanced=data["class_balanced"], seed=seed,
                                               num_replicas=num_replicas, rank=rank), seed=seed)

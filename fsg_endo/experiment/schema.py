@@ -55,6 +55,7 @@ class Data(Section):
     source_media: Literal["frames", "video"] = "frames"
     workers: NonNegativeInt = 0
     augment: bool = True
+    photometric: bool = True  # polyp tasks: the augmentation's colour jitter and noise (false: rotation and flips)
     train_limit: Count | None = None  # image_class: at most this many training images read (after train_fraction)
     test_limit: Count | None = None  # image_class: at most this many held-out (test) images
     shift: NonNegativeInt = 4  # image_class augmentation: random translation by up to this many pixels
