@@ -3,7 +3,7 @@
 Every candidate (a list of ``--set`` overrides) is trained once per validation fold with test fold 0
 held out of training *and* of the choice: the CSV gets lesion-level validation metrics of the best
 epoch only, beside the appearance baseline's on the same validation rows. Test metrics are read once,
-afterwards, by ``benchmarks/test_folds.py`` for the chosen recipe.
+afterwards, by ``benchmarks/test_folds.py`` for the chosen recipe (over all 5 test folds).
 
     python benchmarks/tune_recipe.py --out tune.csv [--val-folds 1 2 3 4] [--candidates default ctx1 ...]
 
@@ -33,6 +33,9 @@ CANDIDATES: dict[str, list[str]] = {
     "long": ["optim.epochs=25", "data.frames_per_lesion=12"],
     "noaug": ["data.augment=false"],
     "geometric": ["data.photometric=false"],
+    "noaug_lr1e-3": ["data.augment=false", "optim.lr=1e-3"],
+    "geometric_lr1e-3": ["data.photometric=false", "optim.lr=1e-3"],
+    "noaug_balanced": ["data.augment=false", "data.class_balanced=true"],
 }
 LESION_VAL = ("mae", "cls3_balanced_accuracy")
 
@@ -50,12 +53,12 @@ def best_epoch_metrics(uri: str) -> dict[str, float]:
     return out
 
 
-def run_candidate(name: str, overrides: list[str], val_fold: int, work: Path) -> dict:
-    """Train one candidate with validation fold ``val_fold`` (test fold 0 left out); its validation metrics."""
-    folder = work / f"{name}_v{val_fold}"
+def train_recipe(name: str, overrides: list[str], val_fold: int, work: Path, test_fold: int = 0) -> tuple[dict, str]:
+    """Run the main job with one recipe and split in its own MLflow store: (timing row, store URI)."""
+    folder = work / f"{name}_t{test_fold}_v{val_fold}"
     folder.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    sets = [*QUIET, *overrides, "data.test_fold=0", f"data.val_fold={val_fold}"]
+    sets = [*QUIET, *overrides, f"data.test_fold={test_fold}", f"data.val_fold={val_fold}"]
     args = [sys.executable, str(REPO / "experiments" / "run.py"), "--exp", "polyp_size_fsg"]
     for item in sets:
         args += ["--set", item]
@@ -65,7 +68,13 @@ def run_candidate(name: str, overrides: list[str], val_fold: int, work: Path) ->
                               stdout=log, stderr=subprocess.STDOUT)
     row = {"candidate": name, "val_fold": val_fold, "overrides": " ".join(overrides),
            "seconds": round(time.perf_counter() - start, 1), "load_1min": round(os.getloadavg()[0], 2)}
-    return row | (best_epoch_metrics(uri) if proc.returncode == 0 else {"failed": proc.returncode})
+    return (row if proc.returncode == 0 else row | {"failed": proc.returncode}), uri
+
+
+def run_candidate(name: str, overrides: list[str], val_fold: int, work: Path) -> dict:
+    """Train one candidate with validation fold ``val_fold`` (test fold 0 left out); its validation metrics."""
+    row, uri = train_recipe(name, overrides, val_fold, work)
+    return row if "failed" in row else row | best_epoch_metrics(uri)
 
 
 def baseline_rows(val_folds: list[int]) -> list[dict]:
