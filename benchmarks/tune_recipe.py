@@ -36,6 +36,7 @@ CANDIDATES: dict[str, list[str]] = {
     "noaug_lr1e-3": ["data.augment=false", "optim.lr=1e-3"],
     "geometric_lr1e-3": ["data.photometric=false", "optim.lr=1e-3"],
     "noaug_balanced": ["data.augment=false", "data.class_balanced=true"],
+    "geometric_l1": ["data.photometric=false", "loss.beta=0.1"],
 }
 LESION_VAL = ("mae", "cls3_balanced_accuracy")
 

@@ -62,6 +62,16 @@ def test_weighted_smooth_l1_by_hand_at_the_size_boundaries():
     assert task.main_loss(outputs.reshape(-1), targets).item() == pytest.approx(main, rel=1e-5)
 
 
+def test_smooth_l1_beta_by_hand():
+    task = get_task("size_regression", main_weights=(1.0, 1.0, 1.0), beta=0.1)
+    sizes = [3.0, 7.0]
+    diffs = np.array([0.05, -0.4])  # below and above beta
+    outputs = torch.tensor(_scaled(sizes) + diffs, dtype=torch.float32)
+    # smooth-L1 (beta b): 0.5 d^2 / b below b, |d| - 0.5 b above
+    per_sample = [0.5 * 0.05 ** 2 / 0.1, 0.4 - 0.05]
+    assert task.main_loss(outputs, task.targets(_batch(sizes))).item() == pytest.approx(np.mean(per_sample), rel=1e-5)
+
+
 def test_custom_loss_weights_and_gradient():
     task = get_task("size_regression", main_weights=(2.0, 1.0, 1.0), gate_weights=(1.0, 1.0, 1.0))
     sizes = [4.0, 12.0]

@@ -125,7 +125,8 @@ def build_recipe(cfg: Mapping[str, Any], ctx: DistContext, steps_per_epoch: int,
     ``class_names``: the classes of the data, for ``image_class``."""
     device = ctx.device(cfg["device"])
     amp = cfg["optim"]["amp"] and device.type == "cuda"
-    task = get_task(cfg["task"], cfg["loss"]["main_weights"], cfg["loss"]["gate_weights"], class_names)
+    loss = cfg["loss"]
+    task = get_task(cfg["task"], loss["main_weights"], loss["gate_weights"], class_names, loss["beta"])
     model = build_for(cfg, task).to(device)
     optimizers = build_optimizers(cfg, model)
     epochs, warmup = cfg["optim"]["epochs"], cfg["optim"]["warmup_epochs"] * steps_per_epoch

@@ -99,8 +99,9 @@ class RegressionTask(Task):
     kind, num_outputs, main_metric, mode = "regression", 1, "mae", "min"
     class_names = CLASS3_NAMES
 
-    def __init__(self, main_weights: Sequence[float], gate_weights: Sequence[float]) -> None:
+    def __init__(self, main_weights: Sequence[float], gate_weights: Sequence[float], beta: float = 1.0) -> None:
         self.name = "size_regression"
+        self.beta = beta
         self.main_weights = np.asarray(main_weights, dtype=np.float32)
         self.gate_weights = np.asarray(gate_weights, dtype=np.float32)
         for weights in (self.main_weights, self.gate_weights):
@@ -114,11 +115,10 @@ class RegressionTask(Task):
         columns = np.stack([scaled, self.main_weights[cls], self.gate_weights[cls]], axis=1)
         return torch.as_tensor(columns, dtype=torch.float32)
 
-    @staticmethod
-    def _weighted_smooth_l1(outputs: torch.Tensor, targets: torch.Tensor, column: int) -> torch.Tensor:
-        """Weighted mean of the smooth-L1 (beta 1) between the output and the scaled size."""
+    def _weighted_smooth_l1(self, outputs: torch.Tensor, targets: torch.Tensor, column: int) -> torch.Tensor:
+        """Weighted mean of the smooth-L1 (quadratic below ``beta``) between the output and the scaled size."""
         pred = outputs.reshape(-1).float()
-        loss = F.smooth_l1_loss(pred, targets[:, 0], reduction="none")
+        loss = F.smooth_l1_loss(pred, targets[:, 0], reduction="none", beta=self.beta)
         weight = targets[:, column]
         return (weight * loss).sum() / weight.sum()
 
@@ -247,11 +247,12 @@ def get_task(
     main_weights: Sequence[float] = (1.0, 3.0, 5.0),
     gate_weights: Sequence[float] = (1.0, 5.0, 10.0),
     class_names: Sequence[str] = (),
+    beta: float = 1.0,
 ) -> Task:
-    """The task called ``name``; the loss weights (size <= 5, 5-10, >= 10 mm) apply to regression only,
-    ``class_names`` (from the data) to ``image_class`` only."""
+    """The task called ``name``; the loss weights (size <= 5, 5-10, >= 10 mm) and smooth-L1's ``beta`` apply to
+    regression only, ``class_names`` (from the data) to ``image_class`` only."""
     if name == "size_regression":
-        return RegressionTask(main_weights, gate_weights)
+        return RegressionTask(main_weights, gate_weights, beta)
     if name == "size_class3":
         return ClassificationTask(name, CLASS3_NAMES)
     if name == "size_class2":

@@ -100,6 +100,7 @@ ClassWeights = Annotated[list[PositiveFloat], Field(min_length=3, max_length=3)]
 class Loss(Section):
     main_weights: ClassWeights = [1.0, 3.0, 5.0]
     gate_weights: ClassWeights = [1.0, 5.0, 10.0]
+    beta: PositiveFloat = 1.0  # smooth-L1 is quadratic below beta (scaled units; 1 mm = 0.103): 1 is PyTorch's
 
 
 class Eval(Section):
