@@ -37,6 +37,8 @@ CANDIDATES: dict[str, list[str]] = {
     "geometric_lr1e-3": ["data.photometric=false", "optim.lr=1e-3"],
     "noaug_balanced": ["data.augment=false", "data.class_balanced=true"],
     "geometric_l1": ["data.photometric=false", "loss.beta=0.1"],
+    "res96": ["data.image_size=96", "model.patch_size=12"],  # the same 64 tokens, each seeing 2.25x the pixels
+    "res128": ["data.image_size=128", "model.patch_size=16"],
 }
 LESION_VAL = ("mae", "cls3_balanced_accuracy")
 
