@@ -95,7 +95,9 @@ def test_baseline_names() -> None:
 def test_baseline_arms_are_child_runs_with_the_model_metric_names(tmp_path, data_cache, smoke_store):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = run_cli(["--exp", "regularization_sweep", "--smoke", "--set", "sweep.train_fractions=[1.0]",
-                    "--set", "sweep.regularizers=[baseline_box,baseline_appearance]"], tmp_path, data_cache, uri)
+                    "--set", "sweep.regularizers=[baseline_box,baseline_appearance]",
+                    "--set", "sweep.executor=sequential"],  # children of seconds: Ray's start would dominate
+                   tmp_path, data_cache, uri)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("regularization_sweep").experiment_id])
