@@ -27,7 +27,7 @@ def _transient(err: Exception) -> bool:
     return True
 
 
-def lost_insert_race(err: Exception) -> bool:
+def _lost_insert_race(err: Exception) -> bool:
     """Whether the store refused a row another writer inserted between this request's lookup and its insert
     (SQLite's IntegrityError, PostgreSQL's UniqueViolation): the same request, repeated, finds the row."""
     return isinstance(err, MlflowException) and ("IntegrityError" in str(err) or "UniqueViolation" in str(err))
@@ -36,12 +36,16 @@ def lost_insert_race(err: Exception) -> bool:
 def retry_store(fn: Callable[[], Any], uri: str, max_outage: float, first_backoff: float = 0.5,
                 max_backoff: float = 30.0) -> Any:
     """``fn()``, retried with exponential backoff while the store fails (unreachable, or SQLite's "database is
-    locked") for less than ``max_outage`` seconds; a request the store rejects raises at once."""
-    first_failure, delay = None, first_backoff
+    locked") for less than ``max_outage`` seconds; a request the store rejects raises at once, except that one
+    lost insert race (two sweep children logging one dataset) is repeated at once."""
+    first_failure, delay, raced = None, first_backoff, False
     while True:
         try:
             return fn()
         except Exception as err:
+            if _lost_insert_race(err) and not raced:
+                raced = True
+                continue
             if not _transient(err):
                 raise TrackingError(f"tracking store {uri} rejected a request: "
                                     f"{str(err).splitlines()[0][:200]}") from err

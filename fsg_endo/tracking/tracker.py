@@ -6,7 +6,7 @@ queued metric, for up to ``max_outage`` seconds; past that the tracker is :attr:
 the training loop saves a checkpoint (holding the metrics still :meth:`~Tracker.unconfirmed`) and stops.
 A (key, step) pair is logged at most once per run, also across a resume. Concurrent writers on one
 SQLite store (the children of a parallel sweep) may see "database is locked": it is retried the same way;
-two children logging one dataset at once race on its insert, and the loser repeats its request once.
+two children logging one dataset at once race on its insert, and the loser's request is repeated once.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from typing import Any
 import mlflow
 import numpy as np
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import (
     MLFLOW_DATASET_CONTEXT,
     MLFLOW_GIT_COMMIT,
@@ -39,7 +38,7 @@ from mlflow.utils.mlflow_tags import (
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.tracking import plots
 from fsg_endo.tracking.model_store import log_pt2_model
-from fsg_endo.tracking.store import TrackingError, TrackingOutage, lost_insert_race, retry_store
+from fsg_endo.tracking.store import TrackingError, TrackingOutage, retry_store
 
 MetricRecord = tuple[str, float, int, int]  # key, value, step, timestamp (ms)
 
@@ -319,16 +318,7 @@ class Tracker:
             warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
             dataset = mlflow.data.from_pandas(rows, source=source, name=name)._to_mlflow_entity()
         entry = DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
-
-        def link() -> None:  # MLflow looks the dataset up, then inserts it: sweep children logging one split race
-            try:
-                self.client.log_inputs(self.run_id, datasets=[entry])
-            except MlflowException as err:
-                if not lost_insert_race(err):
-                    raise
-                self.client.log_inputs(self.run_id, datasets=[entry])
-
-        self._timed(link)
+        self._timed(lambda: self.client.log_inputs(self.run_id, datasets=[entry]))
 
     def log_model(self, model, example, metadata: Mapping[str, Any], registered_model_name: str | None = None,
                   step: int = 0) -> None:
