@@ -15,17 +15,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import mlflow
 import pandas as pd
-from tune_recipe import CANDIDATES, LESION_VAL, train_recipe
+from tune_recipe import CANDIDATES, LESION_VAL, only_run, train_recipe
 
 FOLDS = 5
 
 
 def test_metrics(uri: str) -> dict[str, float]:
     """The lesion-level test metrics of the only run of the store."""
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    run = client.search_runs([client.get_experiment_by_name("polyp_size_fsg").experiment_id])[0]
+    run = only_run(uri)[1]
     return {f"lesion/test/{m}": run.data.metrics[f"lesion/test/{m}"] for m in LESION_VAL}
 
 

@@ -43,10 +43,15 @@ CANDIDATES: dict[str, list[str]] = {
 LESION_VAL = ("mae", "cls3_balanced_accuracy")
 
 
+def only_run(uri: str) -> tuple[mlflow.MlflowClient, mlflow.entities.Run]:
+    """The client of a recipe's own store and its only ``polyp_size_fsg`` run."""
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    return client, client.search_runs([client.get_experiment_by_name("polyp_size_fsg").experiment_id])[0]
+
+
 def best_epoch_metrics(uri: str) -> dict[str, float]:
     """Lesion-level validation metrics at the run's best epoch (the only run of the store)."""
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    run = client.search_runs([client.get_experiment_by_name("polyp_size_fsg").experiment_id])[0]
+    client, run = only_run(uri)
     best = int(run.data.metrics["best_epoch"])
     step = {int(m.value): m.step for m in client.get_metric_history(run.info.run_id, "epoch")}[best]
     out = {"best_epoch": best}
