@@ -39,6 +39,8 @@ CANDIDATES: dict[str, list[str]] = {
     "geometric_l1": ["data.photometric=false", "loss.beta=0.1"],
     "res96": ["data.image_size=96", "model.patch_size=12"],  # the same 64 tokens, each seeing 2.25x the pixels
     "res128": ["data.image_size=128", "model.patch_size=16"],
+    "logbox": ["model.size_head=log_box"],  # the head predicts log(size / box side): the ridge's structure
+    "logbox_geometric": ["model.size_head=log_box", "data.photometric=false"],
 }
 LESION_VAL = ("mae", "cls3_balanced_accuracy")
 

@@ -9,8 +9,11 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
+from fsg_endo.data.pipeline import box_features
+from fsg_endo.data.sizes import SIZE_MAX_MM, SIZE_MIN_MM
 from fsg_endo.engine.distributed import DistContext
 from fsg_endo.engine.evaluation import metric_mode
 from fsg_endo.nn.gates import gate_parameters, non_gate_parameters
@@ -43,17 +46,29 @@ def accumulates_gate_pass(cfg: Mapping[str, Any]) -> bool:
     return cfg["regularizer"] == "fsg_gr_release" or cfg["gr"]["accumulate_gate_pass_grads"]
 
 
-def build_for(cfg: Mapping[str, Any], task: Task) -> torch.nn.Module:
+def build_for(cfg: Mapping[str, Any], task: Task, train_rows: pd.DataFrame | None = None) -> torch.nn.Module:
     """The model of the config's regulariser: gated for the FSG arms, dropout only for ``dropout``.
 
     Every arm of one seed starts from the same backbone and head weights: the gates come from their own
-    generator, seeded by ``seed``, and leave the global RNG where it was."""
+    generator, seeded by ``seed``, and leave the global RNG where it was. A log-box head starts at the
+    median log(size / box side) of ``train_rows`` (when given; a checkpoint or saved model brings its own)."""
     m, reg = cfg["model"], cfg["regularizer"]
     extra = {k: m[k] for k in ("dropout", "attention_dropout", "stochastic_depth")} if reg == "dropout" else {}
-    return build_model(m["preset"], cfg["data"]["image_size"], m["patch_size"], task.num_outputs,
-                       hidden_dim=m["hidden_dim"], depth=m["depth"], heads=m["heads"], mlp_dim=m["mlp_dim"],
-                       fsg=uses_gates(reg), box_features=BOX_FEATURES if m["box_features"] else 0,
-                       weights=m["weights"], gate_seed=gate_seed(cfg["seed"]), **extra)
+    log_box = m["size_head"] == "log_box"
+    model = build_model(m["preset"], cfg["data"]["image_size"], m["patch_size"], task.num_outputs,
+                        hidden_dim=m["hidden_dim"], depth=m["depth"], heads=m["heads"], mlp_dim=m["mlp_dim"],
+                        fsg=uses_gates(reg), box_features=BOX_FEATURES if m["box_features"] else 0,
+                        size_range=(SIZE_MIN_MM, SIZE_MAX_MM) if log_box else None,
+                        weights=m["weights"], gate_seed=gate_seed(cfg["seed"]), **extra)
+    if log_box and train_rows is not None:
+        model.init_log_ratio(log_size_per_side(train_rows))
+    return model
+
+
+def log_size_per_side(rows: pd.DataFrame) -> float:
+    """Median over manifest rows of log(size in mm / box side), side as the model's box features give it."""
+    boxes = box_features(rows[["xmin", "ymin", "xmax", "ymax"]].to_numpy(), rows[["width", "height"]].to_numpy())
+    return float(np.median(np.log(rows["size_mm"].to_numpy(float)) - 0.5 * (boxes[:, 0] + boxes[:, 1])))
 
 
 def gate_seed(seed: int) -> int:
@@ -120,14 +135,15 @@ class Recipe:
 
 
 def build_recipe(cfg: Mapping[str, Any], ctx: DistContext, steps_per_epoch: int,
-                 class_names: Sequence[str] = ()) -> Recipe:
+                 class_names: Sequence[str] = (), train_rows: pd.DataFrame | None = None) -> Recipe:
     """Model, optimisers, warmup-cosine schedules and the step (Gradient Routing for the ``fsg_gr`` arms);
-    ``class_names``: the classes of the data, for ``image_class``."""
+    ``class_names``: the classes of the data, for ``image_class``; ``train_rows``: the training manifest
+    rows, where the log-box head takes its start."""
     device = ctx.device(cfg["device"])
     amp = cfg["optim"]["amp"] and device.type == "cuda"
     loss = cfg["loss"]
     task = get_task(cfg["task"], loss["main_weights"], loss["gate_weights"], class_names, loss["beta"])
-    model = build_for(cfg, task).to(device)
+    model = build_for(cfg, task, train_rows).to(device)
     optimizers = build_optimizers(cfg, model)
     epochs, warmup = cfg["optim"]["epochs"], cfg["optim"]["warmup_epochs"] * steps_per_epoch
     schedulers = {k: warmup_cosine(o, warmup, epochs * steps_per_epoch) for k, o in optimizers.items()}

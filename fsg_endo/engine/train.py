@@ -50,7 +50,8 @@ def fit(cfg: Mapping[str, Any], data: DataBundle, tracker: Tracker, run_dir: Pat
     metrics (on rank 0; other ranks of a torchrun job return an empty dict)."""
     stop = stop or StopSignals()
     set_determinism(seed=cfg["seed"])
-    r = build_recipe(cfg, ctx, steps_per_epoch=len(data.loaders["train"]), class_names=data.class_names)
+    r = build_recipe(cfg, ctx, steps_per_epoch=len(data.loaders["train"]), class_names=data.class_names,
+                     train_rows=data.splits.get("train"))
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     progress = Progress(gate_init=gate_logits(r.model))
     if last_path.exists():

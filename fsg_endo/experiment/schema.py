@@ -70,6 +70,7 @@ class Model(Section):
     heads: Count | None = None
     mlp_dim: Count | None = None
     box_features: bool = True  # log box width/height joined to the class token before the head
+    size_head: Literal["linear", "log_box"] = "linear"  # size_regression: log_box predicts log(size / box side)
     weights: str | None = None  # local weight file (torchvision, timm ViT, or the paper's release with its gates)
     dropout: Rate = 0.1  # used by regularizer=dropout only
     attention_dropout: Rate = 0.1  # used by regularizer=dropout only
@@ -195,6 +196,8 @@ class Config(Section):
                              f"{', '.join(IMAGE_SOURCES)}, the polyp tasks the other sources")
         if self.task == "image_class" and model.box_features:
             raise ValueError("'model.box_features' must be false for task image_class (images have no box)")
+        if model.size_head == "log_box" and not (self.task == "size_regression" and model.box_features):
+            raise ValueError("'model.size_head' = log_box needs task size_regression and 'model.box_features' = true")
         if self.task == "image_class" and self.regularizer.startswith("baseline_"):
             raise ValueError(f"regularizer {self.regularizer} is a polyp sizing baseline; task image_class has none")
         if optim.warmup_epochs > optim.epochs:

@@ -9,6 +9,7 @@ released FSG ViT with its gates; see ``load_local_weights``). Every block attend
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import torch
@@ -36,6 +37,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+LOG_MARGIN = 3.0  # the log-box head's size is clamped to [lo / e^3, hi * e^3]: finite, never reached
+
 VIT_PRESETS: dict[str, dict[str, int]] = {
     "micro": {"hidden_dim": 128, "depth": 4, "heads": 4, "mlp_dim": 512},  # the CPU default
     "ti": {"hidden_dim": 192, "depth": 12, "heads": 3, "mlp_dim": 768},  # ViT-Ti, the paper's backbone
@@ -49,21 +52,42 @@ class SizingModel(nn.Module):
 
     The box vector (log relative box width/height, relative centre) restores the absolute scale
     that cropping around the polyp erases (SPEC §3). ``forward(x, box)``.
+
+    With ``size_range=(lo, hi)`` (regression) the head predicts log(size / box side) instead: size in mm
+    = exp(head + log side), side = the geometric mean of the box's relative width and height, returned
+    scaled linearly from [lo, hi] to [-1, 1] like the target. Physical size is apparent size times a
+    distance factor, so the head only has to read the factor from the crop, an additive term in log space.
     """
 
-    def __init__(self, vit: VisionTransformer, box_features: int, num_outputs: int = 1) -> None:
+    def __init__(self, vit: VisionTransformer, box_features: int, num_outputs: int = 1,
+                 size_range: tuple[float, float] | None = None) -> None:
         super().__init__()
+        if size_range is not None and (num_outputs != 1 or box_features < 2):
+            raise ValueError("size_range needs one output and the log box width and height as box features")
         vit.heads = nn.Identity()
         self.vit = vit
         self.box_features = box_features
         self.num_outputs = num_outputs
+        self.size_range = size_range
         width = vit.hidden_dim + box_features
         self.head = nn.Sequential(nn.Linear(width, vit.hidden_dim), nn.GELU(), nn.Linear(vit.hidden_dim, num_outputs))
+
+    def init_log_ratio(self, value: float) -> None:
+        """Start the log-box head at a size of ``exp(value)`` times the box side (e.g. the training median)."""
+        with torch.no_grad():
+            self.head[-1].bias.fill_(value)
 
     def forward(self, x: Tensor, box: Tensor) -> Tensor:
         torch._assert(box.shape[-1] == self.box_features, f"Expected {self.box_features} box features")
         features = self.vit(x)
-        return self.head(torch.cat([features, box.to(features.dtype)], dim=1))
+        box = box.to(features.dtype)
+        out = self.head(torch.cat([features, box], dim=1))
+        if self.size_range is None:
+            return out
+        lo, hi = self.size_range
+        log_size = out + 0.5 * (box[:, :1] + box[:, 1:2])
+        size = torch.exp(log_size.clamp(math.log(lo) - LOG_MARGIN, math.log(hi) + LOG_MARGIN))
+        return 2.0 * (size - lo) / (hi - lo) - 1.0
 
 
 class StochasticDepthBlock(nn.Module):
@@ -116,6 +140,7 @@ def build_model(
     mlp_dim: int | None = None,
     fsg: bool = False,
     box_features: int = 0,
+    size_range: tuple[float, float] | None = None,
     dropout: float = 0.0,
     attention_dropout: float = 0.0,
     stochastic_depth: float = 0.0,
@@ -125,8 +150,8 @@ def build_model(
     """A torchvision ViT of the given preset (explicit sizes override it), optionally gated (FSG).
 
     ``weights`` (a local file) is loaded into the gated (or plain) ViT, so a release checkpoint brings
-    its gates. ``box_features > 0`` returns a :class:`SizingModel` (``forward(x, box)``); otherwise
-    the ``VisionTransformer`` itself.
+    its gates. ``box_features > 0`` returns a :class:`SizingModel` (``forward(x, box)``, its log-box head
+    with ``size_range``); otherwise the ``VisionTransformer`` itself.
     With ``gate_seed``, the gates are drawn from their own generator seeded by it and the global RNG is
     left as it was, so the backbone and head weights equal those of the same model without gates.
     """
@@ -161,5 +186,5 @@ def build_model(
                     "%d unexpected", weights, len(report.loaded), len(report.mapped), len(report.missing),
                     len(report.skipped), len(report.unexpected))
     if box_features > 0:
-        return SizingModel(vit, box_features, num_outputs)
+        return SizingModel(vit, box_features, num_outputs, size_range)
     return vit
