@@ -162,6 +162,7 @@ def test_yaml_errors_name_the_file_and_key(configs, yaml_text, expected):
     ("sweep.grid={seed: [0, 1]}", ["sweep.grid['seed']", "already an axis"]),
     ("sweep.grid={fsg.enabled: [true]}", ["sweep.grid['fsg.enabled']", "derives from 'regularizer'"]),
     ("sweep.grid=[gr.gate_lr]", ["'sweep.grid'", "dict"]),
+    ("model.size_head=log", ["'model.size_head'", "one of linear, log_box", "'log'"]),
 ])
 def test_set_errors_name_set_and_key(configs, override, expected):
     configs("exp", "{}\n")
@@ -263,6 +264,14 @@ def test_real_config_errors_stop_the_cli_with_one_line(configs, capsys):
     assert main(["run", "--exp", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "exp.yaml" in err and "'optim.lrr'" in err
+
+
+@pytest.mark.parametrize("yaml_text", ["model:\n  box_features: false\n", "task: size_class3\n"])
+def test_log_box_head_needs_size_regression_with_the_box(configs, yaml_text):
+    configs("exp", yaml_text)
+    assert load_config("exp")["model"]["size_head"] == "linear"
+    message = _error("exp", overrides=["model.size_head=log_box"])
+    assert "'model.size_head' = log_box needs task size_regression and 'model.box_features' = true" in message
 
 
 @pytest.mark.parametrize("override, rule", [

@@ -1,13 +1,16 @@
 """Model factory: presets, the sizing wrapper (with gates, routing, folding), stochastic depth, local weights."""
 
+import math
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
 
+from fsg_endo.data.sizes import scale_size, unscale_size
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.nn.gates import GatedEncoderBlock, fold_gates, gate_parameters, non_gate_parameters
 from fsg_endo.nn.models import (
@@ -97,6 +100,34 @@ def test_gates_routing_and_folding_work_on_the_sizing_model():
     with torch.no_grad():
         torch.testing.assert_close(folded(x, box), model(x, box), atol=1e-5, rtol=1e-5)
     assert gate_parameters(model)  # the input keeps its gates
+
+
+def test_log_box_head_scales_the_box_side_by_exp_of_the_head():
+    torch.manual_seed(0)
+    model = build_model(image_size=16, patch_size=8, num_outputs=1, fsg=True, box_features=4,
+                        size_range=(0.5, 20.0), **SMALL).eval()
+    x = torch.randn(3, 3, 16, 16)
+    box = torch.tensor([[-2.0, -2.2, 0.5, 0.5], [-1.0, -1.4, 0.3, 0.6], [-3.0, -2.6, 0.7, 0.4]])
+    with torch.no_grad():
+        head = model.head(torch.cat([model.vit(x), box], dim=1)).reshape(-1).numpy()
+        out = model(x, box).reshape(-1).numpy()
+    # by hand, in numpy: size = exp(head) x sqrt(w_rel * h_rel), then SPEC's linear [0.5, 20] -> [-1, 1]
+    side = np.sqrt(np.exp(box[:, 0].numpy()) * np.exp(box[:, 1].numpy()))
+    np.testing.assert_allclose(out, scale_size(np.exp(head) * side), rtol=1e-5, atol=1e-6)
+
+    model.head[-1].weight.data.zero_()
+    model.init_log_ratio(math.log(40.0))  # the head now says "40 box sides", whatever the crop
+    with torch.no_grad():
+        np.testing.assert_allclose(unscale_size(model(x, box).reshape(-1).numpy()), 40.0 * side, rtol=1e-5)
+    folded = fold_gates(model)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x, box), model(x, box), atol=1e-5, rtol=1e-5)
+
+
+def test_log_box_head_needs_one_output_and_the_box():
+    vit = build_model(image_size=16, patch_size=8, **SMALL)
+    with pytest.raises(ValueError, match="size_range"):
+        SizingModel(vit, box_features=4, num_outputs=3, size_range=(0.5, 20.0))
 
 
 def test_stochastic_depth_rises_linearly_and_is_identity_in_eval():
