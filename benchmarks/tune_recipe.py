@@ -41,6 +41,7 @@ CANDIDATES: dict[str, list[str]] = {
     "res128": ["data.image_size=128", "model.patch_size=16"],
     "logbox": ["model.size_head=log_box"],  # the head predicts log(size / box side): the ridge's structure
     "logbox_geometric": ["model.size_head=log_box", "data.photometric=false"],
+    "logbox_lr1e-3": ["model.size_head=log_box", "optim.lr=1e-3"],
 }
 LESION_VAL = ("mae", "cls3_balanced_accuracy")
 
