@@ -42,6 +42,7 @@ CANDIDATES: dict[str, list[str]] = {
     "logbox": ["model.size_head=log_box"],  # the head predicts log(size / box side): the ridge's structure
     "logbox_geometric": ["model.size_head=log_box", "data.photometric=false"],
     "logbox_lr1e-3": ["model.size_head=log_box", "optim.lr=1e-3"],
+    "logbox_p16_e40": ["model.size_head=log_box", "model.patch_size=16", "optim.epochs=40"],  # 16 tokens: ~3x the steps
 }
 LESION_VAL = ("mae", "cls3_balanced_accuracy")
 
