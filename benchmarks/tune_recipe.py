@@ -43,6 +43,7 @@ CANDIDATES: dict[str, list[str]] = {
     "logbox_geometric": ["model.size_head=log_box", "data.photometric=false"],
     "logbox_lr1e-3": ["model.size_head=log_box", "optim.lr=1e-3"],
     "logbox_p16_e40": ["model.size_head=log_box", "model.patch_size=16", "optim.epochs=40"],  # 16 tokens: ~3x the steps
+    "logbox_p16_e26": ["model.size_head=log_box", "model.patch_size=16", "optim.epochs=26"],  # the 300 s budget
 }
 LESION_VAL = ("mae", "cls3_balanced_accuracy")
 
