@@ -242,7 +242,7 @@ SMOKE: dict[str, Any] = {
 PROFILES: dict[str, dict[str, Any]] = {
     "paper": {  # the paper's setting, for a GPU: ViT-Ti at 384 px, its optimisers, clips and loss weights
         "data": {"image_size": 384, "frames_per_lesion": 40},
-        "model": {"preset": "ti", "patch_size": 16},
+        "model": {"preset": "ti", "patch_size": 16, "size_head": "linear"},
         "optim": {"epochs": 40, "lr": 5.0e-5, "weight_decay": 1.0e-5, "clip": 10.0, "compile": True},
         "gr": {"gate_lr": 1.0e-4, "gate_clip": 32.0},
         "loss": {"main_weights": [1.0, 3.0, 5.0], "gate_weights": [1.0, 5.0, 10.0]},
