@@ -70,7 +70,8 @@ def test_log_box_head_starts_at_the_training_median_of_size_per_box_side():
     model = build_recipe(cfg, SINGLE, steps_per_epoch=4, train_rows=rows).model
     assert model.size_range == (0.5, 20.0)
     assert model.head[-1].bias.item() == pytest.approx(np.median(ratios), rel=1e-6)
-    assert recipe("fsg_gr").model.size_range is None  # the default head is linear
+    linear = load_config("polyp_size_fsg", ["model.size_head=linear"], smoke=True)
+    assert build_recipe(linear, SINGLE, steps_per_epoch=4, train_rows=rows).model.size_range is None
 
 
 def test_fsg_frozen_keeps_its_gates_and_trains_the_rest():

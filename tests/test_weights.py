@@ -132,7 +132,7 @@ def test_ours_written_back_in_the_release_layout_round_trips(release_file, tmp_p
 
 def test_model_weights_in_an_fsg_config_load_the_release_gates(release_file):
     state, path = release_file
-    overrides = [f"model.weights={path}", "regularizer=fsg_gr", "model.box_features=false",
+    overrides = [f"model.weights={path}", "regularizer=fsg_gr", "model.box_features=false", "model.size_head=linear",
                  f"data.image_size={IMAGE}", f"model.patch_size={PATCH}", f"model.hidden_dim={DIM}",
                  f"model.depth={DEPTH}", f"model.heads={HEADS}", f"model.mlp_dim={MLP}"]
     cfg = load_config("polyp_size_fsg", overrides, smoke=True)
