@@ -77,6 +77,13 @@ def test_yaml_profile_extends_the_builtin_paper_profile(configs):
     assert load_config("plain", profile="paper")["optim"]["epochs"] == 40
 
 
+def test_the_paper_profile_keeps_the_papers_model_over_the_cpu_recipe():
+    cpu, paper = load_config("polyp_size_fsg"), load_config("polyp_size_fsg", profile="paper")
+    assert (cpu["model"]["size_head"], cpu["model"]["patch_size"], cpu["optim"]["epochs"]) == ("log_box", 16, 26)
+    assert (paper["model"]["size_head"], paper["model"]["preset"], paper["model"]["patch_size"]) == ("linear", "ti", 16)
+    assert paper["optim"]["epochs"] == 40 and paper["data"]["image_size"] == 384
+
+
 def test_name_from_yaml_wins_over_the_file_name_and_paths_load(configs, tmp_path):
     path = configs("other", "name: my_experiment\n")
     assert load_config("other")["name"] == "my_experiment"
