@@ -14,16 +14,18 @@ from fsg_endo.engine.checkpoint import load_checkpoint
 from fsg_endo.tracking.tracker import Tracker, TrackingError
 
 
-def closed_port() -> int:
-    """A local port nothing listens on."""
+@pytest.fixture
+def closed_port():
+    """A local port held, bound but not listening, for the test: connections are refused, and no other
+    process (a Ray worker of an earlier test, say) can take the port and leave a request hanging."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]
 
 
 @pytest.mark.parametrize("extra", [[], ["--resume", "last"]])
-def test_unreachable_server_fails_fast_naming_the_uri(tmp_path, extra):
-    uri = f"http://127.0.0.1:{closed_port()}"
+def test_unreachable_server_fails_fast_naming_the_uri(tmp_path, extra, closed_port):
+    uri = f"http://127.0.0.1:{closed_port}"
     cache = tmp_path / "cache"
     proc = run_cli(["--exp", "polyp_size_fsg", "--smoke", *extra], tmp_path, cache, uri, timeout=120)
     assert proc.returncode == 2
