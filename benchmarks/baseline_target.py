@@ -19,17 +19,20 @@ from sklearn.preprocessing import StandardScaler
 
 from fsg_endo.engine.baselines import columns_of, split_features
 from fsg_endo.engine.prepare import prepare_splits
+from fsg_endo.engine.tasks import get_task
 from fsg_endo.experiment.config import load_config
 
 FEATURE_SETS = {"box": ("box",), "box+brightness": ("box", "brightness"),
                 "appearance": ("box", "colour", "brightness", "texture")}
 
 
-def lesion_mae(rows: pd.DataFrame, prediction: np.ndarray) -> float:
-    """MAE (mm) of the lesion means, as the project's lesion level computes it."""
-    table = pd.DataFrame({"lesion": rows["lesion_id"].to_numpy(), "p": prediction, "t": rows["size_mm"].to_numpy()})
-    lesions = table.groupby("lesion").mean()
-    return float((lesions["p"] - lesions["t"]).abs().mean())
+TASK = get_task("size_regression")
+
+
+def lesion_mae(rows: pd.DataFrame, size_mm: np.ndarray) -> float:
+    """Lesion-level MAE (mm) of per-frame predictions, by the task's own lesion means and metrics."""
+    batch = {k: rows[k].to_numpy() for k in ("lesion_id", "video_id", "frame_id", "size_mm")}
+    return TASK.compute_metrics(TASK.lesion_predictions(TASK.frame_predictions(batch, size_mm)))["mae"]
 
 
 def fold_row(val_fold: int) -> dict[str, float]:

@@ -4,7 +4,7 @@ For each test fold k (validation fold k + 1) the main job is trained with the re
 test metrics are written beside the appearance baseline's on the same test rows (fit on the same training
 folds); the last lines give mean +- std over the folds.
 
-    python benchmarks/test_folds.py --out test_folds.csv [--recipe default] [--folds 0 1 2 3 4]
+    python benchmarks/test_folds.py --out test_folds.csv [--recipe current] [--folds 0 1 2 3 4]
 
 Runs are subprocesses of ``experiments/run.py`` as in ``tune_recipe.py``; set ``FSG_ENDO_CACHE`` to share
 the generated dataset between them.
@@ -41,7 +41,7 @@ def appearance_row(test_fold: int, val_fold: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="CSV of results (rewritten after every run)")
-    parser.add_argument("--recipe", default="default", choices=list(CANDIDATES))
+    parser.add_argument("--recipe", default="current", choices=list(CANDIDATES))
     parser.add_argument("--folds", type=int, nargs="+", default=list(range(FOLDS)))
     args = parser.parse_args()
     out = Path(args.out)
