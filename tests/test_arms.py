@@ -123,3 +123,21 @@ def test_learned_gates_move_and_the_shift_says_how_far(arm):
     row = table[(table["branch"] == "attn") & (table["layer"] == 0)].iloc[0]
     assert row["shift"] == pytest.approx(moved["attn_00"].mean().item(), rel=1e-3)
     assert row["init_std"] == pytest.approx(np.std(init["attn_00"].numpy(), ddof=1), rel=1e-3)
+
+
+@pytest.mark.parametrize("arm", ["none", "fsg", "fsg_gr"])
+def test_every_optimiser_takes_the_multi_tensor_step_and_it_equals_the_per_parameter_loop(arm):
+    r = recipe(arm)
+    loop = recipe(arm)  # same seed: the same weights
+    for name, optimizer in r.optimizers.items():
+        assert optimizer.defaults["foreach"] is True, name
+        reference = loop.optimizers[name]
+        reference.defaults["foreach"] = False
+        for group in reference.param_groups:
+            group["foreach"] = False
+    for _ in range(3):
+        inputs, targets = batch(r)
+        r.step(inputs, targets)
+        loop.step(inputs, targets)
+    for (key, value), expected in zip(r.model.state_dict().items(), loop.model.state_dict().values()):
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=key)

@@ -85,6 +85,12 @@ def compiled(cfg: Mapping[str, Any], model: torch.nn.Module, device: torch.devic
     return torch.compile(model) if cfg["optim"]["compile"] and device.type == "cuda" else model
 
 
+def adam(params: Any, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
+    """Adam with the multi-tensor (``foreach``) update: PyTorch's default on CUDA only, and on the CPU it
+    takes the micro ViT's GR step from about 99 to 89 ms (58 tensors updated in a few kernels, not a loop)."""
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
 def build_optimizers(cfg: Mapping[str, Any], model: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
     """GR: two optimisers over disjoint sets. Joint FSG: one optimiser, gates in their own group.
     Frozen FSG: the gates keep their init (``requires_grad=False``, in no optimiser)."""
@@ -93,12 +99,12 @@ def build_optimizers(cfg: Mapping[str, Any], model: torch.nn.Module) -> dict[str
         for gate in gate_parameters(model):
             gate.requires_grad_(False)
     if uses_routing(cfg["regularizer"]):
-        return {"main": torch.optim.Adam(non_gate_parameters(model), lr=o["lr"], weight_decay=o["weight_decay"]),
-                "gate": torch.optim.Adam(gate_parameters(model), lr=gr["gate_lr"])}
+        return {"main": adam(non_gate_parameters(model), o["lr"], o["weight_decay"]),
+                "gate": adam(gate_parameters(model), gr["gate_lr"])}
     groups = [{"params": non_gate_parameters(model)}]
     if uses_gates(cfg["regularizer"]) and not frozen_gates(cfg["regularizer"]):
         groups.append({"params": gate_parameters(model), "lr": gr["gate_lr"], "weight_decay": 0.0})
-    return {"main": torch.optim.Adam(groups, lr=o["lr"], weight_decay=o["weight_decay"])}
+    return {"main": adam(groups, o["lr"], o["weight_decay"])}
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
