@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import albumentations as A
+import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -32,7 +34,7 @@ from fsg_endo.data.manifest import build_manifest
 from fsg_endo.data.pipeline import build_dataset, compute_mean_std, make_loader
 from fsg_endo.data.sampling import LesionFrameSampler
 from fsg_endo.synth.dataset import generate_dataset
-from fsg_endo.data.transforms import paper_augmentation
+from fsg_endo.data.augment import PaperAugmentd
 from fsg_endo.nn.gates import gate_parameters, non_gate_parameters
 from fsg_endo.nn.models import build_model
 from fsg_endo.nn.routing import GradientRouter
@@ -94,11 +96,40 @@ def fill_rate(rows: pd.DataFrame, root: Path, source: str, workers: int, image_s
     return len(rows) / seconds
 
 
-def augment_us(image_size: int, repeats: int = 2000) -> float:
-    """Median microseconds of the paper's albumentations pipeline on one uint8 crop of ``image_size``."""
-    augment = paper_augmentation(seed=0)
+def albumentations_augmentation(seed: int = 0):
+    """The paper's augmentation in albumentations (what the pipeline ran before ``PaperAugmentd``): the
+    baseline of the augmentation timing (albumentations is a dev dependency)."""
+    return A.Compose([A.Rotate(limit=30, border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0), A.HorizontalFlip(p=0.5),
+                      A.VerticalFlip(p=0.5),
+                      A.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.15, hue=0.01, p=1.0),
+                      A.GaussNoise(std_range=(0.01, 0.01), p=1.0)], seed=seed, strict=True)
+
+
+def augment_us(image_size: int, repeats: int = 2000) -> dict[str, float]:
+    """Median microseconds per uint8 crop of ``image_size`` of the training augmentation, reseeded per item
+    as the pipeline does: ``PaperAugmentd`` against the same steps in albumentations, interleaved."""
     crop = np.random.default_rng(0).integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)
-    return 1e6 * statistics.median(timed(lambda: augment(image=crop)) for _ in range(repeats))
+    ours, reference = PaperAugmentd("image"), albumentations_augmentation()
+
+    def run_ours(seed: int) -> None:
+        ours.set_random_state(seed=seed)
+        ours({"image": crop})
+
+    def run_reference(seed: int) -> None:
+        reference.set_random_seed(seed)
+        reference(image=crop)
+
+    times: dict[str, list[float]] = {"ours": [], "albumentations": []}
+    for i in range(repeats):
+        times["ours"].append(timed(lambda: run_ours(i)))
+        times["albumentations"].append(timed(lambda: run_reference(i)))
+    return {name: 1e6 * statistics.median(t) for name, t in times.items()}
+
+
+def print_augment(image_size: int, repeats: int) -> None:
+    us = augment_us(image_size, repeats)
+    print(f"{f'augmentation per {image_size} px crop':<34} {us['ours']:8.1f} us  (albumentations "
+          f"{us['albumentations']:.1f} us, ratio {us['ours'] / us['albumentations']:.2f})")
 
 
 def cpu_ms_per_item(rows: pd.DataFrame, root: Path, image_size: int, epochs: int = 1) -> float:
@@ -130,7 +161,7 @@ def default_report(rows: pd.DataFrame, root: Path, rounds: int) -> None:
         label = f"{'train' if train else 'eval'} pipeline {'cached' if cache == 'memory' else 'cold'}, " \
                 f"{workers} workers"
         print(f"{label:<34} {r['items_s']:8.1f}  {r['train_s']:15.1f}  {r['ratio']:5.1f}x  {r['build_s']:.2f}")
-    print(f"{'albumentations per 64 px crop':<34} {augment_us(DEFAULT_SIZE):8.1f} us")
+    print_augment(DEFAULT_SIZE, 2000)
     for source in ("frames", "video"):
         for workers in (1, 2):
             rates = [fill_rate(rows, root, source, workers, DEFAULT_SIZE) for _ in range(rounds)]
@@ -150,7 +181,7 @@ def paper_report(rows: pd.DataFrame, root: Path, rounds: int, image_size: int) -
                                  steps_per_round=PAPER_STEPS_PER_ROUND)
         label = f"train pipeline cached, {workers} workers"
         print(f"{label:<34} {r['items_s']:8.1f}  {r['train_s']:15.1f}  {r['ratio']:5.1f}x  {r['build_s']:.2f}")
-    print(f"{f'albumentations per {image_size} px crop':<34} {augment_us(image_size, repeats=200):8.1f} us")
+    print_augment(image_size, 200)
     print(f"{'cached pipeline, CPU time per item':<34} {cpu_ms_per_item(rows, root, image_size):8.2f} ms (1 thread)")
 
 

@@ -26,14 +26,13 @@ from monai.transforms import Compose, Randomizable, SelectItemsd
 from torch.utils.data import Sampler
 
 from fsg_endo.data.sizes import scale_size, size_class2, size_class3
+from fsg_endo.data.augment import PaperAugmentd
 from fsg_endo.data.transforms import (
-    Augmentd,
     CropBoxd,
     FovMaskd,
     LoadFramed,
     ResizeImaged,
     ToNormalizedTensor,
-    paper_augmentation,
 )
 from fsg_endo.errors import FsgEndoError
 
@@ -173,7 +172,7 @@ def build_dataset(rows: pd.DataFrame, root: str | Path, *, image_size: int = 64,
     _check_choice("data source", source, ("frames", "video"))
     steps = crop_transforms(image_size, context, fov_mask, source)
     if train:
-        steps.append(Augmentd("image", paper_augmentation(seed, photometric), seed=seed))
+        steps.append(PaperAugmentd("image", photometric=photometric, seed=seed))
     transform = Compose(steps + [ToNormalizedTensor(mean, std)]).set_random_state(seed=seed)
     items = rows_to_items(rows, root, source, video)
     if cache == "none":

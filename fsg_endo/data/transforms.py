@@ -14,7 +14,6 @@ from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import albumentations as A
 import cv2
 import numpy as np
 import torch
@@ -198,55 +197,6 @@ class ResizeImaged(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = cv2.resize(d[key], (self.size, self.size), interpolation=cv2.INTER_AREA)
-        return d
-
-
-def paper_augmentation(seed: int = 0, photometric: bool = True) -> A.Compose:
-    """The paper's training augmentation on uint8 HWC: rotation +-30 deg, flips, colour jitter, noise 0.01.
-
-    ``photometric=False`` keeps the rotation and flips only: they leave the crop's brightness, colour and
-    texture energy as rendered, which are cues of the distance (and so of the size in mm).
-    """
-    geometric = [
-        A.Rotate(limit=30, border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0),
-        A.HorizontalFlip(p=0.5),
-        A.VerticalFlip(p=0.5),
-    ]
-    photometric_steps = [
-        A.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.15, hue=0.01, p=1.0),
-        A.GaussNoise(std_range=(0.01, 0.01), p=1.0),  # std as a fraction of the 255 range
-    ]
-    return A.Compose(geometric + (photometric_steps if photometric else []), seed=seed, strict=True)
-
-
-class Augmentd(Randomizable, MapTransform):
-    """Apply an albumentations pipeline to ``image``; seeded through MONAI's ``set_random_state``, which
-    MONAI's DataLoader calls per worker, so the same seed gives the same batches."""
-
-    def __init__(self, keys: str | Sequence[Hashable] = "image", augment: A.Compose | None = None,
-                 seed: int = 0) -> None:
-        MapTransform.__init__(self, keys)
-        self.augment = augment if augment is not None else paper_augmentation(seed)
-        self.set_random_state(seed=seed)
-
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> Augmentd:
-        """Reseed the albumentations pipeline from ``seed`` (or a draw of ``state``, else fresh entropy).
-
-        Skips MONAI's own RandomState (~0.1 ms to build): when reseeded per item, that would cost as much
-        as a quarter of the augmentation.
-        """
-        if seed is None:
-            seed = int((state if state is not None else np.random.RandomState()).randint(MAX_SEED))
-        self.augment.set_random_seed(int(seed) % MAX_SEED)
-        return self
-
-    def randomize(self, data: Any = None) -> None:
-        """Randomness lives in the albumentations pipeline, reseeded by :meth:`set_random_state`."""
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.augment(image=np.asarray(d[key]))["image"]
         return d
 
 
