@@ -98,7 +98,7 @@ def fill_rate(rows: pd.DataFrame, root: Path, source: str, workers: int, image_s
 
 def albumentations_augmentation(seed: int = 0):
     """The paper's augmentation in albumentations (what the pipeline ran before ``PaperAugmentd``): the
-    baseline of the augmentation timing (albumentations is a dev dependency)."""
+    baseline of the augmentation timing."""
     return A.Compose([A.Rotate(limit=30, border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0), A.HorizontalFlip(p=0.5),
                       A.VerticalFlip(p=0.5),
                       A.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.15, hue=0.01, p=1.0),

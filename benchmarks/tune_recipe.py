@@ -47,9 +47,7 @@ SEARCH: dict[str, list[str]] = {
     "logbox_lr1e-3": ["model.size_head=log_box", "optim.lr=1e-3"],
     "logbox_p16_e40": ["model.size_head=log_box", "model.patch_size=16", "optim.epochs=40"],  # 16 tokens: ~3x the steps
     "logbox_p16_e26": ["model.size_head=log_box", "model.patch_size=16", "optim.epochs=26"],  # the 300 s budget
-    # after PaperAugmentd (epochs 8.4 -> 5.3 s): the steps the faster pipeline buys inside the same budget
     "logbox_p16_e36": ["model.size_head=log_box", "model.patch_size=16", "optim.epochs=36"],
-    "logbox_p16_e40_fast": ["model.size_head=log_box", "model.patch_size=16", "optim.epochs=40"],
 }
 CANDIDATES = {"current": [], **{name: [*PREVIOUS_DEFAULT, *sets] for name, sets in SEARCH.items()}}  # current: as configured
 LESION_VAL = ("mae", "cls3_balanced_accuracy")

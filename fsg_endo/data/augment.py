@@ -1,10 +1,12 @@
-"""The paper's training augmentation of a uint8 crop, in one affine warp and a few array operations.
+"""The paper's training augmentation of a uint8 crop: one affine warp, then albumentations' pixel functions.
 
 Rotation +-30 deg (zero fill), horizontal and vertical flips, colour jitter (brightness, contrast, saturation
 +-15 %, hue +-0.01, in random order, as torchvision's ``ColorJitter``) and Gaussian noise of std 0.01 of the
-range. The same steps as albumentations' ``Rotate``, flips, ``ColorJitter`` and ``GaussNoise``; on the
-64 px crops of the CPU default, albumentations' per-call bookkeeping costs about five times the pixel work
-(benchmarks/README.md), and every training item is augmented once per epoch.
+range: albumentations' ``Rotate``, flips, ``ColorJitter`` and ``GaussNoise``, which the pipeline composed
+before (tests/test_augment.py holds them side by side). The parameters are drawn here and the pixels go
+through the same OpenCV warp and albumentations' own pixel functions: on the 64 px crops of the CPU default,
+the transforms' per-call bookkeeping (parameter checks, seeding, dispatch) cost about twice the pixel work,
+and every training item is augmented once per epoch (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+from albumentations.augmentations.pixel import functional as fpixel
 from monai.transforms import MapTransform, Randomizable
 from monai.utils import MAX_SEED
 
@@ -23,7 +26,6 @@ ROTATION_DEG = 30.0
 JITTER = 0.15  # brightness, contrast and saturation factors in [1 - JITTER, 1 + JITTER]
 HUE = 0.01  # hue shift, a fraction of the colour circle
 NOISE_STD = 0.01 * 255.0
-_GREY = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601 luma, as torchvision
 
 
 @dataclass(frozen=True)
@@ -66,50 +68,34 @@ def warp(image: np.ndarray, angle: float, hflip: bool, vflip: bool) -> np.ndarra
                           borderValue=0)
 
 
-def _grey(x: np.ndarray) -> np.ndarray:
-    """The luma of an RGB float32 image, (H, W)."""
-    return cv2.transform(x, _GREY[None])
+# albumentations' pixel functions, given parameters drawn here: the library's uint8 arithmetic, without
+# the per-call bookkeeping of its transforms
+_JITTER_STEPS = (fpixel.adjust_brightness_torchvision, fpixel.adjust_contrast_torchvision,
+                 fpixel.adjust_saturation_torchvision, fpixel.adjust_hue_torchvision)
 
 
-def _hue(x: np.ndarray, shift: float) -> np.ndarray:
-    """Rotate the hue by ``shift`` of the colour circle, in float HSV (OpenCV: hue in degrees)."""
-    hsv = cv2.cvtColor(x * (1.0 / 255.0), cv2.COLOR_RGB2HSV)
-    hue = hsv[..., 0]
-    hue += 360.0 * shift
-    np.mod(hue, 360.0, out=hue)
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB) * 255.0
-
-
-def jitter(x: np.ndarray, p: AugmentParams) -> np.ndarray:
-    """Colour jitter of a float32 RGB image in [0, 255], clipped after each step (torchvision's blends:
-    contrast towards the mean grey level, saturation towards each pixel's grey). OpenCV's arithmetic: on
-    arrays this small, numpy's broadcasting costs several times more."""
+def jitter(image: np.ndarray, p: AugmentParams) -> np.ndarray:
+    """Colour jitter of a uint8 RGB image: brightness, contrast, saturation and hue in ``p.order``."""
+    factors = (p.brightness, p.contrast, p.saturation, p.hue)
     for step in p.order:
-        if step == 0:
-            x = cv2.addWeighted(x, p.brightness, x, 0.0, 0.0)
-        elif step == 1:
-            x = cv2.addWeighted(x, p.contrast, x, 0.0, (1.0 - p.contrast) * cv2.mean(_grey(x))[0])
-        elif step == 2:
-            x = cv2.addWeighted(x, p.saturation, cv2.cvtColor(_grey(x), cv2.COLOR_GRAY2RGB), 1.0 - p.saturation, 0.0)
-        elif p.hue:
-            x = _hue(x, p.hue)
-        np.clip(x, 0.0, 255.0, out=x)
-    return x
+        image = _JITTER_STEPS[step](image, factors[step])
+    return image
 
 
 def noise(shape: tuple[int, ...], seed: int) -> np.ndarray:
-    """Gaussian noise of std :data:`NOISE_STD`, from its own seed (torch's generator: twice numpy's speed)."""
+    """Gaussian noise of std :data:`NOISE_STD` from its own seed (torch's generator: twice numpy's speed)."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).mul_(NOISE_STD).numpy()
 
 
 def augment(image: np.ndarray, p: AugmentParams) -> np.ndarray:
-    """``image`` (uint8 HWC RGB) augmented by the draw ``p``: warp, jitter, noise, back to uint8."""
+    """``image`` (uint8 HWC RGB) augmented by the draw ``p``: warp, then jitter and noise when photometric.
+
+    The noise is added as albumentations' ``GaussNoise`` adds it to uint8 (each value truncated towards zero,
+    so its effective std is about 2.19 rather than 2.55)."""
     out = warp(image, p.angle, p.hflip, p.vflip)
     if not p.photometric:
         return out
-    x = jitter(out.astype(np.float32), p)
-    x += noise(x.shape, p.noise_seed)
-    return np.rint(np.clip(x, 0.0, 255.0, out=x)).astype(np.uint8)
+    return fpixel.add_noise(jitter(out, p), noise(out.shape, p.noise_seed))
 
 
 class PaperAugmentd(Randomizable, MapTransform):
