@@ -5,8 +5,8 @@ Rotation +-30 deg (zero fill), horizontal and vertical flips, colour jitter (bri
 range: albumentations' ``Rotate``, flips, ``ColorJitter`` and ``GaussNoise``, which the pipeline composed
 before (tests/test_augment.py holds them side by side). The parameters are drawn here and the pixels go
 through the same OpenCV warp and albumentations' own pixel functions: on the 64 px crops of the CPU default,
-the transforms' per-call bookkeeping (parameter checks, seeding, dispatch) cost about twice the pixel work,
-and every training item is augmented once per epoch (benchmarks/README.md).
+the transforms' per-call bookkeeping (parameter checks, seeding, dispatch) was about 40 % of the time per
+crop, and every training item is augmented once per epoch (benchmarks/README.md).
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ from monai.data.utils import worker_init_fn as monai_worker_init_fn
 from monai.transforms import Compose, Randomizable, SelectItemsd
 from torch.utils.data import Sampler
 
-from fsg_endo.data.sizes import scale_size, size_class2, size_class3
 from fsg_endo.data.augment import PaperAugmentd
+from fsg_endo.data.sizes import scale_size, size_class2, size_class3
 from fsg_endo.data.transforms import (
     CropBoxd,
     FovMaskd,

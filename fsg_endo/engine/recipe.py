@@ -86,8 +86,8 @@ def compiled(cfg: Mapping[str, Any], model: torch.nn.Module, device: torch.devic
 
 
 def adam(params: Any, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
-    """Adam with the multi-tensor (``foreach``) update: PyTorch's default on CUDA only, and on the CPU it
-    takes the micro ViT's GR step from about 99 to 89 ms (58 tensors updated in a few kernels, not a loop)."""
+    """Adam with the multi-tensor (``foreach``) update on every device (PyTorch's default on CUDA only): the
+    same update as the per-parameter loop, in a few kernels instead of one small loop per tensor."""
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
