@@ -57,6 +57,9 @@ SEARCH: dict[str, list[str]] = {
     # Class weights near 1 / size: the loss weighs relative (log-space) errors about evenly across sizes,
     # as the baseline's ridge on log size does, instead of aiming at the large polyps' millimetres.
     "relw": [*CHOSEN, "loss.main_weights=[1,0.4,0.2]", "loss.gate_weights=[1,0.4,0.2]"],
+    "logbox_unweighted": [*CHOSEN, "loss.main_weights=[1,1,1]", "loss.gate_weights=[1,1,1]"],  # between the two
+    # The paper's colour jitter blurs brightness, a distance cue the appearance baseline reads; flips and rotation stay
+    "chosen_geometric": [*CHOSEN, "data.photometric=false"],
     "relw_l1": [*CHOSEN, "loss.main_weights=[1,0.4,0.2]", "loss.gate_weights=[1,0.4,0.2]", "loss.beta=0.05"],
 }
 CANDIDATES = {"current": [], **{name: [*PREVIOUS_DEFAULT, *sets] for name, sets in SEARCH.items()}}  # current: as configured
@@ -140,13 +143,42 @@ def baseline_rows(val_folds: list[int]) -> list[dict]:
     return rows
 
 
+def paired_summary(table: pd.DataFrame, reference: str = "current") -> pd.DataFrame:
+    """Every candidate against ``reference`` on the (fold, seed) cells both ran, with the project's paired
+    statistics (:func:`fsg_endo.experiment.report.paired_row`; Nadeau-Bengio ratio 1/3: one validation fold
+    against three training folds). The baseline does not depend on the seed, so it pairs with every seed."""
+    from fsg_endo.experiment.report import paired_row
+
+    table = table.assign(seed=table.get("seed", pd.Series(0, index=table.index)))
+    base = table["candidate"].str.startswith("baseline_")
+    trained = table[~base].fillna({"seed": 0})
+    seeds = pd.DataFrame({"seed": trained["seed"].unique()})
+    fixed = table[base].drop(columns="seed").drop_duplicates(["candidate", "val_fold"]).merge(seeds, how="cross")
+    cells = pd.concat([trained, fixed]).drop_duplicates(["candidate", "val_fold", "seed"], keep="last")
+    rows = []
+    for metric in (f"lesion/val/{m}" for m in LESION_VAL):
+        wide = cells.pivot(index=["val_fold", "seed"], columns="candidate", values=metric)
+        for name in (c for c in wide.columns if c != reference):
+            both = wide[[name, reference]].dropna()
+            rows.append({"candidate": name, "reference": reference, "metric": metric}
+                        | paired_row(both[name].to_numpy(), both[reference].to_numpy(), 1 / 3))
+    return pd.DataFrame(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="CSV of results (rewritten after every run)")
+    parser.add_argument("--out", help="CSV of results (rewritten after every run)")
     parser.add_argument("--val-folds", type=int, nargs="+", default=[1, 2, 3, 4])
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (data and folds fixed)")
+    parser.add_argument("--reference", default="current", help="candidate the paired summary compares against")
+    parser.add_argument("--summary", nargs="+", metavar="CSV", help="only print the paired summary of these results")
     args = parser.parse_args()
+    if args.summary:
+        print(paired_summary(pd.concat(map(pd.read_csv, args.summary)), args.reference).round(3).to_string())
+        return
+    if not args.out:
+        parser.error("--out is required (unless --summary)")
     out = Path(args.out)
     rows = baseline_rows(args.val_folds)
     pd.DataFrame(rows).to_csv(out, index=False)
@@ -158,6 +190,8 @@ def main() -> None:
     table = pd.DataFrame(rows)
     columns = [f"lesion/val/{m}" for m in (*LESION_VAL, "bias_le5mm")]
     print(table.groupby("candidate")[columns].agg(["mean", "std", "count"]))
+    if args.reference in set(table["candidate"]):
+        print(paired_summary(table, args.reference).round(3).to_string())
 
 
 if __name__ == "__main__":
