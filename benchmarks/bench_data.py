@@ -121,8 +121,8 @@ def augment_us(image_size: int, repeats: int = 2000) -> dict[str, float]:
 
     times: dict[str, list[float]] = {"ours": [], "albumentations": []}
     for i in range(repeats):
-        times["ours"].append(timed(lambda: run_ours(i)))
-        times["albumentations"].append(timed(lambda: run_reference(i)))
+        times["ours"].append(timed(lambda i=i: run_ours(i)))
+        times["albumentations"].append(timed(lambda i=i: run_reference(i)))
     return {name: 1e6 * statistics.median(t) for name, t in times.items()}
 
 

@@ -62,7 +62,8 @@ SEARCH: dict[str, list[str]] = {
     "chosen_geometric": [*CHOSEN, "data.photometric=false"],
     "relw_l1": [*CHOSEN, "loss.main_weights=[1,0.4,0.2]", "loss.gate_weights=[1,0.4,0.2]", "loss.beta=0.05"],
 }
-CANDIDATES = {"current": [], **{name: [*PREVIOUS_DEFAULT, *sets] for name, sets in SEARCH.items()}}  # current: as configured
+# "current" is the config as it is now; every other candidate is overrides on top of PREVIOUS_DEFAULT
+CANDIDATES = {"current": [], **{name: [*PREVIOUS_DEFAULT, *sets] for name, sets in SEARCH.items()}}
 LESION_VAL = ("mae", "cls3_balanced_accuracy")  # read at the best epoch; bias_le5mm is added from its predictions
 
 
