@@ -5,7 +5,8 @@ held out of training *and* of the choice: the CSV gets lesion-level validation m
 epoch only, beside the appearance baseline's on the same validation rows. Test metrics are read once,
 afterwards, by ``benchmarks/test_folds.py`` for the chosen recipe (over all 5 test folds).
 
-    python benchmarks/tune_recipe.py --out tune.csv [--val-folds 1 2 3 4] [--candidates current logbox ...]
+    python benchmarks/tune_recipe.py --out tune.csv [--val-folds 1 2 3 4] [--candidates current relw ...] [--seeds 0 1]
+    python benchmarks/tune_recipe.py --summary tune*.csv [--reference current]
 
 Each run is a subprocess of ``experiments/run.py`` (its own MLflow store under the output folder); set
 ``FSG_ENDO_CACHE`` to share the generated dataset between runs. ``--seeds 0 1 2`` trains each candidate and
