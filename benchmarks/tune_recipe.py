@@ -27,6 +27,8 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
+from fsg_endo.data.sizes import size_class3
+from fsg_endo.engine.tasks import get_task
 from fsg_endo.experiment.analysis import load_predictions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,6 +68,7 @@ SEARCH: dict[str, list[str]] = {
 # "current" is the config as it is now; every other candidate is overrides on top of PREVIOUS_DEFAULT
 CANDIDATES = {"current": [], **{name: [*PREVIOUS_DEFAULT, *sets] for name, sets in SEARCH.items()}}
 LESION_VAL = ("mae", "cls3_balanced_accuracy")  # read at the best epoch; bias_le5mm is added from its predictions
+TASK = get_task("size_regression")  # its lesion predictions (mean over frames) feed the bias column
 
 
 def only_run(uri: str) -> tuple[mlflow.MlflowClient, mlflow.entities.Run]:
@@ -89,9 +92,9 @@ def best_epoch_metrics(uri: str) -> dict[str, float]:
 def small_bias(frames: pd.DataFrame) -> dict[str, float]:
     """Mean signed lesion error (mm) of the validation lesions of at most 5 mm: the shrinkage toward the mean
     size that the loss weights act on."""
-    lesions = frames.groupby("lesion_id").agg(size=("size_mm", "first"), pred=("prediction", "mean"))
-    small = lesions[lesions["size"] <= 5]
-    return {"lesion/val/bias_le5mm": float((small["pred"] - small["size"]).mean())}
+    lesions = TASK.lesion_predictions(frames)
+    small = lesions[size_class3(lesions["size_mm"].to_numpy(float)) == 0]
+    return {"lesion/val/bias_le5mm": float((small["prediction"] - small["size_mm"]).mean())}
 
 
 def training_seed(seed: int) -> list[str]:

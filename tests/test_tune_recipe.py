@@ -50,6 +50,7 @@ def test_results_without_a_seed_column_count_as_seed_zero():
 
 
 def test_small_bias_is_the_mean_lesion_error_of_lesions_up_to_5_mm():
-    frames = pd.DataFrame({"lesion_id": ["a", "a", "b", "c"], "size_mm": [3.0, 3.0, 5.0, 8.0],
+    size = [3.0, 3.0, 5.0, 8.0]
+    frames = pd.DataFrame({"lesion_id": ["a", "a", "b", "c"], "video_id": "v", "size_mm": size, "target": size,
                            "prediction": [3.5, 4.5, 4.0, 1.0]})
     assert small_bias(frames)["lesion/val/bias_le5mm"] == pytest.approx(((4.0 - 3.0) + (4.0 - 5.0)) / 2)
