@@ -22,8 +22,11 @@ from fsg_endo.engine.prepare import prepare_splits
 from fsg_endo.engine.tasks import get_task
 from fsg_endo.experiment.config import load_config
 
-FEATURE_SETS = {"box": ("box",), "box+brightness": ("box", "brightness"),
-                "appearance": ("box", "colour", "brightness", "texture")}
+FEATURE_SETS = {
+    "box": ("box",),
+    "box+brightness": ("box", "brightness"),
+    "appearance": ("box", "colour", "brightness", "texture"),
+}
 
 
 TASK = get_task("size_regression")

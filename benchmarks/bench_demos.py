@@ -29,8 +29,16 @@ def train_once(tree: Path, epochs: int, threads: int) -> tuple[float, float]:
     """Seconds and printed held-out (test) accuracy of one demo_training_mnist.py run of ``tree``."""
     with tempfile.TemporaryDirectory() as work:
         env = {**os.environ, "PYTHONPATH": str(tree), "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db"}
-        cmd = [sys.executable, str(tree / "experiments" / "demos" / "demo_training_mnist.py"), "--data-root",
-               "none", "--epochs", str(epochs), "--threads", str(threads)]
+        cmd = [
+            sys.executable,
+            str(tree / "experiments" / "demos" / "demo_training_mnist.py"),
+            "--data-root",
+            "none",
+            "--epochs",
+            str(epochs),
+            "--threads",
+            str(threads),
+        ]
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - start
@@ -50,13 +58,16 @@ def main() -> None:
     trees = {"baseline": args.baseline.resolve(), "this tree": HERE}
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in trees}
     for k in range(args.rounds):
-        for name in (list(trees) if k % 2 == 0 else list(trees)[::-1]):
+        for name in list(trees) if k % 2 == 0 else list(trees)[::-1]:
             results[name].append(train_once(trees[name], args.epochs, args.threads))
-            print(f"round {k + 1} {name}: {results[name][-1][0]:.1f} s, accuracy {results[name][-1][1]:.4f}",
-                  flush=True)
+            print(
+                f"round {k + 1} {name}: {results[name][-1][0]:.1f} s, accuracy {results[name][-1][1]:.4f}", flush=True
+            )
     os_load = os.getloadavg()[0]
-    print(f"\n{cpu_name()}, {os.cpu_count()} cores, load average now {os_load:.1f}; {args.epochs} epochs, "
-          f"{args.threads} thread(s), {args.rounds} rounds")
+    print(
+        f"\n{cpu_name()}, {os.cpu_count()} cores, load average now {os_load:.1f}; {args.epochs} epochs, "
+        f"{args.threads} thread(s), {args.rounds} rounds"
+    )
     medians = {name: statistics.median(s for s, _ in runs) for name, runs in results.items()}
     for name, runs in results.items():
         print(f"{name:>10}: median {medians[name]:.1f} s; accuracies {[round(a, 4) for _, a in runs]}")

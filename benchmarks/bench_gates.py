@@ -19,17 +19,15 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch import nn
-
 from machine import cpu_name
+from torch import nn
 
 from fsg_endo.experiment.schema import Model
 from fsg_endo.nn.gates import fold_gates, gate_parameters, non_gate_parameters
 from fsg_endo.nn.models import build_model
 from fsg_endo.nn.routing import GradientRouter, train_step
 
-SIZE = {"image_size": 64, "patch_size": 8, "num_outputs": 1, "hidden_dim": 192, "depth": 6, "heads": 3,
-        "mlp_dim": 768}
+SIZE = {"image_size": 64, "patch_size": 8, "num_outputs": 1, "hidden_dim": 192, "depth": 6, "heads": 3, "mlp_dim": 768}
 BATCH = 32
 # ratio name -> (case, baseline, target on the ratio of medians or None = reported only)
 RATIOS = {
@@ -65,8 +63,14 @@ class ReleaseGRStep:
     all parameters, a ``nan_to_num`` loop over all gradients, and their optimiser's step.
     """
 
-    def __init__(self, model: nn.Module, main: torch.optim.Optimizer, gate: torch.optim.Optimizer,
-                 main_clip: float = 10.0, gate_clip: float = 32.0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        main: torch.optim.Optimizer,
+        gate: torch.optim.Optimizer,
+        main_clip: float = 10.0,
+        gate_clip: float = 32.0,
+    ) -> None:
         self.model, self.passes = model, ((gate, gate_clip), (main, main_clip))
         self.main, self.gate = main, gate
 
@@ -94,8 +98,9 @@ def plain_step_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callabl
     return lambda: train_step(model, optimizer, mse, x, y)
 
 
-def make_cases(x: torch.Tensor, y: torch.Tensor, compile_gr: bool,
-               dropout_parts: bool = False) -> dict[str, Callable[[], object]]:
+def make_cases(
+    x: torch.Tensor, y: torch.Tensor, compile_gr: bool, dropout_parts: bool = False
+) -> dict[str, Callable[[], object]]:
     """Each benchmark case as a no-argument callable doing one step or one inference batch."""
     torch.manual_seed(0)
     plain, stock, joint = build_model(**SIZE), stock_vit(), build_model(fsg=True, **SIZE)
@@ -111,6 +116,7 @@ def make_cases(x: torch.Tensor, y: torch.Tensor, compile_gr: bool,
         def run() -> object:
             with torch.inference_mode():
                 return model(x)
+
         return run
 
     cases = {
@@ -130,8 +136,9 @@ def make_cases(x: torch.Tensor, y: torch.Tensor, compile_gr: bool,
             cases[f"{name}_only_step"] = plain_step_of(build_model(**{name: rate}, **SIZE), x, y)
     if compile_gr:
         model = build_model(fsg=True, **SIZE).train()
-        compiled = GradientRouter(torch.compile(model), adam(non_gate_parameters(model)),
-                                  adam(gate_parameters(model)), mse)
+        compiled = GradientRouter(
+            torch.compile(model), adam(non_gate_parameters(model)), adam(gate_parameters(model)), mse
+        )
         cases["gr_step_compiled"] = lambda: compiled.step(x, y)
     return cases
 
@@ -169,8 +176,10 @@ def main() -> None:
     median = {name: statistics.median(t) for name, t in times.items()}
     best = {name: min(t) for name, t in times.items()}
 
-    print(f"# {cpu_name()}, {args.threads} threads, torch {torch.__version__}, {args.rounds} interleaved rounds, "
-          f"load average {load_before:.1f} -> {load_after:.1f}")
+    print(
+        f"# {cpu_name()}, {args.threads} threads, torch {torch.__version__}, {args.rounds} interleaved rounds, "
+        f"load average {load_before:.1f} -> {load_after:.1f}"
+    )
     print(f"{'case':<18} {'median ms':>10} {'min ms':>8} {'max ms':>8}")
     for name, t in times.items():
         print(f"{name:<18} {median[name] * 1e3:>10.1f} {best[name] * 1e3:>8.1f} {max(t) * 1e3:>8.1f}")

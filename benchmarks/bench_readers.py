@@ -40,9 +40,11 @@ def write_tree(root: Path, videos: int, frames: int, positive: float, seed: int 
             shown = ids[: int(rng.integers(1, 3))] if rng.random() < positive else []
             objects = [(lid, random_box(rng, 1240, 1080)) for lid in shown]
             (root / f"{video}_annotations" / f"{video}_{t}.xml").write_text(
-                voc_xml(f"{video}_{t}.jpg", 1240, 1080, objects))
+                voc_xml(f"{video}_{t}.jpg", 1240, 1080, objects)
+            )
     pd.DataFrame(lesions, columns=["unique_object_id", "unique_video_name", "size [mm]"]).to_csv(
-        root / "lesion_info.csv", index=False)
+        root / "lesion_info.csv", index=False
+    )
     pd.DataFrame({"unique_video_name": names}).to_csv(root / "video_info.csv", index=False)
     return videos * frames
 
@@ -56,8 +58,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         n = write_tree(root, args.videos, args.frames, args.positive)
-        for name, fn in (("read_realcolon", lambda: read_realcolon(root)),
-                         ("build_manifest", lambda: build_manifest("realcolon", root, folds=5))):
+        for name, fn in (
+            ("read_realcolon", lambda: read_realcolon(root)),
+            ("build_manifest", lambda: build_manifest("realcolon", root, folds=5)),
+        ):
             start = time.perf_counter()
             rows = len(fn())
             elapsed = time.perf_counter() - start

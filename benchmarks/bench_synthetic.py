@@ -28,8 +28,13 @@ from fsg_endo.engine.baselines import BASELINES, CROP, evaluate_baseline
 from fsg_endo.engine.tasks import get_task
 from fsg_endo.synth.dataset import generate_dataset
 
-CUE_SETS = {"box geometry": ("box",), "brightness": ("brightness",), "colour": ("colour",),
-            "texture band energies": ("texture",), "all together (appearance)": BASELINES["appearance"]}
+CUE_SETS = {
+    "box geometry": ("box",),
+    "brightness": ("brightness",),
+    "colour": ("colour",),
+    "texture band energies": ("texture",),
+    "all together (appearance)": BASELINES["appearance"],
+}
 LESION_METRICS = ("lesion/test/mae", "lesion/test/cls3_balanced_accuracy")
 
 
@@ -43,8 +48,14 @@ def single_cue_baselines(manifest: pd.DataFrame, root: Path, folds: int = 5, wor
             splits = make_splits(rows, test_fold=k, val_fold=(k + 1) % folds)
             per_fold.append(evaluate_baseline(task, splits, splits, cues)[0])
         table = pd.DataFrame(per_fold)[list(LESION_METRICS)]
-        out[name] = {m: {"fold0": round(float(table[m].iloc[0]), 3), "mean": round(float(table[m].mean()), 3),
-                         "std": round(float(table[m].std()), 3)} for m in LESION_METRICS}
+        out[name] = {
+            m: {
+                "fold0": round(float(table[m].iloc[0]), 3),
+                "mean": round(float(table[m].mean()), 3),
+                "std": round(float(table[m].std()), 3),
+            }
+            for m in LESION_METRICS
+        }
     return out
 
 
@@ -56,12 +67,15 @@ def card_numbers(root: Path, workers: int = 2) -> dict:
     lesions = pd.read_csv(root / "lesion_info.csv")
     videos = pd.read_csv(root / "video_info.csv")
     side = np.sqrt((manifest["xmax"] - manifest["xmin"]) * (manifest["ymax"] - manifest["ymin"]))
-    return {**meta["summary"], "negative_share": round(1 - positive / meta["summary"]["frames"], 4),
-            "size_mm": lesions["size [mm]"].describe()[["min", "50%", "max"]].round(1).to_dict(),
-            "box_side_px_quartiles": np.percentile(side, [25, 50, 75]).round(1).tolist(),
-            "texture_scale": videos["texture_scale"].describe()[["min", "50%", "max"]].round(2).to_dict(),
-            "pit_mm": lesions["pit_mm"].describe()[["min", "50%", "max"]].round(2).to_dict(),
-            "baselines_per_lesion": single_cue_baselines(manifest, root, workers=workers)}
+    return {
+        **meta["summary"],
+        "negative_share": round(1 - positive / meta["summary"]["frames"], 4),
+        "size_mm": lesions["size [mm]"].describe()[["min", "50%", "max"]].round(1).to_dict(),
+        "box_side_px_quartiles": np.percentile(side, [25, 50, 75]).round(1).tolist(),
+        "texture_scale": videos["texture_scale"].describe()[["min", "50%", "max"]].round(2).to_dict(),
+        "pit_mm": lesions["pit_mm"].describe()[["min", "50%", "max"]].round(2).to_dict(),
+        "baselines_per_lesion": single_cue_baselines(manifest, root, workers=workers),
+    }
 
 
 def main() -> None:
@@ -82,10 +96,14 @@ def main() -> None:
         seconds, used = time.perf_counter() - start, os.times()
         child_cpu = used.children_user + used.children_system - cpu.children_user - cpu.children_system
         numbers = card_numbers(root, args.workers)
-        numbers["generation"] = {"seconds": round(seconds, 1), "workers": args.workers,
-                                 "frames_per_second": round(numbers["frames"] / seconds, 1),
-                                 "cpu_seconds": round(used.user + used.system - cpu.user - cpu.system + child_cpu, 1),
-                                 "load_average_1min": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
+        numbers["generation"] = {
+            "seconds": round(seconds, 1),
+            "workers": args.workers,
+            "frames_per_second": round(numbers["frames"] / seconds, 1),
+            "cpu_seconds": round(used.user + used.system - cpu.user - cpu.system + child_cpu, 1),
+            "load_average_1min": round(os.getloadavg()[0], 2),
+            "cpus": os.cpu_count(),
+        }
     print(json.dumps(numbers, indent=2))
 
 

@@ -34,8 +34,9 @@ def appearance_row(test_fold: int, val_fold: int) -> dict:
 
     cfg = load_config("polyp_size_fsg", [f"data.test_fold={test_fold}", f"data.val_fold={val_fold}"])
     metrics = baseline_metrics(cfg, "appearance")[0]
-    return ({"candidate": "baseline_appearance", "test_fold": test_fold}
-            | {f"lesion/test/{m}": metrics[f"lesion/test/{m}"] for m in LESION_VAL})
+    return {"candidate": "baseline_appearance", "test_fold": test_fold} | {
+        f"lesion/test/{m}": metrics[f"lesion/test/{m}"] for m in LESION_VAL
+    }
 
 
 def main() -> None:

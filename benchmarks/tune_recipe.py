@@ -109,8 +109,9 @@ def training_seed(seed: int) -> list[str]:
     return [f"seed={seed}", "data.synthetic_seed=0", f"data.manifest={manifest.resolve()}"]
 
 
-def train_recipe(name: str, overrides: list[str], val_fold: int, work: Path, test_fold: int = 0,
-                 seed: int = 0) -> tuple[dict, str]:
+def train_recipe(
+    name: str, overrides: list[str], val_fold: int, work: Path, test_fold: int = 0, seed: int = 0
+) -> tuple[dict, str]:
     """Run the main job with one recipe, split and training seed in its own MLflow store: (timing row, store URI)."""
     folder = work / (f"{name}_t{test_fold}_v{val_fold}" + (f"_s{seed}" if seed else ""))
     folder.mkdir(parents=True, exist_ok=True)
@@ -121,10 +122,17 @@ def train_recipe(name: str, overrides: list[str], val_fold: int, work: Path, tes
         args += ["--set", item]
     start = time.perf_counter()
     with open(folder / "log.txt", "w") as log:  # holds the test column too: not read while choosing
-        proc = subprocess.run(args, cwd=folder, env={**os.environ, "MLFLOW_TRACKING_URI": uri},
-                              stdout=log, stderr=subprocess.STDOUT)
-    row = {"candidate": name, "val_fold": val_fold, "seed": seed, "overrides": " ".join(overrides),
-           "seconds": round(time.perf_counter() - start, 1), "load_1min": round(os.getloadavg()[0], 2)}
+        proc = subprocess.run(
+            args, cwd=folder, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, stdout=log, stderr=subprocess.STDOUT
+        )
+    row = {
+        "candidate": name,
+        "val_fold": val_fold,
+        "seed": seed,
+        "overrides": " ".join(overrides),
+        "seconds": round(time.perf_counter() - start, 1),
+        "load_1min": round(os.getloadavg()[0], 2),
+    }
     return (row if proc.returncode == 0 else row | {"failed": proc.returncode}), uri
 
 
@@ -143,8 +151,11 @@ def baseline_rows(val_folds: list[int]) -> list[dict]:
     for v in val_folds:
         cfg = load_config("polyp_size_fsg", ["data.test_fold=0", f"data.val_fold={v}"])
         metrics, tables = baseline_metrics(cfg, "appearance")
-        rows.append({"candidate": "baseline_appearance", "val_fold": v}
-                    | {f"lesion/val/{m}": metrics[f"lesion/val/{m}"] for m in LESION_VAL} | small_bias(tables["val"]))
+        rows.append(
+            {"candidate": "baseline_appearance", "val_fold": v}
+            | {f"lesion/val/{m}": metrics[f"lesion/val/{m}"] for m in LESION_VAL}
+            | small_bias(tables["val"])
+        )
     return rows
 
 
@@ -165,8 +176,10 @@ def paired_summary(table: pd.DataFrame, reference: str = "current") -> pd.DataFr
         wide = cells.pivot(index=["val_fold", "seed"], columns="candidate", values=metric)
         for name in (c for c in wide.columns if c != reference):
             both = wide[[name, reference]].dropna()
-            rows.append({"candidate": name, "reference": reference, "metric": metric}
-                        | paired_row(both[name].to_numpy(), both[reference].to_numpy(), 1 / 3))
+            rows.append(
+                {"candidate": name, "reference": reference, "metric": metric}
+                | paired_row(both[name].to_numpy(), both[reference].to_numpy(), 1 / 3)
+            )
     return pd.DataFrame(rows)
 
 

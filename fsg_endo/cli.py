@@ -14,19 +14,33 @@ from fsg_endo.errors import FsgEndoError
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``fsg-endo run``, shared with ``experiments/run.py``."""
-    p.add_argument("--exp", required=True,
-                   help="experiment name (a YAML shipped in fsg_endo/experiment/configs/) or a YAML path")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set optim.epochs=3 (repeatable)")
+    p.add_argument(
+        "--exp", required=True, help="experiment name (a YAML shipped in fsg_endo/experiment/configs/) or a YAML path"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set optim.epochs=3 (repeatable)",
+    )
     p.add_argument("--profile", default=None, help="apply a named profile of the config, e.g. 'paper'")
     p.add_argument("--smoke", action="store_true", help="a few steps on tiny data (for tests)")
-    p.add_argument("--data-root", default=None, help="dataset root: REAL-Colon or SUN layout, or the images of an "
-                                                     "image_class experiment (data.root)")
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="dataset root: REAL-Colon or SUN layout, or the images of an image_class experiment (data.root)",
+    )
     p.add_argument("--manifest", default=None, help="manifest CSV to train from")
     p.add_argument("--resume", default=None, metavar="RUN_ID", help="resume an MLflow run ('last' for the latest)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (MLFLOW_TRACKING_URI wins)")
-    p.add_argument("--ray-address", default=None, metavar="ADDR",
-                   help="sweeps: join this Ray cluster (default: RAY_ADDRESS, else a local Ray instance)")
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="sweeps: join this Ray cluster (default: RAY_ADDRESS, else a local Ray instance)",
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -46,8 +60,9 @@ def _synth(args: argparse.Namespace) -> int:
 def _manifest(args: argparse.Namespace) -> int:
     from fsg_endo.data.manifest import build_manifest, write_manifest
 
-    df = build_manifest(args.format, args.root, folds=args.folds, seed=args.seed, sizes=args.sizes,
-                        check_images=args.check_images)
+    df = build_manifest(
+        args.format, args.root, folds=args.folds, seed=args.seed, sizes=args.sizes, check_images=args.check_images
+    )
     write_manifest(df, args.out)
     print(f"{len(df)} rows, {df['lesion_id'].nunique()} lesions, {df['video_id'].nunique()} videos -> {args.out}")
     return 0
@@ -63,8 +78,13 @@ def _compare(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from fsg_endo.experiment.report import report_table
 
-    table = report_table(args.exp, tracking_uri=args.tracking_uri, metric=args.metric, reference=args.reference,
-                         parent_run_id=args.parent)
+    table = report_table(
+        args.exp,
+        tracking_uri=args.tracking_uri,
+        metric=args.metric,
+        reference=args.reference,
+        parent_run_id=args.parent,
+    )
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
 
@@ -72,10 +92,18 @@ def _report(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from fsg_endo.experiment.evaluate import evaluate_model
 
-    result = evaluate_model(args.model, args.data_root, fmt=args.format, sizes=args.sizes, manifest=args.manifest,
-                            fold=args.fold, tracking_uri=args.tracking_uri)
-    print(f"{args.model} on {args.data_root}: {result.rows} boxes of {result.lesions} lesions; "
-          f"MLflow run {result.run_id}")
+    result = evaluate_model(
+        args.model,
+        args.data_root,
+        fmt=args.format,
+        sizes=args.sizes,
+        manifest=args.manifest,
+        fold=args.fold,
+        tracking_uri=args.tracking_uri,
+    )
+    print(
+        f"{args.model} on {args.data_root}: {result.rows} boxes of {result.lesions} lesions; MLflow run {result.run_id}"
+    )
     print(result.table.to_string(float_format=lambda v: f"{v:.3f}"))
     return 0
 
@@ -83,8 +111,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from fsg_endo.experiment.predict import predict_sizes
 
-    result = predict_sizes(args.model, args.boxes, args.out, video=args.video, frames=args.frames,
-                           tracking_uri=args.tracking_uri)
+    result = predict_sizes(
+        args.model, args.boxes, args.out, video=args.video, frames=args.frames, tracking_uri=args.tracking_uri
+    )
     if result.lesions is not None:
         print(result.lesions.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print(f"{len(result.boxes)} boxes sized -> {', '.join(map(str, result.written))}")
@@ -133,8 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="test a logged model on a dataset (or one fold); logs a new run")
     p.add_argument("--model", required=True, help=model_help)
     p.add_argument("--data-root", required=True, help="dataset root (REAL-Colon, SUN or synthetic layout)")
-    p.add_argument("--format", default=None, choices=["realcolon", "sun", "synthetic"],
-                   help="layout of the root (default: sun if it has annotation_txt/, else realcolon)")
+    p.add_argument(
+        "--format",
+        default=None,
+        choices=["realcolon", "sun", "synthetic"],
+        help="layout of the root (default: sun if it has annotation_txt/, else realcolon)",
+    )
     p.add_argument("--sizes", default=None, help="SUN only: CSV with columns case,size_mm")
     p.add_argument("--manifest", default=None, help="manifest CSV of the root (default: read the root)")
     p.add_argument("--fold", type=int, default=None, help="test on this fold only (folds made as in training)")

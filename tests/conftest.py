@@ -19,12 +19,19 @@ def data_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("fsg_endo_cache")
 
 
-def run_cli(args: list[str], cwd: Path, cache: Path, uri: str, timeout: int = 600,
-            **env: str) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], cwd: Path, cache: Path, uri: str, timeout: int = 600, **env: str
+) -> subprocess.CompletedProcess:
     """``python experiments/run.py ARGS`` in ``cwd`` against the store ``uri``; output captured."""
     full_env = {**os.environ, "FSG_ENDO_CACHE": str(cache), "MLFLOW_TRACKING_URI": uri, **env}
-    return subprocess.run([sys.executable, str(REPO / "experiments" / "run.py"), *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "run.py"), *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -55,8 +62,11 @@ def analysis_store(tmp_path_factory, data_cache) -> dict:
     work = tmp_path_factory.mktemp("analysis_store")
     uri = f"sqlite:///{work / 'mlflow.db'}"
     quick = ["--smoke", "--set", "tracking.log_model=false"]
-    for args in (["--exp", "polyp_size_fsg", "--set", "regularizer=fsg"], ["--exp", "polyp_size_fsg"],
-                 ["--exp", "regularization_sweep", "--set", "optim.epochs=1", "--set", "tracking.plots=false"]):
+    for args in (
+        ["--exp", "polyp_size_fsg", "--set", "regularizer=fsg"],
+        ["--exp", "polyp_size_fsg"],
+        ["--exp", "regularization_sweep", "--set", "optim.epochs=1", "--set", "tracking.plots=false"],
+    ):
         proc = run_cli(args + quick, work, data_cache, uri)
         assert proc.returncode == 0, proc.stderr[-3000:]
     return {"uri": uri, "dir": work}

@@ -15,15 +15,27 @@ import numpy as np
 import pandas as pd
 
 FRAME_SIZE = (64, 48)  # width, height
-EXPECTED_COLUMNS = ["video_id", "lesion_id", "frame_id", "frame_path", "xmin", "ymin", "xmax", "ymax",
-                    "width", "height", "size_mm"]
+EXPECTED_COLUMNS = [
+    "video_id",
+    "lesion_id",
+    "frame_id",
+    "frame_path",
+    "xmin",
+    "ymin",
+    "xmax",
+    "ymax",
+    "width",
+    "height",
+    "size_mm",
+]
 
 
 def voc_xml(filename: str, width: int, height: int, objects: Sequence[tuple[str, Sequence[float]]]) -> str:
     """A REAL-Colon VOC annotation: ``objects`` are (lesion unique_id, (xmin, ymin, xmax, ymax))."""
-    parts = [f"""<annotation>
+    parts = [
+        f"""<annotation>
     <version_fmt>1.0</version_fmt>
-    <folder>{filename.rsplit('_', 1)[0]}_frames</folder>
+    <folder>{filename.rsplit("_", 1)[0]}_frames</folder>
     <filename>{filename}</filename>
     <source>
         <database>cosmoimd</database>
@@ -33,7 +45,8 @@ def voc_xml(filename: str, width: int, height: int, objects: Sequence[tuple[str,
         <width>{width}</width>
         <height>{height}</height>
         <depth>3</depth>
-    </size>"""]
+    </size>"""
+    ]
     for box_id, (lesion, (xmin, ymin, xmax, ymax)) in enumerate(objects, start=1):
         parts.append(f"""    <object>
         <name>lesion</name>
@@ -66,9 +79,17 @@ def random_box(rng: np.random.Generator, width: int, height: int) -> tuple[int, 
     return x, y, x + w, y + h
 
 
-def write_realcolon(root: Path, sizes_per_video: Sequence[Sequence[float]], frames_per_lesion: int = 2,
-                    negatives: int = 2, two_lesion_frame: bool = True, site: int = 1,
-                    frame_size: tuple[int, int] = FRAME_SIZE, frame_pad: int = 0, seed: int = 0) -> pd.DataFrame:
+def write_realcolon(
+    root: Path,
+    sizes_per_video: Sequence[Sequence[float]],
+    frames_per_lesion: int = 2,
+    negatives: int = 2,
+    two_lesion_frame: bool = True,
+    site: int = 1,
+    frame_size: tuple[int, int] = FRAME_SIZE,
+    frame_pad: int = 0,
+    seed: int = 0,
+) -> pd.DataFrame:
     """Write a REAL-Colon tree: video ``v`` has one lesion per size in ``sizes_per_video[v]``.
 
     Per video: ``frames_per_lesion`` frames of each lesion alone, one frame showing its first two lesions
@@ -95,15 +116,49 @@ def write_realcolon(root: Path, sizes_per_video: Sequence[Sequence[float]], fram
             xml.parent.mkdir(parents=True, exist_ok=True)
             xml.write_text(voc_xml(f"{stem}.jpg", width, height, objects))
             for lesion, box in objects:
-                expected.append([video, lesion, stem, f"{video}_frames/{stem}.jpg", *box, width, height,
-                                 float(sizes[lesions.index(lesion)])])
-        lesion_rows += [{"unique_object_id": lesion, "unique_video_name": video, "size [mm]": size,
-                         "site": "ascending", "histology_extended": "tubular adenoma", "histology_class": "AD"}
-                        for lesion, size in zip(lesions, sizes)]
-        video_rows.append({"unique_video_name": video, "age": 60, "sex": "F", "endoscope_brand": "Olympus",
-                           "fps": 30.0, "num_frames": len(plan), "num_lesions": len(lesions), "bbps": 7})
-    lesion_columns = ["unique_object_id", "unique_video_name", "size [mm]", "site", "histology_extended",
-                      "histology_class"]
+                expected.append(
+                    [
+                        video,
+                        lesion,
+                        stem,
+                        f"{video}_frames/{stem}.jpg",
+                        *box,
+                        width,
+                        height,
+                        float(sizes[lesions.index(lesion)]),
+                    ]
+                )
+        lesion_rows += [
+            {
+                "unique_object_id": lesion,
+                "unique_video_name": video,
+                "size [mm]": size,
+                "site": "ascending",
+                "histology_extended": "tubular adenoma",
+                "histology_class": "AD",
+            }
+            for lesion, size in zip(lesions, sizes)
+        ]
+        video_rows.append(
+            {
+                "unique_video_name": video,
+                "age": 60,
+                "sex": "F",
+                "endoscope_brand": "Olympus",
+                "fps": 30.0,
+                "num_frames": len(plan),
+                "num_lesions": len(lesions),
+                "bbps": 7,
+            }
+        )
+    lesion_columns = [
+        "unique_object_id",
+        "unique_video_name",
+        "size [mm]",
+        "site",
+        "histology_extended",
+        "histology_class",
+    ]
     pd.DataFrame(lesion_rows, columns=lesion_columns).to_csv(root / "lesion_info.csv", index=False)
     pd.DataFrame(video_rows).to_csv(root / "video_info.csv", index=False)
     return pd.DataFrame(expected, columns=EXPECTED_COLUMNS)
@@ -114,8 +169,14 @@ def sun_image_name(case: int, i: int) -> str:
     return f"case_M_20181001100941_0U6237210010934{case}_1_005_001-1_a2_ayy_image{i:04d}.jpg"
 
 
-def write_sun(root: Path, sizes: Sequence[float], frames_per_case: int = 2, two_box_line: bool = True,
-              frame_size: tuple[int, int] = (80, 60), seed: int = 0) -> tuple[Path, pd.DataFrame]:
+def write_sun(
+    root: Path,
+    sizes: Sequence[float],
+    frames_per_case: int = 2,
+    two_box_line: bool = True,
+    frame_size: tuple[int, int] = (80, 60),
+    seed: int = 0,
+) -> tuple[Path, pd.DataFrame]:
     """Write a SUN tree with one case per size, and ``sizes.csv`` beside it.
 
     Odd cases name frames by a relative POSIX path, even cases by a Windows path; the first line of
@@ -134,8 +195,10 @@ def write_sun(root: Path, sizes: Sequence[float], frames_per_case: int = 2, two_
             boxes = [random_box(rng, width, height) for _ in range(n_boxes)]
             path = f"case{n}/{name}" if n % 2 else f"D:\\SUN\\case{n}\\{name}"
             lines.append(path + "".join(f" {a},{b},{c},{d},0" for a, b, c, d in boxes))
-            expected += [[f"case{n}", f"case{n}", name[:-4], f"case{n}/{name}", *box, width, height, float(size)]
-                         for box in boxes]
+            expected += [
+                [f"case{n}", f"case{n}", name[:-4], f"case{n}/{name}", *box, width, height, float(size)]
+                for box in boxes
+            ]
         (root / "annotation_txt" / f"case{n}.txt").write_text("\n".join(lines) + "\n\n")
     sizes_csv = root.parent / f"{root.name}_sizes.csv"
     pd.DataFrame({"case": range(1, len(sizes) + 1), "size_mm": list(sizes)}).to_csv(sizes_csv, index=False)

@@ -58,8 +58,13 @@ def write_cifar100(root: Path, n_train: int = 60, n_test: int = 30, n_classes: i
     for name, n in (("train", n_train), ("test", n_test)):
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         labels = [i % 4 for i in range(n)]  # 4 of the 100 classes appear
-        entry = {"filenames": [f"img_{i}.png" for i in range(n)], "batch_label": name, "fine_labels": labels,
-                 "coarse_labels": [0] * n, "data": data}
+        entry = {
+            "filenames": [f"img_{i}.png" for i in range(n)],
+            "batch_label": name,
+            "fine_labels": labels,
+            "coarse_labels": [0] * n,
+            "data": data,
+        }
         (folder / name).write_bytes(pickle.dumps(entry))
         out[f"{name}_data"], out[f"{name}_labels"] = data, np.array(labels)
     meta = {"fine_label_names": [f"class_{k:03d}" for k in range(n_classes)], "coarse_label_names": ["all"]}

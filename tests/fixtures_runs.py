@@ -12,8 +12,19 @@ from fsg_endo import cli
 
 EPOCHS = 3
 # 3 epochs of several steps (8 frames per lesion, batch 8), no model or plots: room to interrupt inside an epoch
-RUN_ARGS = ["--exp", "polyp_size_fsg", "--smoke", "--set", f"optim.epochs={EPOCHS}",
-            "--set", "data.frames_per_lesion=8", "--set", "tracking.log_model=false", "--set", "tracking.plots=false"]
+RUN_ARGS = [
+    "--exp",
+    "polyp_size_fsg",
+    "--smoke",
+    "--set",
+    f"optim.epochs={EPOCHS}",
+    "--set",
+    "data.frames_per_lesion=8",
+    "--set",
+    "tracking.log_model=false",
+    "--set",
+    "tracking.plots=false",
+]
 
 
 def in_process(args: list[str], cwd: Path, cache: Path, uri: str) -> int:
@@ -35,8 +46,10 @@ def only_run(uri: str, experiment: str = "polyp_size_fsg"):
 
 def histories(client, run) -> dict[str, list[tuple[int, float]]]:
     """Every metric of a run as its (step, value) history, sorted by step."""
-    return {key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
-            for key in run.data.metrics}
+    return {
+        key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        for key in run.data.metrics
+    }
 
 
 def assert_same_history(got: dict, want: dict) -> None:
@@ -47,8 +60,9 @@ def assert_same_history(got: dict, want: dict) -> None:
         assert len(steps) == len(set(steps)), f"{key} logged twice at a step: {steps}"
         assert steps == [s for s, _ in want[key]], key
         if not key.startswith("perf/"):
-            assert [v for _, v in points] == pytest.approx([v for _, v in want[key]], rel=1e-6, abs=1e-7,
-                                                           nan_ok=True), key
+            assert [v for _, v in points] == pytest.approx(
+                [v for _, v in want[key]], rel=1e-6, abs=1e-7, nan_ok=True
+            ), key
 
 
 def reference_run(work: Path, cache: Path) -> dict:
@@ -57,8 +71,13 @@ def reference_run(work: Path, cache: Path) -> dict:
     assert in_process(RUN_ARGS, work, cache, uri) == 0
     client, run = only_run(uri)
     history = histories(client, run)
-    return {"dir": work, "uri": uri, "run_id": run.info.run_id, "history": history,
-            "steps_per_epoch": history["epoch"][0][0]}
+    return {
+        "dir": work,
+        "uri": uri,
+        "run_id": run.info.run_id,
+        "history": history,
+        "steps_per_epoch": history["epoch"][0][0],
+    }
 
 
 def interrupt_at(monkeypatch, signum: int, step: int, run: int = 1) -> None:

@@ -61,8 +61,9 @@ def room(module: str) -> str:
 
 def internal_edges() -> dict[str, set[str]]:
     """module -> the package modules it imports (names that are attributes resolve to their module)."""
-    return {mod: {name for name in imports_of(path) if name in MODULES and name != mod}
-            for mod, path in MODULES.items()}
+    return {
+        mod: {name for name in imports_of(path) if name in MODULES and name != mod} for mod, path in MODULES.items()
+    }
 
 
 def test_rooms_are_known():
@@ -92,7 +93,7 @@ def test_no_import_cycle():
         stack.append(node)
         for nxt in sorted(edges[node]):
             if state.get(nxt) == 1:
-                cycle = stack[stack.index(nxt):] + [nxt]
+                cycle = stack[stack.index(nxt) :] + [nxt]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if nxt not in state:
                 visit(nxt)
@@ -106,8 +107,10 @@ def test_no_import_cycle():
 
 def test_checker_sees_a_cycle_and_an_upward_import(tmp_path, monkeypatch):
     """The rules above can fail: a planted upward, lazy import is an upward edge and closes a cycle."""
-    fake = {"fsg_endo.nn.a": "def f():\n    from fsg_endo.engine.b import g\n",
-            "fsg_endo.engine.b": "from fsg_endo.nn.a import f\n"}
+    fake = {
+        "fsg_endo.nn.a": "def f():\n    from fsg_endo.engine.b import g\n",
+        "fsg_endo.engine.b": "from fsg_endo.nn.a import f\n",
+    }
     paths = {}
     for mod, text in fake.items():
         path = tmp_path / Path(*mod.split(".")).with_suffix(".py")

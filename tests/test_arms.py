@@ -56,17 +56,30 @@ def test_gated_arms_draw_the_same_gates_from_their_own_generator():
     set_determinism(seed=5)
     model = build_recipe(cfg, SINGLE, steps_per_epoch=4).model
     assert all(torch.equal(g, first[k]) for k, g in gate_logits(model).items())
-    assert not torch.equal(non_gate_state(model)["vit.conv_proj.weight"],
-                           non_gate_state(recipe("fsg").model)["vit.conv_proj.weight"])
+    assert not torch.equal(
+        non_gate_state(model)["vit.conv_proj.weight"], non_gate_state(recipe("fsg").model)["vit.conv_proj.weight"]
+    )
 
 
 def test_log_box_head_starts_at_the_training_median_of_size_per_box_side():
     cfg = load_config("polyp_size_fsg", ["model.size_head=log_box"], smoke=True)
-    rows = pd.DataFrame({"xmin": [10, 0, 30], "ymin": [20, 0, 10], "xmax": [50, 20, 110], "ymax": [40, 80, 50],
-                         "width": [200, 200, 160], "height": [100, 100, 120], "size_mm": [4.0, 9.0, 15.0]})
+    rows = pd.DataFrame(
+        {
+            "xmin": [10, 0, 30],
+            "ymin": [20, 0, 10],
+            "xmax": [50, 20, 110],
+            "ymax": [40, 80, 50],
+            "width": [200, 200, 160],
+            "height": [100, 100, 120],
+            "size_mm": [4.0, 9.0, 15.0],
+        }
+    )
     # by hand: log(size) - log(sqrt(w / W * h / H)) per row, then the median
-    ratios = [np.log(4.0 / np.sqrt(40 / 200 * 20 / 100)), np.log(9.0 / np.sqrt(20 / 200 * 80 / 100)),
-              np.log(15.0 / np.sqrt(80 / 160 * 40 / 120))]
+    ratios = [
+        np.log(4.0 / np.sqrt(40 / 200 * 20 / 100)),
+        np.log(9.0 / np.sqrt(20 / 200 * 80 / 100)),
+        np.log(15.0 / np.sqrt(80 / 160 * 40 / 120)),
+    ]
     model = build_recipe(cfg, SINGLE, steps_per_epoch=4, train_rows=rows).model
     assert model.size_range == (0.5, 20.0)
     assert model.head[-1].bias.item() == pytest.approx(np.median(ratios), rel=1e-6)
@@ -118,8 +131,10 @@ def test_learned_gates_move_and_the_shift_says_how_far(arm):
     assert "gates/all/shift" not in gate_statistics(r.model)  # without an init, no shift
 
     # the notebook's shift, from the stored sigmoid values, is the same number
-    table = gate_shift({3: {k: v.numpy() for k, v in gate_values(r.model).items()}},
-                       {k: torch.sigmoid(v).numpy() for k, v in init.items()})
+    table = gate_shift(
+        {3: {k: v.numpy() for k, v in gate_values(r.model).items()}},
+        {k: torch.sigmoid(v).numpy() for k, v in init.items()},
+    )
     row = table[(table["branch"] == "attn") & (table["layer"] == 0)].iloc[0]
     assert row["shift"] == pytest.approx(moved["attn_00"].mean().item(), rel=1e-3)
     assert row["init_std"] == pytest.approx(np.std(init["attn_00"].numpy(), ddof=1), rel=1e-3)

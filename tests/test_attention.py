@@ -73,8 +73,11 @@ def test_gated_block_equals_gates_on_torchvision_attention_with_gradients():
 
         def __init__(self) -> None:
             super().__init__()
-            self.block, self.gate_attn, self.gate_mlp = stock, nn.Parameter(gated.gate_attn.detach().clone()), \
-                nn.Parameter(gated.gate_mlp.detach().clone())
+            self.block, self.gate_attn, self.gate_mlp = (
+                stock,
+                nn.Parameter(gated.gate_attn.detach().clone()),
+                nn.Parameter(gated.gate_mlp.detach().clone()),
+            )
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             h = self.block.ln_1(x)
@@ -96,8 +99,11 @@ def test_gated_block_equals_gates_on_torchvision_attention_with_gradients():
 
 @pytest.mark.parametrize("arm", ["none", "dropout", "fsg"])
 def test_no_arm_calls_the_multihead_attention_module(monkeypatch, arm):
-    kwargs = {"none": {}, "dropout": {"dropout": 0.1, "attention_dropout": 0.1, "stochastic_depth": 0.1},
-              "fsg": {"fsg": True}}[arm]
+    kwargs = {
+        "none": {},
+        "dropout": {"dropout": 0.1, "attention_dropout": 0.1, "stochastic_depth": 0.1},
+        "fsg": {"fsg": True},
+    }[arm]
     model = build_model(**SMALL, **kwargs).train()
     blocks = list(model.encoder.layers)
     expected = {"none": FastEncoderBlock, "dropout": StochasticDepthBlock, "fsg": GatedEncoderBlock}[arm]

@@ -11,8 +11,18 @@ from fsg_endo.data.augment import NOISE_STD, AugmentParams, PaperAugmentd, augme
 
 RNG = np.random.default_rng(0)
 CROP = RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-TISSUE = np.clip(np.stack([180 + 30 * RNG.standard_normal((64, 64)), 90 + 20 * RNG.standard_normal((64, 64)),
-                           70 + 15 * RNG.standard_normal((64, 64))], -1), 0, 255).astype(np.uint8)
+TISSUE = np.clip(
+    np.stack(
+        [
+            180 + 30 * RNG.standard_normal((64, 64)),
+            90 + 20 * RNG.standard_normal((64, 64)),
+            70 + 15 * RNG.standard_normal((64, 64)),
+        ],
+        -1,
+    ),
+    0,
+    255,
+).astype(np.uint8)
 
 
 def albumentations(steps: list, image: np.ndarray) -> np.ndarray:
@@ -25,8 +35,9 @@ def fixed_jitter(**factors: tuple[float, float]) -> A.ColorJitter:
     return A.ColorJitter(**(ranges | factors), p=1.0)
 
 
-@pytest.mark.parametrize(("angle", "hflip", "vflip"), [(0.0, False, False), (17.0, False, False),
-                                                        (-25.0, True, False), (10.0, True, True)])
+@pytest.mark.parametrize(
+    ("angle", "hflip", "vflip"), [(0.0, False, False), (17.0, False, False), (-25.0, True, False), (10.0, True, True)]
+)
 def test_warp_is_albumentations_rotation_then_flips(angle, hflip, vflip):
     steps = [A.Rotate(limit=(angle, angle), border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0)]
     steps += [A.HorizontalFlip(p=1.0)] * hflip + [A.VerticalFlip(p=1.0)] * vflip
@@ -34,8 +45,10 @@ def test_warp_is_albumentations_rotation_then_flips(angle, hflip, vflip):
     assert diff.max() <= 1 and diff.mean() < 1e-2
 
 
-@pytest.mark.parametrize(("name", "value", "step"), [("brightness", 1.12, 0), ("contrast", 0.88, 1),
-                                                     ("saturation", 1.13, 2), ("hue", -0.007, 3)])
+@pytest.mark.parametrize(
+    ("name", "value", "step"),
+    [("brightness", 1.12, 0), ("contrast", 0.88, 1), ("saturation", 1.13, 2), ("hue", -0.007, 3)],
+)
 def test_each_jitter_factor_is_albumentations_colour_jitter(name, value, step):
     params = AugmentParams(**{name: value}, order=(step,), photometric=True)
     reference = albumentations([fixed_jitter(**{name: (value, value)})], TISSUE)
@@ -43,13 +56,25 @@ def test_each_jitter_factor_is_albumentations_colour_jitter(name, value, step):
 
 
 def test_jitter_applies_its_steps_in_the_drawn_order():
-    params = AugmentParams(brightness=1.14, contrast=0.86, saturation=1.1, hue=0.008, order=(3, 1, 0, 2),
-                           photometric=True)
-    steps = [fixed_jitter(hue=(0.008, 0.008)), fixed_jitter(contrast=(0.86, 0.86)),
-             fixed_jitter(brightness=(1.14, 1.14)), fixed_jitter(saturation=(1.1, 1.1))]
+    params = AugmentParams(
+        brightness=1.14, contrast=0.86, saturation=1.1, hue=0.008, order=(3, 1, 0, 2), photometric=True
+    )
+    steps = [
+        fixed_jitter(hue=(0.008, 0.008)),
+        fixed_jitter(contrast=(0.86, 0.86)),
+        fixed_jitter(brightness=(1.14, 1.14)),
+        fixed_jitter(saturation=(1.1, 1.1)),
+    ]
     assert np.array_equal(jitter(TISSUE, params), albumentations(steps, TISSUE))
-    assert not np.array_equal(jitter(TISSUE, params), jitter(TISSUE, AugmentParams(
-        brightness=1.14, contrast=0.86, saturation=1.1, hue=0.008, order=(0, 1, 2, 3), photometric=True)))
+    assert not np.array_equal(
+        jitter(TISSUE, params),
+        jitter(
+            TISSUE,
+            AugmentParams(
+                brightness=1.14, contrast=0.86, saturation=1.1, hue=0.008, order=(0, 1, 2, 3), photometric=True
+            ),
+        ),
+    )
 
 
 def test_noise_is_added_as_albumentations_adds_it_to_uint8():

@@ -6,11 +6,11 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_cli
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.preprocessing import StandardScaler
 
-from conftest import run_cli
 from fsg_endo.data.crop_features import CUES, box_geometry, image_statistics
 from fsg_endo.data.sizes import size_class2, size_class3
 from fsg_endo.data.splits import make_splits
@@ -23,11 +23,23 @@ CROP_NAMES = [n for cue, names in CUES.items() if cue != "box" for n in names]
 def _manifest(box_side: np.ndarray, size_mm: np.ndarray) -> pd.DataFrame:
     """5 frames per lesion, 10 videos in 5 folds; boxes of ``box_side`` px in 256 px frames."""
     lesion = np.arange(len(box_side)) // 5
-    return pd.DataFrame({"video_id": [f"v{k % 10}" for k in lesion], "lesion_id": [f"l{k}" for k in lesion],
-                         "frame_id": [f"v{k % 10}_{i}" for i, k in enumerate(lesion)], "fold": (lesion % 10) // 2,
-                         "xmin": 10, "ymin": 10, "xmax": 10 + box_side, "ymax": 10 + box_side,
-                         "width": 256, "height": 256, "size_mm": size_mm,
-                         "size_class3": size_class3(size_mm), "size_class2": size_class2(size_mm)})
+    return pd.DataFrame(
+        {
+            "video_id": [f"v{k % 10}" for k in lesion],
+            "lesion_id": [f"l{k}" for k in lesion],
+            "frame_id": [f"v{k % 10}_{i}" for i, k in enumerate(lesion)],
+            "fold": (lesion % 10) // 2,
+            "xmin": 10,
+            "ymin": 10,
+            "xmax": 10 + box_side,
+            "ymax": 10 + box_side,
+            "width": 256,
+            "height": 256,
+            "size_mm": size_mm,
+            "size_class3": size_class3(size_mm),
+            "size_class2": size_class2(size_mm),
+        }
+    )
 
 
 def _box_baseline(manifest: pd.DataFrame, task: str) -> dict[str, float]:
@@ -63,8 +75,7 @@ def test_regression_baseline_is_ridge_on_log_size_scored_per_lesion() -> None:
     logistic = LogisticRegression(class_weight="balanced", max_iter=2000, random_state=0)
     logistic.fit(scaler.transform(x_train), splits["train"]["size_class3"])
     frame_pred = logistic.predict(scaler.transform(x_test))
-    assert got["test/cls3_balanced_accuracy"] == pytest.approx(
-        balanced_accuracy_score(test["size_class3"], frame_pred))
+    assert got["test/cls3_balanced_accuracy"] == pytest.approx(balanced_accuracy_score(test["size_class3"], frame_pred))
     assert {"val/mae", "lesion/val/mae", "lesion/test/cls3_balanced_accuracy", "lesion/test/cls2_auroc"} <= set(got)
 
 
@@ -78,12 +89,19 @@ def test_image_statistics_read_colour_brightness_and_texture() -> None:
     assert stats["centre_luma_std"] == pytest.approx(0.0, abs=1e-6) and stats["fov_share"] == 1.0
     fine = np.kron((np.indices((32, 32)).sum(axis=0) % 2), np.ones((2, 2)))  # 2 px checkerboard
     coarse = np.kron((np.indices((8, 8)).sum(axis=0) % 2), np.ones((8, 8)))
-    fine_stats, coarse_stats = ({n: v for n, v in zip(CROP_NAMES, image_statistics(
-        np.repeat((img * 255).astype(np.uint8)[..., None], 3, axis=2)))} for img in (fine, coarse))
+    fine_stats, coarse_stats = (
+        {
+            n: v
+            for n, v in zip(CROP_NAMES, image_statistics(np.repeat((img * 255).astype(np.uint8)[..., None], 3, axis=2)))
+        }
+        for img in (fine, coarse)
+    )
     assert fine_stats["centre_band0"] > coarse_stats["centre_band0"] + 1.0
     # energy shifts to the coarser bands as the pattern grows
-    shift = {name: stats["centre_band2"] - stats["centre_band0"]
-             for name, stats in (("fine", fine_stats), ("coarse", coarse_stats))}
+    shift = {
+        name: stats["centre_band2"] - stats["centre_band0"]
+        for name, stats in (("fine", fine_stats), ("coarse", coarse_stats))
+    }
     assert shift["coarse"] > shift["fine"] + 1.0
 
 
@@ -94,16 +112,29 @@ def test_baseline_names() -> None:
 
 def test_baseline_arms_are_child_runs_with_the_model_metric_names(tmp_path, data_cache, smoke_store):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = run_cli(["--exp", "regularization_sweep", "--smoke", "--set", "sweep.train_fractions=[1.0]",
-                    "--set", "sweep.regularizers=[baseline_box,baseline_appearance]",
-                    "--set", "sweep.executor=sequential"],  # children of seconds: Ray's start would dominate
-                   tmp_path, data_cache, uri)
+    proc = run_cli(
+        [
+            "--exp",
+            "regularization_sweep",
+            "--smoke",
+            "--set",
+            "sweep.train_fractions=[1.0]",
+            "--set",
+            "sweep.regularizers=[baseline_box,baseline_appearance]",
+            "--set",
+            "sweep.executor=sequential",
+        ],  # children of seconds: Ray's start would dominate
+        tmp_path,
+        data_cache,
+        uri,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("regularization_sweep").experiment_id])
     parent = next(r for r in runs if r.data.tags.get("regularizer") == "sweep")
-    children = {r.data.tags["regularizer"]: r for r in runs
-                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    children = {
+        r.data.tags["regularizer"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
     assert set(children) == {"baseline_box", "baseline_appearance"}
     store = mlflow.MlflowClient(tracking_uri=smoke_store["uri"])
     trained = store.search_runs([store.get_experiment_by_name("polyp_size_fsg").experiment_id])
@@ -112,8 +143,10 @@ def test_baseline_arms_are_child_runs_with_the_model_metric_names(tmp_path, data
         assert run.info.status == "FINISHED"
         assert model_names <= set(run.data.metrics)
         assert np.isfinite(run.data.metrics["lesion/test/mae"])
-    assert children["baseline_box"].data.metrics["lesion/test/mae"] != \
-        children["baseline_appearance"].data.metrics["lesion/test/mae"]
+    assert (
+        children["baseline_box"].data.metrics["lesion/test/mae"]
+        != children["baseline_appearance"].data.metrics["lesion/test/mae"]
+    )
 
 
 def test_results_table_shows_the_appearance_baseline(smoke_store):
@@ -127,8 +160,11 @@ def test_a_regenerated_dataset_gets_a_new_manifest(tmp_path, monkeypatch):
     built = []
     monkeypatch.setenv("FSG_ENDO_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(prepare, "build_manifest", lambda *a, **k: built.append(1) or pd.DataFrame({"x": [1]}))
-    monkeypatch.setattr(prepare, "write_manifest", lambda df, path: path.parent.mkdir(parents=True, exist_ok=True)
-                        or path.write_text("x\n1\n"))
+    monkeypatch.setattr(
+        prepare,
+        "write_manifest",
+        lambda df, path: path.parent.mkdir(parents=True, exist_ok=True) or path.write_text("x\n1\n"),
+    )
     root = tmp_path / "ds"
     root.mkdir()
     (root / "synthetic.json").write_text('{"params": {"version": 1}}')

@@ -29,8 +29,10 @@ def _expected(rows) -> dict:
     groups = defaultdict(list)
     for (reg, frac, _, _), (_, value) in latest.items():
         groups[(reg, frac)].append(value)
-    return {key: (len(v), failed[key], statistics.mean(v), statistics.stdev(v) if len(v) > 1 else None)
-            for key, v in groups.items()} | {key: (0, n, None, None) for key, n in failed.items() if key not in groups}
+    return {
+        key: (len(v), failed[key], statistics.mean(v), statistics.stdev(v) if len(v) > 1 else None)
+        for key, v in groups.items()
+    } | {key: (0, n, None, None) for key, n in failed.items() if key not in groups}
 
 
 def test_table_matches_hand_computed_groups(hand_store):
@@ -53,19 +55,30 @@ def test_table_matches_hand_computed_groups(hand_store):
 def test_several_metrics_and_environment_uri(hand_store, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", hand_store["uri"])
     table = compare_table("hand_plain", metric=f"{METRIC}, lesion/test/balanced_accuracy")
-    assert list(table.columns) == ["runs", "failed", f"{METRIC} mean", f"{METRIC} std",
-                                   "lesion/test/balanced_accuracy mean", "lesion/test/balanced_accuracy std"]
+    assert list(table.columns) == [
+        "runs",
+        "failed",
+        f"{METRIC} mean",
+        f"{METRIC} std",
+        "lesion/test/balanced_accuracy mean",
+        "lesion/test/balanced_accuracy std",
+    ]
     assert table.loc[("none", 1.0), f"{METRIC} mean"] == 1.0
     assert table.loc[("none", 0.5), "lesion/test/balanced_accuracy mean"] == 0.5
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--exp", "nope"], "no experiment 'nope' (the store has: Default, hand_empty, hand_gates, hand_plain, "
-                        "hand_sweep)"),
-    (["--exp", "hand_empty"], "experiment 'hand_empty' has no runs"),
-    (["--exp", "hand_plain"], "name one with --metric"),
-    (["--exp", "hand_sweep", "--metric", "test/nope"], "no finished run logged test/nope"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--exp", "nope"],
+            "no experiment 'nope' (the store has: Default, hand_empty, hand_gates, hand_plain, hand_sweep)",
+        ),
+        (["--exp", "hand_empty"], "experiment 'hand_empty' has no runs"),
+        (["--exp", "hand_plain"], "name one with --metric"),
+        (["--exp", "hand_sweep", "--metric", "test/nope"], "no finished run logged test/nope"),
+    ],
+)
 def test_cli_errors_are_one_line(hand_store, capsys, monkeypatch, args, message):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert main(["compare", *args, "--tracking-uri", hand_store["uri"]]) == 2
@@ -83,8 +96,13 @@ def test_cli_missing_store_is_not_created(tmp_path, capsys, monkeypatch):
 def test_smoke_sweep_table(analysis_store):
     """The command on a real smoke sweep: one row per regulariser and fraction, values as the runs logged them."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": analysis_store["uri"]}
-    proc = subprocess.run([sys.executable, "-m", "fsg_endo", "compare", "--exp", "regularization_sweep"], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fsg_endo", "compare", "--exp", "regularization_sweep"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     client = mlflow.MlflowClient(tracking_uri=analysis_store["uri"])
     exp = client.get_experiment_by_name("regularization_sweep")

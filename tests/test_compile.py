@@ -34,8 +34,9 @@ def losses(backend: str | None, fsg: bool, steps: int = 3) -> list[float]:
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randn(4, 3, 16, 16, generator=gen), torch.randn(4, 1, generator=gen)) for _ in range(steps)]
     if fsg:
-        router = GradientRouter(trained, main, torch.optim.Adam(gate_parameters(model), lr=1e-1),
-                                nn.functional.mse_loss)
+        router = GradientRouter(
+            trained, main, torch.optim.Adam(gate_parameters(model), lr=1e-1), nn.functional.mse_loss
+        )
         results = [router.step(x, y) for x, y in batches]
         return [v for r in results for v in (r["gate_loss"], r["loss"])]
     return [train_step(trained, main, nn.functional.mse_loss, x, y)["loss"] for x, y in batches]

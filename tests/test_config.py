@@ -101,15 +101,25 @@ def test_exponent_floats_and_int_for_float(configs):
 
 def test_set_values_read_as_yaml(configs):
     configs("exp", "{}\n")
-    cfg = load_config("exp", ["data.root=2024", "model.depth=3", "data.videos=null", "sweep.folds=[0, 2]",
-                              "data.fov_mask=false", "name=x"])
+    cfg = load_config(
+        "exp",
+        ["data.root=2024", "model.depth=3", "data.videos=null", "sweep.folds=[0, 2]", "data.fov_mask=false", "name=x"],
+    )
     assert cfg["data"]["root"] == "2024" and cfg["model"]["depth"] == 3 and cfg["data"]["videos"] is None
     assert cfg["sweep"]["folds"] == [0, 2] and cfg["data"]["fov_mask"] is False and cfg["name"] == "x"
 
 
-@pytest.mark.parametrize("regularizer, fsg, gr, accumulate", [
-    ("none", False, False, False), ("dropout", False, False, False), ("fsg", True, False, False),
-    ("fsg_gr", True, True, False), ("fsg_frozen", True, False, False), ("fsg_gr_release", True, True, True)])
+@pytest.mark.parametrize(
+    "regularizer, fsg, gr, accumulate",
+    [
+        ("none", False, False, False),
+        ("dropout", False, False, False),
+        ("fsg", True, False, False),
+        ("fsg_gr", True, True, False),
+        ("fsg_frozen", True, False, False),
+        ("fsg_gr_release", True, True, True),
+    ],
+)
 def test_derived_facts_are_params_not_keys(configs, regularizer, fsg, gr, accumulate):
     configs("exp", f"regularizer: {regularizer}\n")
     cfg = load_config("exp")
@@ -119,32 +129,37 @@ def test_derived_facts_are_params_not_keys(configs, regularizer, fsg, gr, accumu
     assert facts == (fsg, gr, accumulate)
 
 
-@pytest.mark.parametrize("yaml_text, expected", [
-    ("optim:\n  lrr: 0.1\n", ["exp.yaml", "'optim.lrr'", "did you mean 'optim.lr'"]),
-    ("lr: 0.1\n", ["exp.yaml", "'lr'", "did you mean 'optim.lr'"]),
-    ("datta:\n  folds: 3\n", ["exp.yaml", "'datta'", "did you mean 'data'"]),
-    ("profiles:\n  paper:\n    model:\n      depht: 2\n", ["exp.yaml", "profile 'paper'", "'model.depht'",
-                                                          "'model.depth'"]),
-    ("optim:\n  epochs: 2.5\n", ["exp.yaml", "'optim.epochs'", "int", "float"]),
-    ("optim:\n  epochs: true\n", ["'optim.epochs'", "int", "bool"]),
-    ("optim:\n  lr: null\n", ["'optim.lr'", "float", "NoneType"]),
-    ("data:\n  root: 3\n", ["'data.root'", "str or null", "int"]),
-    ("sweep:\n  folds: [0, a]\n", ["'sweep.folds'", "list[int]"]),
-    ("loss:\n  main_weights: 3\n", ["'loss.main_weights'", "list[float]"]),
-    ("task: size\n", ["exp.yaml", "'task'", "size_regression, size_class3, size_class2"]),
-    ("regularizer: l2\n", ["'regularizer'", "none, dropout, fsg, fsg_gr"]),
-    ("data:\n  cache: ram\n", ["'data.cache'", "none, memory, disk"]),
-    ("data:\n  source: kvasir\n", ["'data.source'", "synthetic, realcolon, sun"]),
-    ("model:\n  preset: l\n", ["'model.preset'", "micro, ti, s, b"]),
-    ("device: gpu\n", ["'device'", "auto, cpu, cuda"]),
-    ("data:\n  train_fraction: 1.5\n", ["'data.train_fraction'", "(0, 1]"]),
-    ("fsg:\n  enabled: true\n", ["exp.yaml", "'fsg.enabled'", "derives from 'regularizer'"]),
-    ("gr:\n  enabled: false\n", ["'gr.enabled'", "derives from 'regularizer'"]),
-    ("data: 5\n", ["exp.yaml", "'data'", "mapping"]),
-    ("data:\n  test_fold: 1\n", ["exp.yaml", "'data.test_fold'", "'data.val_fold'"]),
-    ("data:\n  image_size: 60\n", ["'data.image_size'", "'model.patch_size'"]),
-    ("- a\n- b\n", ["exp.yaml", "mapping"]),
-])
+@pytest.mark.parametrize(
+    "yaml_text, expected",
+    [
+        ("optim:\n  lrr: 0.1\n", ["exp.yaml", "'optim.lrr'", "did you mean 'optim.lr'"]),
+        ("lr: 0.1\n", ["exp.yaml", "'lr'", "did you mean 'optim.lr'"]),
+        ("datta:\n  folds: 3\n", ["exp.yaml", "'datta'", "did you mean 'data'"]),
+        (
+            "profiles:\n  paper:\n    model:\n      depht: 2\n",
+            ["exp.yaml", "profile 'paper'", "'model.depht'", "'model.depth'"],
+        ),
+        ("optim:\n  epochs: 2.5\n", ["exp.yaml", "'optim.epochs'", "int", "float"]),
+        ("optim:\n  epochs: true\n", ["'optim.epochs'", "int", "bool"]),
+        ("optim:\n  lr: null\n", ["'optim.lr'", "float", "NoneType"]),
+        ("data:\n  root: 3\n", ["'data.root'", "str or null", "int"]),
+        ("sweep:\n  folds: [0, a]\n", ["'sweep.folds'", "list[int]"]),
+        ("loss:\n  main_weights: 3\n", ["'loss.main_weights'", "list[float]"]),
+        ("task: size\n", ["exp.yaml", "'task'", "size_regression, size_class3, size_class2"]),
+        ("regularizer: l2\n", ["'regularizer'", "none, dropout, fsg, fsg_gr"]),
+        ("data:\n  cache: ram\n", ["'data.cache'", "none, memory, disk"]),
+        ("data:\n  source: kvasir\n", ["'data.source'", "synthetic, realcolon, sun"]),
+        ("model:\n  preset: l\n", ["'model.preset'", "micro, ti, s, b"]),
+        ("device: gpu\n", ["'device'", "auto, cpu, cuda"]),
+        ("data:\n  train_fraction: 1.5\n", ["'data.train_fraction'", "(0, 1]"]),
+        ("fsg:\n  enabled: true\n", ["exp.yaml", "'fsg.enabled'", "derives from 'regularizer'"]),
+        ("gr:\n  enabled: false\n", ["'gr.enabled'", "derives from 'regularizer'"]),
+        ("data: 5\n", ["exp.yaml", "'data'", "mapping"]),
+        ("data:\n  test_fold: 1\n", ["exp.yaml", "'data.test_fold'", "'data.val_fold'"]),
+        ("data:\n  image_size: 60\n", ["'data.image_size'", "'model.patch_size'"]),
+        ("- a\n- b\n", ["exp.yaml", "mapping"]),
+    ],
+)
 def test_yaml_errors_name_the_file_and_key(configs, yaml_text, expected):
     configs("exp", yaml_text)
     message = _error("exp")
@@ -152,25 +167,28 @@ def test_yaml_errors_name_the_file_and_key(configs, yaml_text, expected):
         assert part in message
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("optim.lrr=1", ["--set optim.lrr=1", "'optim.lrr'", "did you mean 'optim.lr'"]),
-    ("data.imagesize=32", ["--set", "'data.imagesize'", "'data.image_size'"]),
-    ("optim.lr=fast", ["--set", "'optim.lr'", "float", "str"]),
-    ("optim.epochs", ["--set", "KEY=VALUE"]),
-    ("=3", ["--set", "KEY=VALUE"]),
-    ("task=size", ["--set task=size", "size_regression"]),
-    ("fsg.enabled=true", ["--set", "'fsg.enabled'", "derives from 'regularizer'"]),
-    ("sweep.regularizers=[none, l1]", ["'sweep.regularizers'", "fsg_gr", "'l1'"]),
-    ("sweep.grid={gr.gate_lrr: [0.1]}", ["sweep.grid", "'gr.gate_lrr'", "did you mean 'gr.gate_lr'"]),
-    ("sweep.grid={gr.gate_lr: [0.1, -1]}", ["sweep.grid['gr.gate_lr']", "> 0", "-1"]),
-    ("sweep.grid={gr.gate_lr: [0.1, 0.1]}", ["sweep.grid['gr.gate_lr']", "twice"]),
-    ("sweep.grid={optim.epochs: 3}", ["sweep.grid['optim.epochs']", "non-empty list"]),
-    ("sweep.grid={optim.epochs: [2, two]}", ["sweep.grid['optim.epochs']", "int", "'two'"]),
-    ("sweep.grid={seed: [0, 1]}", ["sweep.grid['seed']", "already an axis"]),
-    ("sweep.grid={fsg.enabled: [true]}", ["sweep.grid['fsg.enabled']", "derives from 'regularizer'"]),
-    ("sweep.grid=[gr.gate_lr]", ["'sweep.grid'", "dict"]),
-    ("model.size_head=log", ["'model.size_head'", "one of linear, log_box", "'log'"]),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("optim.lrr=1", ["--set optim.lrr=1", "'optim.lrr'", "did you mean 'optim.lr'"]),
+        ("data.imagesize=32", ["--set", "'data.imagesize'", "'data.image_size'"]),
+        ("optim.lr=fast", ["--set", "'optim.lr'", "float", "str"]),
+        ("optim.epochs", ["--set", "KEY=VALUE"]),
+        ("=3", ["--set", "KEY=VALUE"]),
+        ("task=size", ["--set task=size", "size_regression"]),
+        ("fsg.enabled=true", ["--set", "'fsg.enabled'", "derives from 'regularizer'"]),
+        ("sweep.regularizers=[none, l1]", ["'sweep.regularizers'", "fsg_gr", "'l1'"]),
+        ("sweep.grid={gr.gate_lrr: [0.1]}", ["sweep.grid", "'gr.gate_lrr'", "did you mean 'gr.gate_lr'"]),
+        ("sweep.grid={gr.gate_lr: [0.1, -1]}", ["sweep.grid['gr.gate_lr']", "> 0", "-1"]),
+        ("sweep.grid={gr.gate_lr: [0.1, 0.1]}", ["sweep.grid['gr.gate_lr']", "twice"]),
+        ("sweep.grid={optim.epochs: 3}", ["sweep.grid['optim.epochs']", "non-empty list"]),
+        ("sweep.grid={optim.epochs: [2, two]}", ["sweep.grid['optim.epochs']", "int", "'two'"]),
+        ("sweep.grid={seed: [0, 1]}", ["sweep.grid['seed']", "already an axis"]),
+        ("sweep.grid={fsg.enabled: [true]}", ["sweep.grid['fsg.enabled']", "derives from 'regularizer'"]),
+        ("sweep.grid=[gr.gate_lr]", ["'sweep.grid'", "dict"]),
+        ("model.size_head=log", ["'model.size_head'", "one of linear, log_box", "'log'"]),
+    ],
+)
 def test_set_errors_name_set_and_key(configs, override, expected):
     configs("exp", "{}\n")
     message = _error("exp", overrides=[override])
@@ -192,11 +210,14 @@ def test_unknown_experiment_lists_available(configs):
     assert "missing/config.yaml" in _error("missing/config.yaml")
 
 
-@pytest.mark.parametrize("text, line", [
-    ("task: size_regression\noptim:\n  lr: [1, 2\n", None),
-    ("task: size_regression\ndata:\n  folds: 3\n   val_fold: 2\n", 4),
-    ("task: size_class3\ntask: size_class2\n", 2),
-])
+@pytest.mark.parametrize(
+    "text, line",
+    [
+        ("task: size_regression\noptim:\n  lr: [1, 2\n", None),
+        ("task: size_regression\ndata:\n  folds: 3\n   val_fold: 2\n", 4),
+        ("task: size_class3\ntask: size_class2\n", 2),
+    ],
+)
 def test_malformed_yaml_is_one_line_with_file_and_line(configs, text, line):
     configs("broken", text)
     message = _error("broken")
@@ -281,11 +302,18 @@ def test_log_box_head_needs_size_regression_with_the_box(configs, yaml_text):
     assert "'model.size_head' = log_box needs task size_regression and 'model.box_features' = true" in message
 
 
-@pytest.mark.parametrize("override, rule", [
-    ("data.videos=0", ">= 1"), ("sweep.train_fractions=[2]", "in (0, 1]"), ("sweep.seeds=[-1]", ">= 0"),
-    ("model.dropout=1", "in [0, 1)"), ("optim.lr=0", "> 0"), ("loss.main_weights=[1, 2]", "3 values"),
-    ("sweep.folds=[]", "at least one value"),
-])
+@pytest.mark.parametrize(
+    "override, rule",
+    [
+        ("data.videos=0", ">= 1"),
+        ("sweep.train_fractions=[2]", "in (0, 1]"),
+        ("sweep.seeds=[-1]", ">= 0"),
+        ("model.dropout=1", "in [0, 1)"),
+        ("optim.lr=0", "> 0"),
+        ("loss.main_weights=[1, 2]", "3 values"),
+        ("sweep.folds=[]", "at least one value"),
+    ],
+)
 def test_constraints_are_stated_in_the_error(configs, override, rule):
     configs("exp", "{}\n")
     message = _error("exp", overrides=[override])

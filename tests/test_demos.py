@@ -14,8 +14,8 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_digits as sk_digits
 from fixtures_images import COLOURS, write_cifar100, write_image_folder, write_mnist
+from sklearn.datasets import load_digits as sk_digits
 from torchvision.models.vision_transformer import VisionTransformer
 
 from fsg_endo.data.image_folders import (
@@ -130,8 +130,6 @@ def test_stratified_subset_keeps_class_shares_and_is_seeded():
     assert np.array_equal(stratified_subset(labels, None, 0), np.arange(100))
 
 
-
-
 def test_shift_flip_translates_within_shift_and_mirrors():
     image = torch.zeros(3, 9, 9)
     image[:, 4, 2] = 1.0  # one bright pixel left of centre
@@ -144,32 +142,45 @@ def test_shift_flip_translates_within_shift_and_mirrors():
     ys, xs = zip(*places)
     assert set(ys) <= {2, 3, 4, 5, 6} and len(set(ys)) > 1
     assert set(xs) - {0, 1, 2, 3, 4} and set(xs) & {0, 1, 2, 3, 4}  # some mirrored to the right half
-    assert places == [divmod(int(step.set_random_state(seed=s)({"image": image})["image"][0].argmax()), 9)
-                      for s in range(64)]  # the seed fixes the draw
+    assert places == [
+        divmod(int(step.set_random_state(seed=s)({"image": image})["image"][0].argmax()), 9) for s in range(64)
+    ]  # the seed fixes the draw
     assert torch.equal(ShiftFlipd("image")({"image": image})["image"], image)
 
 
 # -- local weights ------------------------------------------------------------------------------
 def _tiny_vit() -> VisionTransformer:
     torch.manual_seed(5)
-    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=96,
-                             num_classes=7)
+    return VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=96, num_classes=7
+    )
 
 
 def _timm_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A torchvision ViT state dict renamed the way timm stores it (written here, independently)."""
-    out = {"cls_token": state["class_token"], "pos_embed": state["encoder.pos_embedding"],
-           "patch_embed.proj.weight": state["conv_proj.weight"], "patch_embed.proj.bias": state["conv_proj.bias"],
-           "norm.weight": state["encoder.ln.weight"], "norm.bias": state["encoder.ln.bias"]}
-    parts = {"ln_1": "norm1", "self_attention.in_proj_weight": "attn.qkv.weight",
-             "self_attention.in_proj_bias": "attn.qkv.bias", "self_attention.out_proj": "attn.proj", "ln_2": "norm2",
-             "mlp.0": "mlp.fc1", "mlp.3": "mlp.fc2"}
+    out = {
+        "cls_token": state["class_token"],
+        "pos_embed": state["encoder.pos_embedding"],
+        "patch_embed.proj.weight": state["conv_proj.weight"],
+        "patch_embed.proj.bias": state["conv_proj.bias"],
+        "norm.weight": state["encoder.ln.weight"],
+        "norm.bias": state["encoder.ln.bias"],
+    }
+    parts = {
+        "ln_1": "norm1",
+        "self_attention.in_proj_weight": "attn.qkv.weight",
+        "self_attention.in_proj_bias": "attn.qkv.bias",
+        "self_attention.out_proj": "attn.proj",
+        "ln_2": "norm2",
+        "mlp.0": "mlp.fc1",
+        "mlp.3": "mlp.fc2",
+    }
     for key, value in state.items():
         if key.startswith("encoder.layers."):
             _, _, block, rest = key.split(".", 3)
             for tv, timm in parts.items():
                 if rest.startswith(tv):
-                    out[f"blocks.{block.rsplit('_', 1)[1]}.{timm}{rest[len(tv):]}"] = value
+                    out[f"blocks.{block.rsplit('_', 1)[1]}.{timm}{rest[len(tv) :]}"] = value
     return out
 
 
@@ -178,8 +189,7 @@ def test_vit_shape_reads_the_weight_file(tmp_path, flavour):
     vit = _tiny_vit()
     state = vit.state_dict() if flavour == "torchvision" else {"model": _timm_names(vit.state_dict())}
     torch.save(state, tmp_path / "vit.pth")
-    assert vit_shape(tmp_path / "vit.pth") == {"hidden_dim": 64, "depth": 2, "heads": 1, "mlp_dim": 96,
-                                               "patch_size": 8}
+    assert vit_shape(tmp_path / "vit.pth") == {"hidden_dim": 64, "depth": 2, "heads": 1, "mlp_dim": 96, "patch_size": 8}
 
 
 def test_weights_that_are_not_a_vit_are_one_clear_error(tmp_path):
@@ -208,8 +218,9 @@ def workdir(tmp_path, monkeypatch, store):
 
 def _finished_run(uri: str, experiment: str):
     client = mlflow.MlflowClient(tracking_uri=uri)
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
-                              order_by=["attributes.start_time DESC"])
+    runs = client.search_runs(
+        [client.get_experiment_by_name(experiment).experiment_id], order_by=["attributes.start_time DESC"]
+    )
     assert runs and runs[0].info.status == "FINISHED"
     return client, runs[0]
 
@@ -242,14 +253,31 @@ def test_mnist_demo_round_trip_with_digits_fallback(workdir, store, capsys):
     assert tags["data.source_read"] == "sklearn_digits" and tags["data.fallback"] == "sklearn_digits"
     assert "scikit-learn" in tags["data.note"] and params["data.source"] == "mnist"
     assert tags["regularizer"] == "fsg_gr" and params["gr.enabled"] == "True" and params["optim.epochs"] == "2"
-    for name in ("train/loss", "train/gate_loss", "train/epoch_loss", "val/accuracy", "test/accuracy",
-                 "test/macro_f1", "test/f1_7", "best_epoch", "gates/all/mean", "gates/attn/layer_00/sparsity",
-                 "gates/mlp/layer_01/mean"):
+    for name in (
+        "train/loss",
+        "train/gate_loss",
+        "train/epoch_loss",
+        "val/accuracy",
+        "test/accuracy",
+        "test/macro_f1",
+        "test/f1_7",
+        "best_epoch",
+        "gates/all/mean",
+        "gates/attn/layer_00/sparsity",
+        "gates/mlp/layer_01/mean",
+    ):
         assert name in metrics, name
     assert not [k for k in metrics if k.startswith("lesion/")]  # images have no lesion level
     files = _artifact_paths(client, run.info.run_id)
-    assert {"gates/epoch_001.npz", "plots/gates_epoch_001.png", "predictions/test.csv", "plots/confusion_test.png",
-            "plots/learning_curves.png", "config.yaml", "data.json"} <= files
+    assert {
+        "gates/epoch_001.npz",
+        "plots/gates_epoch_001.png",
+        "predictions/test.csv",
+        "plots/confusion_test.png",
+        "plots/learning_curves.png",
+        "config.yaml",
+        "data.json",
+    } <= files
     (best,) = workdir.glob("runs/*/best.pt")
     assert Path(tags["checkpoint_dir"]) == best.parent.resolve()
     # inference (gates folded, best model read back) reproduces the test accuracy of the run
@@ -276,8 +304,9 @@ def test_imagenette_demo_round_trip(workdir, store, capsys):
     client, run = _finished_run(store, "demo_imagenette")
     assert run.data.params["optim.epochs"] == "2" and "test/f1_tench" in run.data.metrics
     assert "gates/epoch_002.npz" in _artifact_paths(client, run.info.run_id)
-    assert "val/n0" in inferred and _printed_accuracy(inferred) == pytest.approx(run.data.metrics["test/accuracy"],
-                                                                                abs=1e-4)
+    assert "val/n0" in inferred and _printed_accuracy(inferred) == pytest.approx(
+        run.data.metrics["test/accuracy"], abs=1e-4
+    )
 
 
 def test_cifar100_demo_round_trip_reads_the_yaml(workdir, store, capsys):
@@ -311,25 +340,39 @@ def test_demo_fine_tunes_from_local_weights(workdir, store, capsys):
 
 def test_script_reports_missing_data_in_one_line(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'scripts.db'}"}
-    proc = subprocess.run([sys.executable, str(DEMO_DIR / "demo_training_imnet.py"), "--data-root", "missing"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(DEMO_DIR / "demo_training_imnet.py"), "--data-root", "missing"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "missing: no ImageFolder dataset" in lines[0] and "imagenette2-160" in lines[0]
     assert not (tmp_path / "scripts.db").exists()  # missing data is found before an MLflow run starts
 
 
-@pytest.mark.parametrize("main, dataset, args, expected", [
-    (training_main, "cifar100", ["--data-root", "missing"], "cifar-100-python"),
-    (training_main, "imagenette", ["--data-root", "missing", "--smoke"], "imagenette2-160"),
-    (inference_main, "mnist", ["--checkpoint", "nowhere"], "no trained demo_mnist run"),
-    (inference_main, "imagenette", ["--checkpoint", "ckpts", "--data-root", "missing"], "imagenette2-160"),
-])
+@pytest.mark.parametrize(
+    "main, dataset, args, expected",
+    [
+        (training_main, "cifar100", ["--data-root", "missing"], "cifar-100-python"),
+        (training_main, "imagenette", ["--data-root", "missing", "--smoke"], "imagenette2-160"),
+        (inference_main, "mnist", ["--checkpoint", "nowhere"], "no trained demo_mnist run"),
+        (inference_main, "imagenette", ["--checkpoint", "ckpts", "--data-root", "missing"], "imagenette2-160"),
+    ],
+)
 def test_missing_data_is_exit_code_2_and_one_line(workdir, capsys, main, dataset, args, expected):
     if "ckpts" in args:  # a trained run whose images are gone
         write_image_folder(workdir / "imagenette")
-        assert training_main("imagenette", ["--smoke", "--data-root", "imagenette", "--checkpoint", "ckpts",
-                                            "--set", "tracking.plots=false"]) == 0
+        assert (
+            training_main(
+                "imagenette",
+                ["--smoke", "--data-root", "imagenette", "--checkpoint", "ckpts", "--set", "tracking.plots=false"],
+            )
+            == 0
+        )
         capsys.readouterr()
     assert main(dataset, args) == 2
     err = capsys.readouterr().err.strip().splitlines()

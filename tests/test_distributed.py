@@ -37,16 +37,21 @@ def global_batches(nan_step: int | None) -> list[tuple[torch.Tensor, torch.Tenso
     return batches
 
 
-def train_gr(model: torch.nn.Module, trained: torch.nn.Module, rank: int, world: int, accumulate: bool,
-             nan_step: int | None) -> dict:
+def train_gr(
+    model: torch.nn.Module, trained: torch.nn.Module, rank: int, world: int, accumulate: bool, nan_step: int | None
+) -> dict:
     """GR steps over this rank's share (every ``world``-th sample) of the global batches.
 
     SGD, not Adam: Adam turns the float noise of a zero gradient (the attention key bias has one) into
     full-size steps, which would compare rounding, not the all-reduce.
     """
-    router = GradientRouter(trained, torch.optim.SGD(non_gate_parameters(model), lr=0.1, momentum=0.9),
-                            torch.optim.SGD(gate_parameters(model), lr=1.0), torch.nn.functional.mse_loss,
-                            accumulate_gate_pass_grads=accumulate)
+    router = GradientRouter(
+        trained,
+        torch.optim.SGD(non_gate_parameters(model), lr=0.1, momentum=0.9),
+        torch.optim.SGD(gate_parameters(model), lr=1.0),
+        torch.nn.functional.mse_loss,
+        accumulate_gate_pass_grads=accumulate,
+    )
     skipped = [router.step(x[rank::world], y[rank::world])["skipped"] for x, y in global_batches(nan_step)]
     return {"params": [p.detach().clone() for p in model.parameters()], "skipped": skipped}
 
@@ -60,8 +65,9 @@ def ddp_worker(rank: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     for i, (accumulate, nan_step) in enumerate(SCENARIOS):
         model = tiny_model()
-        trained = DistContext(rank=rank, world_size=WORLD).wrap(model, torch.device("cpu"),
-                                                                ignore=gate_parameters(model))
+        trained = DistContext(rank=rank, world_size=WORLD).wrap(
+            model, torch.device("cpu"), ignore=gate_parameters(model)
+        )
         torch.save(train_gr(model, trained, rank, WORLD, accumulate, nan_step), f"{out}/scenario{i}_rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -98,8 +104,19 @@ def test_single_process_context_is_inert():
 
 
 # same global batch (8 = 2 x 4), equal loss weights so the mean of the two ranks' batch means is the global mean
-RUN_ARGS = ["--exp", "polyp_size_fsg", "--smoke", "--set", "tracking.log_model=false", "--set", "tracking.plots=false",
-            "--set", "loss.main_weights=[1, 1, 1]", "--set", "loss.gate_weights=[1, 1, 1]"]
+RUN_ARGS = [
+    "--exp",
+    "polyp_size_fsg",
+    "--smoke",
+    "--set",
+    "tracking.log_model=false",
+    "--set",
+    "tracking.plots=false",
+    "--set",
+    "loss.main_weights=[1, 1, 1]",
+    "--set",
+    "loss.gate_weights=[1, 1, 1]",
+]
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
@@ -109,9 +126,14 @@ def test_torchrun_two_processes_match_one(tmp_path, data_cache):
     single_uri, multi_uri = f"sqlite:///{single / 'mlflow.db'}", f"sqlite:///{multi / 'mlflow.db'}"
     assert in_process(RUN_ARGS, single, data_cache, single_uri) == 0  # also fills the data cache first
     env = {**os.environ, "FSG_ENDO_CACHE": str(data_cache), "MLFLOW_TRACKING_URI": multi_uri}
-    proc = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", str(WORLD),
-                           str(REPO / "experiments" / "run.py"), *RUN_ARGS],
-                          cwd=multi, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["torchrun", "--standalone", "--nproc_per_node", str(WORLD), str(REPO / "experiments" / "run.py"), *RUN_ARGS],
+        cwd=multi,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("MLflow UI") == 1  # rank 0 alone reports
 
@@ -120,16 +142,24 @@ def test_torchrun_two_processes_match_one(tmp_path, data_cache):
     assert len(list(multi.glob("runs/*/last.pt"))) == 1
     got, want = histories(client, run), histories(*only_run(single_uri))
     assert set(got) == set(want)
-    for key in ("train/loss", "train/gate_loss", "train/epoch_loss", "val/mae", "test/mae", "lesion/test/mae",
-                "gates/all/mean", "gates/mlp/layer_01/std"):
+    for key in (
+        "train/loss",
+        "train/gate_loss",
+        "train/epoch_loss",
+        "val/mae",
+        "test/mae",
+        "lesion/test/mae",
+        "gates/all/mean",
+        "gates/mlp/layer_01/std",
+    ):
         assert [s for s, _ in got[key]] == [s for s, _ in want[key]], key
         assert [v for _, v in got[key]] == pytest.approx([v for _, v in want[key]], rel=1e-4, abs=1e-6), key
 
 
 def test_batch_size_must_split_across_processes(tmp_path, data_cache, capsys):
-    from fsg_endo.experiment.config import load_config
     from fsg_endo.engine.prepare import prepare_data
     from fsg_endo.errors import FsgEndoError
+    from fsg_endo.experiment.config import load_config
 
     cfg = load_config("polyp_size_fsg", ["optim.batch_size=7"], smoke=True)
     with pytest.MonkeyPatch.context() as m:
@@ -140,8 +170,8 @@ def test_batch_size_must_split_across_processes(tmp_path, data_cache, capsys):
 
 def test_ranks_share_an_epoch_without_overlap(tmp_path, data_cache):
     """The two ranks' loaders together hold the single-process epoch, each global batch split between them."""
-    from fsg_endo.experiment.config import load_config
     from fsg_endo.engine.prepare import prepare_data
+    from fsg_endo.experiment.config import load_config
 
     cfg = load_config("polyp_size_fsg", ["data.augment=false"], smoke=True)
     with pytest.MonkeyPatch.context() as m:

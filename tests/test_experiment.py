@@ -38,17 +38,38 @@ def test_smoke_run_logs_spec_names(smoke_store):
     assert len(tags["data.manifest_sha256"]) == 64 and tags["git_commit"]
     assert params["fsg.enabled"] == "True" and params["gr.enabled"] == "True"
     assert params["task"] == "size_regression" and "model.depth" in params and "data.train_fraction" in params
-    for name in ("train/loss", "train/gate_loss", "val/mae", "test/mae", "lesion/val/mae", "lesion/test/mae",
-                 "test/within_1mm", "test/cls3_balanced_accuracy", "gates/all/mean", "gates/all/sparsity",
-                 "gates/attn/layer_00/mean", "gates/mlp/layer_01/std", "gates/mlp/layer_01/sparsity"):
+    for name in (
+        "train/loss",
+        "train/gate_loss",
+        "val/mae",
+        "test/mae",
+        "lesion/val/mae",
+        "lesion/test/mae",
+        "test/within_1mm",
+        "test/cls3_balanced_accuracy",
+        "gates/all/mean",
+        "gates/all/sparsity",
+        "gates/attn/layer_00/mean",
+        "gates/mlp/layer_01/std",
+        "gates/mlp/layer_01/sparsity",
+    ):
         assert name in metrics, name
     history = client.get_metric_history(run.info.run_id, "val/mae")
     assert len(history) == 2 and len({m.step for m in history}) == 2  # one per epoch, distinct steps
 
     files = _artifacts(client, run.info.run_id)
-    for name in ("config.yaml", "data/split_summary.csv", "gates/init.npz", "gates/epoch_001.npz",
-                 "gates/epoch_002.npz", "plots/gates_epoch_002.png", "plots/confusion_test.png",
-                 "plots/learning_curves.png", "predictions/val.csv", "predictions/test.csv"):
+    for name in (
+        "config.yaml",
+        "data/split_summary.csv",
+        "gates/init.npz",
+        "gates/epoch_001.npz",
+        "gates/epoch_002.npz",
+        "plots/gates_epoch_002.png",
+        "plots/confusion_test.png",
+        "plots/learning_curves.png",
+        "predictions/val.csv",
+        "predictions/test.csv",
+    ):
         assert name in files, name
     # the model is an MLflow 3 LoggedModel linked to the run (runs:/<id>/model), its files beside the run's
     (output,) = run.outputs.model_outputs
@@ -75,10 +96,18 @@ def test_logged_model_is_a_folded_stock_vit_that_loads_without_pickle(smoke_stor
     loaded = load_model(f"runs:/{run.info.run_id}/model", smoke_store["uri"])
     params = run.data.params
     # the exported weights are those of a plain (gate-free) sizing ViT of the run's size: the gates were folded
-    plain = build_model("micro", int(params["data.image_size"]), int(params["model.patch_size"]), 1,
-                        hidden_dim=int(params["model.hidden_dim"]), depth=int(params["model.depth"]),
-                        heads=int(params["model.heads"]), mlp_dim=int(params["model.mlp_dim"]), fsg=False,
-                        box_features=4)
+    plain = build_model(
+        "micro",
+        int(params["data.image_size"]),
+        int(params["model.patch_size"]),
+        1,
+        hidden_dim=int(params["model.hidden_dim"]),
+        depth=int(params["model.depth"]),
+        heads=int(params["model.heads"]),
+        mlp_dim=int(params["model.mlp_dim"]),
+        fsg=False,
+        box_features=4,
+    )
     exported = loaded.module.module.state_dict()
     assert set(exported) == set(plain.state_dict())
     assert all(exported[k].shape == v.shape for k, v in plain.state_dict().items())
@@ -103,9 +132,22 @@ def test_same_seed_same_metrics(tmp_path, data_cache, smoke_store):
 
 def test_sweep_nests_children_under_one_parent(tmp_path, data_cache):
     uri = f"sqlite:///{tmp_path / 'sweep.db'}"
-    proc = run_cli(["--exp", "regularization_sweep", "--smoke", "--set", "sweep.regularizers=[none, fsg_gr]",
-                    "--set", "sweep.train_fractions=[1.0]", "--set", "tracking.log_model=false"],
-                   tmp_path, data_cache, uri)
+    proc = run_cli(
+        [
+            "--exp",
+            "regularization_sweep",
+            "--smoke",
+            "--set",
+            "sweep.regularizers=[none, fsg_gr]",
+            "--set",
+            "sweep.train_fractions=[1.0]",
+            "--set",
+            "tracking.log_model=false",
+        ],
+        tmp_path,
+        data_cache,
+        uri,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     client, runs = _runs(uri, "regularization_sweep")
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -129,12 +171,15 @@ def test_sweep_nests_children_under_one_parent(tmp_path, data_cache):
     assert {"sweep/report.md", "sweep/report.png"} <= artifacts
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--set", "optim.epochz=3"], "optim.epochz"),
-    (["--set", "optim.epochs=three"], "optim.epochs"),
-    (["--set", "regularizer=l2"], "regularizer"),
-    (["--profile", "nope"], "nope"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--set", "optim.epochz=3"], "optim.epochz"),
+        (["--set", "optim.epochs=three"], "optim.epochs"),
+        (["--set", "regularizer=l2"], "regularizer"),
+        (["--profile", "nope"], "nope"),
+    ],
+)
 def test_config_errors_are_one_line_before_any_work(tmp_path, data_cache, args, needle):
     uri = f"sqlite:///{tmp_path / 'err.db'}"
     proc = run_cli(["--exp", "polyp_size_fsg", "--smoke", *args], tmp_path, data_cache, uri, timeout=120)

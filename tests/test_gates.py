@@ -27,8 +27,9 @@ GATED = (GatedEncoderBlock, GatedTransformerEncoderLayer)
 
 def small_vit(seed: int = 0, layers: int = 3) -> VisionTransformer:
     torch.manual_seed(seed)
-    vit = VisionTransformer(image_size=16, patch_size=4, num_layers=layers, num_heads=2, hidden_dim=16,
-                            mlp_dim=32, num_classes=3)
+    vit = VisionTransformer(
+        image_size=16, patch_size=4, num_layers=layers, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=3
+    )
     nn.init.normal_(vit.heads.head.weight)  # torchvision zero-inits the head, which would hide everything
     return vit
 
@@ -163,8 +164,9 @@ def test_gate_statistics_match_numpy():
     vit = vit_with_fsg(small_vit(layers=2))
     randomise_gates(vit, seed=3)
     stats = gate_statistics(vit, threshold=0.3)
-    expected_keys = {f"gates/{b}/layer_{i:02d}/{s}" for b in ("attn", "mlp") for i in range(2)
-                     for s in ("mean", "std", "sparsity")} | {"gates/all/mean", "gates/all/sparsity"}
+    expected_keys = {
+        f"gates/{b}/layer_{i:02d}/{s}" for b in ("attn", "mlp") for i in range(2) for s in ("mean", "std", "sparsity")
+    } | {"gates/all/mean", "gates/all/sparsity"}
     assert set(stats) == expected_keys
     everything = []
     for i, block in enumerate(vit.encoder.layers):
@@ -208,11 +210,14 @@ def test_fold_gates_gives_a_stock_vit_with_equal_outputs():
         torch.testing.assert_close(folded(x), expected, atol=1e-5, rtol=1e-5)
     # the folded rows are the original rows times the gate, checked by hand for one layer
     s = torch.sigmoid(state_before["encoder.layers.encoder_layer_1.gate_mlp"])
-    torch.testing.assert_close(folded.encoder.layers[1].mlp[3].weight,
-                               state_before["encoder.layers.encoder_layer_1.mlp.3.weight"] * s[:, None])
-    torch.testing.assert_close(folded.encoder.layers[1].self_attention.out_proj.bias,
-                               state_before["encoder.layers.encoder_layer_1.self_attention.out_proj.bias"]
-                               * torch.sigmoid(state_before["encoder.layers.encoder_layer_1.gate_attn"]))
+    torch.testing.assert_close(
+        folded.encoder.layers[1].mlp[3].weight, state_before["encoder.layers.encoder_layer_1.mlp.3.weight"] * s[:, None]
+    )
+    torch.testing.assert_close(
+        folded.encoder.layers[1].self_attention.out_proj.bias,
+        state_before["encoder.layers.encoder_layer_1.self_attention.out_proj.bias"]
+        * torch.sigmoid(state_before["encoder.layers.encoder_layer_1.gate_attn"]),
+    )
     # the input model is untouched
     for k, v in gated.state_dict().items():
         assert torch.equal(v, state_before[k]), k
@@ -234,6 +239,7 @@ def test_folded_vit_exports_and_traces():
 
 def hand_transformer_layer(x, layer, pad, s_attn, s_mlp):
     """nn.TransformerEncoderLayer (relu, no dropout) with gates, written out."""
+
     def sa(h):
         return hand_attention(h, layer.self_attn, pad)
 
@@ -251,8 +257,7 @@ def hand_transformer_layer(x, layer, pad, s_attn, s_mlp):
 @pytest.mark.parametrize("grad_mode", [True, False])
 def test_inject_fsg_gates_a_torch_transformer_encoder(norm_first, grad_mode):
     torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True,
-                                       norm_first=norm_first)
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True, norm_first=norm_first)
     encoder = nn.TransformerEncoder(layer, num_layers=2)  # enable_nested_tensor defaults to True
     model = nn.ModuleDict({"encoder": encoder})
     assert inject_fsg(model) is model
@@ -268,8 +273,9 @@ def test_inject_fsg_gates_a_torch_transformer_encoder(norm_first, grad_mode):
         out = encoder(x, src_key_padding_mask=pad)
         expected = x
         for gated in encoder.layers:
-            expected = hand_transformer_layer(expected, gated, pad, torch.sigmoid(gated.gate_attn),
-                                              torch.sigmoid(gated.gate_mlp))
+            expected = hand_transformer_layer(
+                expected, gated, pad, torch.sigmoid(gated.gate_attn), torch.sigmoid(gated.gate_mlp)
+            )
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -297,7 +303,8 @@ def test_inject_fsg_on_a_single_layer_returns_the_gated_layer():
 def test_fold_gates_on_a_torch_transformer_encoder(norm_first):
     torch.manual_seed(0)
     encoder = nn.TransformerEncoder(
-        nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True, norm_first=norm_first), num_layers=2)
+        nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True, norm_first=norm_first), num_layers=2
+    )
     inject_fsg(encoder)
     randomise_gates(encoder)
     encoder.eval()

@@ -23,8 +23,19 @@ from fsg_endo.experiment.config import load_config
 
 EXP = "cifar100_fsg"
 # 2 epochs of 4 steps: 48 training images read (32 train, 16 val), batch 8; no model logged, no plots
-RUN_ARGS = ["--exp", EXP, "--smoke", "--data-root", "cifar", "--set", "data.train_fraction=1.0",
-            "--set", "tracking.log_model=false", "--set", "tracking.plots=false"]
+RUN_ARGS = [
+    "--exp",
+    EXP,
+    "--smoke",
+    "--data-root",
+    "cifar",
+    "--set",
+    "data.train_fraction=1.0",
+    "--set",
+    "tracking.log_model=false",
+    "--set",
+    "tracking.plots=false",
+]
 STEPS_PER_EPOCH = 4
 
 
@@ -35,14 +46,19 @@ def test_image_class_task_targets_predictions_and_metrics():
     logits = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 2.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
     assert torch.equal(task.targets(batch), torch.tensor([0, 2, 1, 2]))
     frame = task.frame_predictions(batch, task.outputs_to_numpy(logits))
-    assert frame["prediction"].tolist() == [0, 2, 2, 0] and frame["prediction_name"].tolist() == ["cat", "owl", "owl",
-                                                                                                   "cat"]
+    assert frame["prediction"].tolist() == [0, 2, 2, 0] and frame["prediction_name"].tolist() == [
+        "cat",
+        "owl",
+        "owl",
+        "cat",
+    ]
     assert frame["confidence"].to_numpy() == pytest.approx(torch.softmax(logits, 1).max(1).values.numpy())
     metrics = task.compute_metrics(frame)
     assert metrics["accuracy"] == accuracy_score([0, 2, 1, 2], [0, 2, 2, 0]) == 0.5
     assert metrics["f1_owl"] == pytest.approx(f1_score([0, 2, 1, 2], [0, 2, 2, 0], labels=[2], average=None)[0])
     assert task.main_loss(logits, task.targets(batch)).item() == pytest.approx(
-        torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2, 1, 2])).item())
+        torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2, 1, 2])).item()
+    )
     with pytest.raises(FsgEndoError, match="no class names"):
         get_task("image_class")
 
@@ -99,9 +115,22 @@ def test_run_py_trains_cifar100_fsg_through_the_engine(cifar, reference, tmp_pat
     _, written = cifar
     client, run = only_run(reference, EXP)
     metrics = run.data.metrics
-    for name in ("train/loss", "train/gate_loss", "train/lr", "train/epoch_loss", "train/skipped_steps",
-                 "val/accuracy", "val/macro_f1", "test/accuracy", "test/balanced_accuracy", "test/f1_0",
-                 "best_epoch", "gates/all/mean", "gates/attn/layer_00/sparsity", "perf/epoch_seconds"):
+    for name in (
+        "train/loss",
+        "train/gate_loss",
+        "train/lr",
+        "train/epoch_loss",
+        "train/skipped_steps",
+        "val/accuracy",
+        "val/macro_f1",
+        "test/accuracy",
+        "test/balanced_accuracy",
+        "test/f1_0",
+        "best_epoch",
+        "gates/all/mean",
+        "gates/attn/layer_00/sparsity",
+        "perf/epoch_seconds",
+    ):
         assert name in metrics, name
     assert not [k for k in metrics if k.startswith("lesion/")]
     assert run.data.tags["data.source_read"] == "cifar100" and run.data.params["task"] == "image_class"

@@ -20,8 +20,23 @@ from fsg_endo.data.manifest import (
 )
 from fsg_endo.errors import FsgEndoError
 
-SPEC_COLUMNS = ["dataset", "video_id", "lesion_id", "frame_id", "frame_path", "xmin", "ymin", "xmax", "ymax",
-                "width", "height", "size_mm", "size_class3", "size_class2", "fold"]
+SPEC_COLUMNS = [
+    "dataset",
+    "video_id",
+    "lesion_id",
+    "frame_id",
+    "frame_path",
+    "xmin",
+    "ymin",
+    "xmax",
+    "ymax",
+    "width",
+    "height",
+    "size_mm",
+    "size_class3",
+    "size_class2",
+    "fold",
+]
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +81,14 @@ def test_folds_are_stratified_by_class_at_the_lesion_level():
     rows = []
     for v, size in enumerate([3.0] * 5 + [7.0] * 5 + [12.0] * 5):
         for f in range(20 if v == 0 else 1):
-            rows.append({"video_id": f"v{v:02d}", "lesion_id": f"v{v:02d}_1", "frame_id": f"v{v:02d}_{f}",
-                         "size_class3": 0 if size <= 5 else (1 if size < 10 else 2)})
+            rows.append(
+                {
+                    "video_id": f"v{v:02d}",
+                    "lesion_id": f"v{v:02d}_1",
+                    "frame_id": f"v{v:02d}_{f}",
+                    "size_class3": 0 if size <= 5 else (1 if size < 10 else 2),
+                }
+            )
     df = pd.DataFrame(rows)
     folds = assign_folds(df, 5, seed=11)
     per_fold = df.assign(fold=folds).drop_duplicates("lesion_id").groupby("fold")["size_class3"].agg(sorted)
@@ -146,11 +167,14 @@ def _write_raw(df: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("edit", "fragment"), [
-    (lambda df: df.drop(columns=["fold"]), "missing ['fold']"),
-    (lambda df: df.assign(extra=1), "extra ['extra']"),
-    (lambda df: df[list(reversed(df.columns))], "wrong order"),
-])
+@pytest.mark.parametrize(
+    ("edit", "fragment"),
+    [
+        (lambda df: df.drop(columns=["fold"]), "missing ['fold']"),
+        (lambda df: df.assign(extra=1), "extra ['extra']"),
+        (lambda df: df[list(reversed(df.columns))], "wrong order"),
+    ],
+)
 def test_load_refuses_wrong_columns(manifest, tmp_path, edit, fragment):
     path = _write_raw(edit(manifest), tmp_path / "bad.csv")
     with pytest.raises(FsgEndoError) as info:
@@ -164,22 +188,25 @@ def _set(df: pd.DataFrame, row: int, col: str, value) -> pd.DataFrame:
     return df
 
 
-@pytest.mark.parametrize(("col", "value", "fragment"), [
-    ("fold", "1.5", "fold '1.5' is not an integer"),
-    ("fold", "", "is not an integer"),
-    ("fold", -1, "fold -1 is negative"),
-    ("xmin", "a", "xmin 'a' is not an integer"),
-    ("size_mm", "x", "size_mm 'x' is not a number"),
-    ("size_class3", 2, "size_class3 2 does not match"),
-    ("size_class2", 1, "size_class2 1 does not match"),
-    ("xmax", 1000, "box"),
-    ("frame_path", "../outside/x.jpg", "leaves the dataset root"),
-    ("frame_path", "001-001_frames/../../x.jpg", "leaves the dataset root"),
-    ("frame_path", "/etc/x.jpg", "leaves the dataset root"),
-    ("frame_path", "C:\\data\\x.jpg", "leaves the dataset root"),
-    ("frame_path", "..\\x.jpg", "leaves the dataset root"),
-    ("lesion_id", "", "empty lesion_id"),
-])
+@pytest.mark.parametrize(
+    ("col", "value", "fragment"),
+    [
+        ("fold", "1.5", "fold '1.5' is not an integer"),
+        ("fold", "", "is not an integer"),
+        ("fold", -1, "fold -1 is negative"),
+        ("xmin", "a", "xmin 'a' is not an integer"),
+        ("size_mm", "x", "size_mm 'x' is not a number"),
+        ("size_class3", 2, "size_class3 2 does not match"),
+        ("size_class2", 1, "size_class2 1 does not match"),
+        ("xmax", 1000, "box"),
+        ("frame_path", "../outside/x.jpg", "leaves the dataset root"),
+        ("frame_path", "001-001_frames/../../x.jpg", "leaves the dataset root"),
+        ("frame_path", "/etc/x.jpg", "leaves the dataset root"),
+        ("frame_path", "C:\\data\\x.jpg", "leaves the dataset root"),
+        ("frame_path", "..\\x.jpg", "leaves the dataset root"),
+        ("lesion_id", "", "empty lesion_id"),
+    ],
+)
 def test_load_refuses_bad_rows_naming_file_and_row(manifest, tmp_path, col, value, fragment):
     row = int(np.flatnonzero(manifest["size_mm"] < 5)[1])  # a diminutive lesion: classes 0 and 0
     path = _write_raw(_set(manifest.copy(), row, col, value), tmp_path / "bad.csv")
@@ -214,8 +241,9 @@ def test_load_missing_manifest_or_root(manifest, tmp_path):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fsg_endo", "manifest", *args], capture_output=True,
-                          text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "fsg_endo", "manifest", *args], capture_output=True, text=True, timeout=120, check=False
+    )
 
 
 def test_cli_writes_a_manifest(realcolon, tmp_path):

@@ -73,7 +73,8 @@ def test_confusion_matrix_by_hand_keeps_absent_classes():
     np.testing.assert_array_equal(confusion_matrix([0, 0], [0, 0], 3), [[2, 0, 0], [0, 0, 0], [0, 0, 0]])
 
 
-@pytest.mark.parametrize("name, key", [("<10mm", "lt10mm"), (">=10mm", "ge10mm"), ("small", "small"),
-                                       ("a b/c", "a_b_c")])
+@pytest.mark.parametrize(
+    "name, key", [("<10mm", "lt10mm"), (">=10mm", "ge10mm"), ("small", "small"), ("a b/c", "a_b_c")]
+)
 def test_metric_key_is_mlflow_safe(name, key):
     assert metric_key(name) == key

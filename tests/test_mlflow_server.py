@@ -79,9 +79,27 @@ def mlflow_server(tmp_path) -> Iterator[tuple[str, Path]]:
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination", str(artifacts)],
-            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{tmp_path / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(artifacts),
+            ],
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             wait_healthy(url, proc, log_path)
             yield url, artifacts
@@ -109,8 +127,16 @@ def test_smoke_run_through_a_tracking_server(mlflow_server, tmp_path, data_cache
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
     assert tags["regularizer"] == "fsg_gr" and tags["task"] == "size_regression" and tags["data.manifest_sha256"]
     assert params["data.train_fraction"] == "1.0" and params["fsg.enabled"] == "True" and params["model.depth"] == "2"
-    assert {"train/loss", "train/gate_loss", "val/mae", "lesion/test/mae", "gates/attn/layer_00/mean",
-            "gates/mlp/layer_01/sparsity", "gates/all/sparsity", "best_epoch"} <= set(metrics)
+    assert {
+        "train/loss",
+        "train/gate_loss",
+        "val/mae",
+        "lesion/test/mae",
+        "gates/attn/layer_00/mean",
+        "gates/mlp/layer_01/sparsity",
+        "gates/all/sparsity",
+        "best_epoch",
+    } <= set(metrics)
     history = api(url, "metrics/get-history", run_id=run_id, metric_key="train/loss")["metrics"]
     assert len(history) == len({m["step"] for m in history}) >= 1
 
@@ -128,9 +154,13 @@ def test_smoke_run_through_a_tracking_server(mlflow_server, tmp_path, data_cache
     assert list(artifacts.rglob("gates/epoch_001.npz")) and not (work / "mlruns").exists()
     assert b"<html" in get(url).lower()  # the UI itself
 
-    compare = subprocess.run([sys.executable, "-m", "fsg_endo", "compare", "--exp", "polyp_size_fsg"],
-                             env={**os.environ, "MLFLOW_TRACKING_URI": url}, capture_output=True, text=True,
-                             timeout=120)
+    compare = subprocess.run(
+        [sys.executable, "-m", "fsg_endo", "compare", "--exp", "polyp_size_fsg"],
+        env={**os.environ, "MLFLOW_TRACKING_URI": url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert compare.returncode == 0, compare.stderr[-2000:]
     row = next(line.split() for line in compare.stdout.splitlines() if line.startswith("fsg_gr"))
     assert float(row[-2]) == pytest.approx(metrics["lesion/test/mae"], abs=1e-5)  # the mean over its one run

@@ -30,16 +30,26 @@ def trained(tmp_path_factory, data_cache) -> dict:
     """A smoke model trained on the synthetic dataset and registered as :data:`NAME`."""
     work = tmp_path_factory.mktemp("model_use")
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    proc = run_cli(["--exp", "polyp_size_fsg", "--smoke", "--set", f"tracking.register_model={NAME}"],
-                   work, data_cache, uri)
+    proc = run_cli(
+        ["--exp", "polyp_size_fsg", "--smoke", "--set", f"tracking.register_model={NAME}"], work, data_cache, uri
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("polyp_size_fsg")
     (run,) = client.search_runs([exp.experiment_id])
     manifest = Path(json.loads(run.inputs.dataset_inputs[0].dataset.source)["uri"])
     preds = pd.read_csv(client.download_artifacts(run.info.run_id, "predictions/test.csv", str(work)))
-    return {"uri": uri, "dir": work, "client": client, "exp": exp, "run": run, "proc": proc,
-            "manifest": manifest, "root": data_cache / "synthetic_s0_v4", "test_preds": preds}
+    return {
+        "uri": uri,
+        "dir": work,
+        "client": client,
+        "exp": exp,
+        "run": run,
+        "proc": proc,
+        "manifest": manifest,
+        "root": data_cache / "synthetic_s0_v4",
+        "test_preds": preds,
+    }
 
 
 @pytest.fixture
@@ -68,7 +78,10 @@ def test_model_has_signature_and_preprocessing_metadata_and_no_pickle_warning(tr
     assert inputs == {"image": [-1, 3, size, size], "box": [-1, 4]}
     meta = info.metadata["fsg_endo"]
     assert (meta["image_size"], meta["context"], meta["fov_mask"]) == (
-        size, float(params["data.context"]), params["data.fov_mask"] == "True")
+        size,
+        float(params["data.context"]),
+        params["data.fov_mask"] == "True",
+    )
     assert len(meta["mean"]) == len(meta["std"]) == 3 and meta["task"] == params["task"]
     assert "pickle" not in trained["proc"].stderr.lower()
 
@@ -80,8 +93,13 @@ def test_pickled_models_are_refused_when_pickle_is_disallowed(tmp_path, monkeypa
     from fsg_endo.errors import FsgEndoError
     from fsg_endo.tracking.model_store import load_model
 
-    mlflow.pytorch.save_model(torch.nn.Linear(2, 1), tmp_path / "m", serialization_format="pickle",
-                              metadata={"fsg_endo": {"task": "size_regression"}}, pip_requirements=["torch"])
+    mlflow.pytorch.save_model(
+        torch.nn.Linear(2, 1),
+        tmp_path / "m",
+        serialization_format="pickle",
+        metadata={"fsg_endo": {"task": "size_regression"}},
+        pip_requirements=["torch"],
+    )
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     with pytest.raises(FsgEndoError, match="cannot load"):
         load_model(str(tmp_path / "m"), "sqlite:///" + str(tmp_path / "x.db"))
@@ -102,8 +120,9 @@ def test_mlflow_conventions_experiment_kind_source_tags_and_dataset_inputs(train
 
     run, exp = trained["run"], trained["exp"]
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
-    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                          cwd=Path(__file__).parent).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+    ).stdout.strip()
     assert run.data.tags["mlflow.source.git.commit"] == head
     assert run.data.tags["mlflow.source.name"].endswith("run.py")
     params = run.data.params
@@ -126,8 +145,10 @@ def test_evaluate_on_a_sun_layout_dataset(store_env, tmp_path, capsys):
     sizes_csv, expected = write_sun(root, SUN_SIZES, frames_per_case=3, frame_size=(120, 100))
     before = _run_ids(store_env)
     trained_id = store_env["run"].info.run_id
-    assert main(["evaluate", "--model", f"runs:/{trained_id}/model", "--data-root", str(root),
-                 "--sizes", str(sizes_csv)]) == 0
+    assert (
+        main(["evaluate", "--model", f"runs:/{trained_id}/model", "--data-root", str(root), "--sizes", str(sizes_csv)])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert f"{len(expected)} boxes of {len(SUN_SIZES)} lesions" in printed
     assert "frame/test" in printed and "lesion/test" in printed and "mae" in printed
@@ -152,12 +173,27 @@ def test_evaluate_on_the_training_test_fold_reproduces_the_runs_predictions(stor
     params = store_env["run"].data.params
     fold = int(params["data.test_fold"])
     before = _run_ids(store_env)
-    assert main(["evaluate", "--model", f"models:/{NAME}/1", "--data-root", str(store_env["root"]),
-                 "--format", "synthetic", "--fold", str(fold)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                f"models:/{NAME}/1",
+                "--data-root",
+                str(store_env["root"]),
+                "--format",
+                "synthetic",
+                "--fold",
+                str(fold),
+            ]
+        )
+        == 0
+    )
     (run,) = _new_runs(store_env, before)
     assert run.data.tags["dataset"] == "synthetic"
-    preds = pd.read_csv(store_env["client"].download_artifacts(run.info.run_id, "predictions/test.csv",
-                                                               str(store_env["dir"])))
+    preds = pd.read_csv(
+        store_env["client"].download_artifacts(run.info.run_id, "predictions/test.csv", str(store_env["dir"]))
+    )
     manifest = load_manifest(store_env["manifest"])
     assert len(preds) == (manifest["fold"] == fold).sum()
     both = store_env["test_preds"].merge(preds, on=["lesion_id", "frame_id"], suffixes=("_train", "_eval"))
@@ -168,9 +204,16 @@ def test_evaluate_on_the_training_test_fold_reproduces_the_runs_predictions(stor
 def _video_boxes(trained, video_id: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     rows = load_manifest(trained["manifest"])
     rows = rows[rows["video_id"] == video_id].reset_index(drop=True)
-    boxes = pd.DataFrame({"frame_index": rows["frame_id"].map(frame_index), "xmin": rows["xmin"],
-                          "ymin": rows["ymin"], "xmax": rows["xmax"], "ymax": rows["ymax"],
-                          "lesion_id": rows["lesion_id"]})
+    boxes = pd.DataFrame(
+        {
+            "frame_index": rows["frame_id"].map(frame_index),
+            "xmin": rows["xmin"],
+            "ymin": rows["ymin"],
+            "xmax": rows["xmax"],
+            "ymax": rows["ymax"],
+            "lesion_id": rows["lesion_id"],
+        }
+    )
     return rows, boxes
 
 
@@ -179,9 +222,22 @@ def test_predict_on_a_video_with_lesion_summary(store_env, tmp_path, capsys):
     rows, boxes = _video_boxes(store_env, video_id)
     boxes.to_csv(tmp_path / "boxes.csv", index=False)
     out = tmp_path / "out" / "sizes.csv"
-    assert main(["predict", "--model", f"models:/{NAME}/1", "--video",
-                 str(store_env["root"] / "videos" / f"{video_id}.mp4"), "--boxes", str(tmp_path / "boxes.csv"),
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                f"models:/{NAME}/1",
+                "--video",
+                str(store_env["root"] / "videos" / f"{video_id}.mp4"),
+                "--boxes",
+                str(tmp_path / "boxes.csv"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     sized = pd.read_csv(out)
     assert len(sized) == len(boxes) and (sized["frame_index"] == boxes["frame_index"]).all()
     size = sized["size_mm"].to_numpy()
@@ -198,8 +254,22 @@ def test_predict_on_frames_matches_the_runs_test_predictions(store_env, tmp_path
     test = store_env["test_preds"]
     rows = load_manifest(store_env["manifest"]).merge(test[["lesion_id", "frame_id", "prediction"]])
     rows[["frame_path", "xmin", "ymin", "xmax", "ymax"]].to_csv(tmp_path / "boxes.csv", index=False)
-    assert main(["predict", "--model", f"models:/{NAME}/1", "--frames", str(store_env["root"]),
-                 "--boxes", str(tmp_path / "boxes.csv"), "--out", str(tmp_path / "sizes.csv")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                f"models:/{NAME}/1",
+                "--frames",
+                str(store_env["root"]),
+                "--boxes",
+                str(tmp_path / "boxes.csv"),
+                "--out",
+                str(tmp_path / "sizes.csv"),
+            ]
+        )
+        == 0
+    )
     sized = pd.read_csv(tmp_path / "sizes.csv")
     np.testing.assert_allclose(sized["size_mm"], rows["prediction"], atol=1e-3)
     assert not (tmp_path / "sizes_lesions.csv").exists()  # no lesion ids, no lesion summary
@@ -212,30 +282,36 @@ def _write_video(path: Path, frames: int = 5, size: tuple[int, int] = (64, 48)) 
     writer.release()
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("missing_video", "file missing"),
-    ("box_outside", "leaves the 64x48 frame"),
-    ("not_a_number", "xmin 'ten' is not a number"),
-    ("missing_column", "lacks column(s) ymax"),
-    ("beyond_end", "beyond the 5 frames"),
-    ("missing_frame", "file missing"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing_video", "file missing"),
+        ("box_outside", "leaves the 64x48 frame"),
+        ("not_a_number", "xmin 'ten' is not a number"),
+        ("missing_column", "lacks column(s) ymax"),
+        ("beyond_end", "beyond the 5 frames"),
+        ("missing_frame", "file missing"),
+    ],
+)
 def test_predict_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, capsys, case, expected):
     video = tmp_path / "v.mp4"
     _write_video(video)
     table = "frame_index,xmin,ymin,xmax,ymax\n0,10,10,20,20\n"
     args = ["--video", str(video if case != "missing_video" else tmp_path / "none.mp4")]
-    table = {"box_outside": "frame_index,xmin,ymin,xmax,ymax\n0,10,10,20,20\n1,50,10,70,20\n",
-             "not_a_number": "frame_index,xmin,ymin,xmax,ymax\n0,ten,10,20,20\n",
-             "missing_column": "frame_index,xmin,ymin,xmax\n0,10,10,20\n",
-             "beyond_end": "frame_index,xmin,ymin,xmax,ymax\n7,10,10,20,20\n"}.get(case, table)
+    table = {
+        "box_outside": "frame_index,xmin,ymin,xmax,ymax\n0,10,10,20,20\n1,50,10,70,20\n",
+        "not_a_number": "frame_index,xmin,ymin,xmax,ymax\n0,ten,10,20,20\n",
+        "missing_column": "frame_index,xmin,ymin,xmax\n0,10,10,20\n",
+        "beyond_end": "frame_index,xmin,ymin,xmax,ymax\n7,10,10,20,20\n",
+    }.get(case, table)
     if case == "missing_frame":
         (tmp_path / "frames").mkdir()
         args, table = ["--frames", str(tmp_path / "frames")], "frame_path,xmin,ymin,xmax,ymax\nf1.jpg,1,1,5,5\n"
     (tmp_path / "boxes.csv").write_text(table)
     out = tmp_path / "sizes.csv"
-    code = main(["predict", "--model", "models:/none/1", *args, "--boxes", str(tmp_path / "boxes.csv"),
-                 "--out", str(out)])
+    code = main(
+        ["predict", "--model", "models:/none/1", *args, "--boxes", str(tmp_path / "boxes.csv"), "--out", str(out)]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
     assert not out.exists() and list(tmp_path.glob("*sizes*")) == []

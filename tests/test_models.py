@@ -30,8 +30,9 @@ def block_sizes(vit: VisionTransformer) -> tuple[int, int, int, int]:
     return (vit.hidden_dim, len(vit.encoder.layers), first.self_attention.num_heads, first.mlp[0].out_features)
 
 
-@pytest.mark.parametrize("preset, expected", [("micro", (128, 4, 4, 512)), ("ti", (192, 12, 3, 768)),
-                                              ("s", (384, 12, 6, 1536))])
+@pytest.mark.parametrize(
+    "preset, expected", [("micro", (128, 4, 4, 512)), ("ti", (192, 12, 3, 768)), ("s", (384, 12, 6, 1536))]
+)
 def test_presets_build_the_named_sizes(preset, expected):
     assert tuple(VIT_PRESETS[preset][k] for k in ("hidden_dim", "depth", "heads", "mlp_dim")) == expected
     vit = build_model(preset, image_size=32, patch_size=16)
@@ -84,8 +85,12 @@ def test_gates_routing_and_folding_work_on_the_sizing_model():
     assert {id(p) for p in gates} | {id(p) for p in non_gate_parameters(model)} == {id(p) for p in model.parameters()}
     head_before = model.head[0].weight.detach().clone()
     gates_before = [g.detach().clone() for g in gates]
-    router = GradientRouter(model, torch.optim.Adam(non_gate_parameters(model), lr=1e-2),
-                            torch.optim.Adam(gates, lr=1e-2), lambda out, t: ((out - t) ** 2).mean())
+    router = GradientRouter(
+        model,
+        torch.optim.Adam(non_gate_parameters(model), lr=1e-2),
+        torch.optim.Adam(gates, lr=1e-2),
+        lambda out, t: ((out - t) ** 2).mean(),
+    )
     x, box, y = torch.randn(4, 3, 16, 16), torch.randn(4, 4), torch.randn(4, 1)
     result = router.step((x, box), y)
     assert result["skipped"] is False
@@ -104,8 +109,9 @@ def test_gates_routing_and_folding_work_on_the_sizing_model():
 
 def test_log_box_head_scales_the_box_side_by_exp_of_the_head():
     torch.manual_seed(0)
-    model = build_model(image_size=16, patch_size=8, num_outputs=1, fsg=True, box_features=4,
-                        size_range=(0.5, 20.0), **SMALL).eval()
+    model = build_model(
+        image_size=16, patch_size=8, num_outputs=1, fsg=True, box_features=4, size_range=(0.5, 20.0), **SMALL
+    ).eval()
     x = torch.randn(3, 3, 16, 16)
     box = torch.tensor([[-2.0, -2.2, 0.5, 0.5], [-1.0, -1.4, 0.3, 0.6], [-3.0, -2.6, 0.7, 0.4]])
     with torch.no_grad():
@@ -134,8 +140,9 @@ def test_stochastic_depth_rises_linearly_and_is_identity_in_eval():
     torch.manual_seed(0)
     plain = build_model(image_size=16, patch_size=8, hidden_dim=16, depth=5, heads=2, mlp_dim=32)
     torch.manual_seed(0)
-    regularised = build_model(image_size=16, patch_size=8, hidden_dim=16, depth=5, heads=2, mlp_dim=32,
-                              stochastic_depth=0.2)
+    regularised = build_model(
+        image_size=16, patch_size=8, hidden_dim=16, depth=5, heads=2, mlp_dim=32, stochastic_depth=0.2
+    )
     blocks = list(regularised.encoder.layers)
     assert all(isinstance(b, StochasticDepthBlock) for b in blocks)
     assert [b.drop_path.p for b in blocks] == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])

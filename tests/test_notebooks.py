@@ -13,10 +13,10 @@ import pytest
 from fixtures_mlflow import GATE_MEAN_HISTORY, GATE_RUNS, GATE_THRESHOLD, GATES, METRIC, PREDICTIONS, SWEEP
 from nbclient import NotebookClient
 
+from fsg_endo.errors import FsgEndoError
 from fsg_endo.experiment import analysis
 from fsg_endo.experiment.config import load_config
 from fsg_endo.experiment.sweep import child_configs
-from fsg_endo.errors import FsgEndoError
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = {name: REPO / "notebooks" / f"{name}.ipynb" for name in ("gate_sparsity", "regularization_comparison")}
@@ -58,8 +58,9 @@ def test_notebooks_are_committed_without_outputs(name):
 def _latest(uri: str, experiment: str, regularizer: str) -> str:
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], f"tags.regularizer = '{regularizer}'",
-                              order_by=["attributes.start_time DESC"])
+    runs = client.search_runs(
+        [exp.experiment_id], f"tags.regularizer = '{regularizer}'", order_by=["attributes.start_time DESC"]
+    )
     return runs[0].info.run_id
 
 
@@ -177,8 +178,9 @@ def test_latest_per_cell_keeps_the_latest_finished_run(hand_store):
 
 
 def _cells(rows) -> pd.DataFrame:
-    return pd.DataFrame([{"regularizer": r, "train_fraction": f, "fold": k, "seed": s, "m": v}
-                         for r, f, k, s, v in rows])
+    return pd.DataFrame(
+        [{"regularizer": r, "train_fraction": f, "fold": k, "seed": s, "m": v} for r, f, k, s, v in rows]
+    )
 
 
 def test_summarize_orders_regularizers_and_computes_mean_std():

@@ -36,9 +36,21 @@ def paint(box: tuple[int, int, int, int], square: np.ndarray = SQUARE) -> np.nda
 def row(t: int, box: tuple[int, int, int, int], size_mm: float, lesion: str, ext: str = "png") -> dict:
     """A manifest row of frame ``t`` of VIDEO."""
     stem = f"{VIDEO}_{t}"
-    return {"dataset": "test", "video_id": VIDEO, "lesion_id": lesion, "frame_id": stem,
-            "frame_path": f"{VIDEO}_frames/{stem}.{ext}", "xmin": box[0], "ymin": box[1], "xmax": box[2],
-            "ymax": box[3], "width": W, "height": H, "size_mm": size_mm, "fold": 0}
+    return {
+        "dataset": "test",
+        "video_id": VIDEO,
+        "lesion_id": lesion,
+        "frame_id": stem,
+        "frame_path": f"{VIDEO}_frames/{stem}.{ext}",
+        "xmin": box[0],
+        "ymin": box[1],
+        "xmax": box[2],
+        "ymax": box[3],
+        "width": W,
+        "height": H,
+        "size_mm": size_mm,
+        "fold": 0,
+    }
 
 
 def write_frames(root: Path, frames: list[np.ndarray], rows: list[dict]) -> None:
@@ -54,8 +66,12 @@ def painted(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
     """Frames 0-2: the square at BOX (sizes 3, 7.5, 10 mm); frame 3: a box at the top-left corner."""
     root = tmp_path_factory.mktemp("painted")
     corner = (0, 0, 16, 16)
-    rows = [row(0, BOX, 3.0, f"{VIDEO}_1"), row(1, BOX, 7.5, f"{VIDEO}_2"), row(2, BOX, 10.0, f"{VIDEO}_3"),
-            row(3, corner, 4.0, f"{VIDEO}_4")]
+    rows = [
+        row(0, BOX, 3.0, f"{VIDEO}_1"),
+        row(1, BOX, 7.5, f"{VIDEO}_2"),
+        row(2, BOX, 10.0, f"{VIDEO}_3"),
+        row(3, corner, 4.0, f"{VIDEO}_4"),
+    ]
     write_frames(root, [paint(BOX)] * 3 + [paint(corner)], rows)
     return root, pd.DataFrame(rows)
 
@@ -82,8 +98,17 @@ def normalised(rgb: np.ndarray) -> np.ndarray:
 def test_item_keys_shapes_dtypes(painted):
     root, rows = painted
     item = build_dataset(rows, root, image_size=16, cache="none", mean=MEAN, std=STD)[0]
-    assert set(item) == {"image", "box", "size_mm", "target_reg", "size_class3", "size_class2",
-                         "lesion_id", "video_id", "frame_id"}
+    assert set(item) == {
+        "image",
+        "box",
+        "size_mm",
+        "target_reg",
+        "size_class3",
+        "size_class2",
+        "lesion_id",
+        "video_id",
+        "frame_id",
+    }
     assert item["image"].shape == (3, 16, 16) and item["image"].dtype == torch.float32
     assert item["box"].shape == (4,) and item["box"].dtype == torch.float32
     for key in ("size_mm", "target_reg"):
@@ -108,10 +133,12 @@ def test_border_padding_is_black(painted):
     image = build_dataset(rows.iloc[[3]], root, image_size=16, fov_mask=False, cache="none")[0]["image"].numpy()
     # box (0, 0, 16, 16): 32 px crop at (-8, -8), so its first 8 rows and columns (4 after resizing) are padding
     assert np.all(image[:, :4, :] == 0) and np.all(image[:, :, :4] == 0)
-    np.testing.assert_allclose(image[:, 4:12, 4:12], (SQUARE / 255.0)[:, None, None].repeat(8, 1).repeat(8, 2),
-                               atol=1e-6)
-    np.testing.assert_allclose(image[:, 12:, 12:], (BACKGROUND / 255.0)[:, None, None].repeat(4, 1).repeat(4, 2),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        image[:, 4:12, 4:12], (SQUARE / 255.0)[:, None, None].repeat(8, 1).repeat(8, 2), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        image[:, 12:, 12:], (BACKGROUND / 255.0)[:, None, None].repeat(4, 1).repeat(4, 2), atol=1e-6
+    )
 
 
 def test_fov_mask_zeroes_outside_the_inscribed_circle(tmp_path):
@@ -204,8 +231,7 @@ def test_geometric_augmentation_keeps_the_rendered_colour(painted, photometric):
     """Without colour jitter and noise the crop's centre (inside the square under any rotation of +-30 deg and
     flip) keeps the square's exact colour; with them it does not."""
     root, rows = painted
-    ds = build_dataset(rows.iloc[:3], root, image_size=16, cache="memory", train=True, seed=0,
-                       photometric=photometric)
+    ds = build_dataset(rows.iloc[:3], root, image_size=16, cache="memory", train=True, seed=0, photometric=photometric)
     centres = torch.stack([ds[i % 3]["image"][:, 6:10, 6:10] for i in range(12)])
     square = torch.tensor(SQUARE / 255.0, dtype=torch.float32)[None, :, None, None]
     assert torch.allclose(centres, square.expand_as(centres), atol=1e-6) is not photometric

@@ -126,9 +126,14 @@ def test_realcolon_missing_lesion_info(realcolon):
     _expect_error(lambda: read_realcolon(root), "lesion_info.csv", "not found")
 
 
-@pytest.mark.parametrize(("name", "column"), [("lesion_info.csv", "size [mm]"),
-                                              ("lesion_info.csv", "unique_object_id"),
-                                              ("video_info.csv", "unique_video_name")])
+@pytest.mark.parametrize(
+    ("name", "column"),
+    [
+        ("lesion_info.csv", "size [mm]"),
+        ("lesion_info.csv", "unique_object_id"),
+        ("video_info.csv", "unique_video_name"),
+    ],
+)
 def test_realcolon_missing_columns(realcolon, name, column):
     root, _ = realcolon
     _edit_csv(root / name, lambda df: df.drop(columns=[column]))
@@ -165,8 +170,7 @@ def test_realcolon_lesion_without_size(realcolon, bad_size):
     _expect_error(lambda: read_realcolon(root), "lesion_info.csv", "001-002_1", "size")
 
 
-@pytest.mark.parametrize("box", [(50, 10, 70, 20), (10, 40, 20, 49), (-1, 5, 10, 10), (20, 5, 20, 10),
-                                 (30, 5, 10, 10)])
+@pytest.mark.parametrize("box", [(50, 10, 70, 20), (10, 40, 20, 49), (-1, 5, 10, 10), (20, 5, 20, 10), (30, 5, 10, 10)])
 def test_realcolon_box_outside_frame_or_empty(realcolon, box):
     root, _ = realcolon
     _xml(root, "001-002_2").write_text(voc_xml("001-002_2.jpg", 64, 48, [("001-002_1", box)]))
@@ -242,8 +246,9 @@ def test_sun_sizes_missing_column(sun):
     _expect_error(lambda: read_sun(root, sizes_csv), sizes_csv.name, "missing column", "size_mm")
 
 
-@pytest.mark.parametrize("line", ["case1/x_image0001.jpg 10,10,20", "case1/x_image0001.jpg 1,2,3,4,0 junk",
-                                  "just some words"])
+@pytest.mark.parametrize(
+    "line", ["case1/x_image0001.jpg 10,10,20", "case1/x_image0001.jpg 1,2,3,4,0 junk", "just some words"]
+)
 def test_sun_unparseable_line(sun, line):
     root, sizes_csv = sun
     txt = root / "annotation_txt" / "case1.txt"
@@ -286,8 +291,10 @@ def test_cli_error_is_one_line_also_from_a_dataloader_worker():
     from fsg_endo.cli import one_line
     from fsg_endo.errors import FsgEndoError
 
-    wrapped = FsgEndoError("Caught FsgEndoError in DataLoader worker process 0.\nOriginal Traceback (most "
-                           "recent call last):\n  File \"x.py\", line 1\n"
-                           "fsg_endo.errors.FsgEndoError: cannot read frame a.jpg")
+    wrapped = FsgEndoError(
+        "Caught FsgEndoError in DataLoader worker process 0.\nOriginal Traceback (most "
+        'recent call last):\n  File "x.py", line 1\n'
+        "fsg_endo.errors.FsgEndoError: cannot read frame a.jpg"
+    )
     assert one_line(wrapped) == "cannot read frame a.jpg"
     assert one_line(FsgEndoError("m.csv: bad column")) == "m.csv: bad column"

@@ -22,9 +22,21 @@ METRIC = "lesion/test/mae"
 def sweep_rows(values: dict[str, list[float]], fractions=(0.5,), grid_points=("",), test=20.0, train=60.0):
     """Finished children: per arm one metric value per (fraction, grid point, fold, seed) cell, in order."""
     cells = list(itertools.product(fractions, grid_points, range(3), range(2)))
-    rows = [{"regularizer": arm, "train_fraction": f, "grid_point": g, "fold": fold, "seed": seed, METRIC: v,
-             "data/test_lesions": test, "data/train_lesions": train * f, "status": "FINISHED"}
-            for arm, vs in values.items() for (f, g, fold, seed), v in zip(cells, vs)]
+    rows = [
+        {
+            "regularizer": arm,
+            "train_fraction": f,
+            "grid_point": g,
+            "fold": fold,
+            "seed": seed,
+            METRIC: v,
+            "data/test_lesions": test,
+            "data/train_lesions": train * f,
+            "status": "FINISHED",
+        }
+        for arm, vs in values.items()
+        for (f, g, fold, seed), v in zip(cells, vs)
+    ]
     return pd.DataFrame(rows)
 
 
@@ -43,8 +55,9 @@ def test_wilcoxon_column_is_the_exact_signed_rank_test():
     none = [5.0, 5.0, 4.5, 8.0, 5.3, 6.1]  # distinct |diff|, no zeros
     row = sweep_report(sweep_rows({"none": none, "fsg_gr": gr}), METRIC, ["fsg_gr"]).iloc[0]
     assert row["p_wilcoxon"] == pytest.approx(_exact_wilcoxon_p(list(np.subtract(none, gr))))
-    smallest = min(_exact_wilcoxon_p([s * r for s, r in zip(signs, range(1, 7))])
-                   for signs in itertools.product([-1, 1], repeat=6))
+    smallest = min(
+        _exact_wilcoxon_p([s * r for s, r in zip(signs, range(1, 7))]) for signs in itertools.product([-1, 1], repeat=6)
+    )
     assert wilcoxon_min_p(6) == pytest.approx(smallest)
 
 
@@ -78,7 +91,11 @@ def test_report_rows_pair_cells_and_match_hand_statistics():
     report = sweep_report(sweep_rows({"none": none, "fsg_frozen": frozen, "fsg_gr": gr}), METRIC)
     assert list(report.columns) == COLUMNS
     assert set(zip(report["arm"], report["reference"])) == {
-        ("none", "fsg_gr"), ("fsg_frozen", "fsg_gr"), ("fsg_frozen", "none"), ("fsg_gr", "none")}
+        ("none", "fsg_gr"),
+        ("fsg_frozen", "fsg_gr"),
+        ("fsg_frozen", "none"),
+        ("fsg_gr", "none"),
+    }
     row = report[(report["arm"] == "fsg_frozen") & (report["reference"] == "fsg_gr")].iloc[0]
     diff = np.subtract(frozen, gr)
     assert row["n"] == 6 and row["mean"] == pytest.approx(np.mean(frozen))

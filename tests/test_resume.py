@@ -23,8 +23,14 @@ def killed_at(where: str, cwd: Path, cache: Path, uri: str) -> None:
     """Run RUN_ARGS in a subprocess that pauses at ``where`` (see ``paused_run.py``) and SIGKILL it there."""
     env = {**os.environ, "FSG_ENDO_CACHE": str(cache), "MLFLOW_TRACKING_URI": uri}
     marker = cwd / "paused"
-    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "paused_run.py"), str(marker), where, *RUN_ARGS],
-                            cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "paused_run.py"), str(marker), where, *RUN_ARGS],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -62,8 +68,9 @@ def test_sigkill_then_resume_last(tmp_path, data_cache, reference_run, where):
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signal_saves_mid_epoch_checkpoint_and_resume_matches(tmp_path, data_cache, reference_run, monkeypatch, capsys,
-                                                               signum, code):
+def test_signal_saves_mid_epoch_checkpoint_and_resume_matches(
+    tmp_path, data_cache, reference_run, monkeypatch, capsys, signum, code
+):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     step = reference_run["steps_per_epoch"] + 2  # the second step of epoch 2
@@ -94,9 +101,21 @@ def test_resume_refuses_a_finished_run(data_cache, reference_run, capsys):
 
 def test_sweep_resumes_only_unfinished_children(tmp_path, data_cache, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["--exp", "regularization_sweep", "--smoke", "--set", "sweep.regularizers=[none]",
-            "--set", "sweep.train_fractions=[0.5, 1.0]", "--set", "tracking.log_model=false",
-            "--set", "tracking.plots=false", "--set", "sweep.executor=sequential"]  # Ray: tests/test_sweep_ray.py
+    args = [
+        "--exp",
+        "regularization_sweep",
+        "--smoke",
+        "--set",
+        "sweep.regularizers=[none]",
+        "--set",
+        "sweep.train_fractions=[0.5, 1.0]",
+        "--set",
+        "tracking.log_model=false",
+        "--set",
+        "tracking.plots=false",
+        "--set",
+        "sweep.executor=sequential",
+    ]  # Ray: tests/test_sweep_ray.py
     interrupt_at(monkeypatch, signal.SIGTERM, step=2, run=2)  # in the second child
     assert in_process(args, tmp_path, data_cache, uri) == 143
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -134,8 +153,8 @@ def test_checkpoints_load_with_weights_only(reference_run):
 def test_augmentation_depends_on_seed_epoch_position_only(tmp_path, data_cache):
     """Augmented batches are the same with 0 or 2 loader workers, and an epoch resumed after its first
     batch continues with exactly the batches of the uninterrupted epoch."""
-    from fsg_endo.experiment.config import load_config
     from fsg_endo.engine.prepare import prepare_data
+    from fsg_endo.experiment.config import load_config
 
     def epoch(workers: int, batches_done: int = 0) -> list[torch.Tensor]:
         cfg = load_config("polyp_size_fsg", [f"data.workers={workers}"], smoke=True)

@@ -16,8 +16,9 @@ LR_MAIN, LR_GATE = 0.05, 0.5
 
 def gated_vit(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    vit = VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
-                            num_classes=1)
+    vit = VisionTransformer(
+        image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=1
+    )
     nn.init.normal_(vit.heads.head.weight, std=0.5)
     return vit_with_fsg(vit)
 
@@ -40,8 +41,12 @@ def router_for(model, accumulate=False, main_clip=10.0, gate_clip=32.0, **kw):
         model,
         torch.optim.SGD(non_gate_parameters(model), lr=LR_MAIN),
         torch.optim.SGD(gate_parameters(model), lr=LR_GATE),
-        main_loss, gate_loss, main_clip=main_clip, gate_clip=gate_clip,
-        accumulate_gate_pass_grads=accumulate, **kw,
+        main_loss,
+        gate_loss,
+        main_clip=main_clip,
+        gate_clip=gate_clip,
+        accumulate_gate_pass_grads=accumulate,
+        **kw,
     )
 
 
@@ -57,7 +62,7 @@ def hand_gr_step(model, x, y, accumulate, main_clip, gate_clip):
     backbone = non_gate_parameters(model)
     every = gates + backbone
     grads = torch.autograd.grad(gate_loss(model(x), y), every)
-    gate_grads, carried = grads[:len(gates)], grads[len(gates):]
+    gate_grads, carried = grads[: len(gates)], grads[len(gates) :]
     with torch.no_grad():
         for p, g in zip(gates, clipped(gate_grads, gate_clip)):
             p -= LR_GATE * g
@@ -147,8 +152,12 @@ def test_main_pass_leaves_the_gates_alone():
 def test_gate_loss_defaults_to_main_loss():
     x, y = batch()
     model = gated_vit()
-    router = GradientRouter(model, torch.optim.SGD(non_gate_parameters(model), lr=LR_MAIN),
-                            torch.optim.SGD(gate_parameters(model), lr=LR_GATE), main_loss)
+    router = GradientRouter(
+        model,
+        torch.optim.SGD(non_gate_parameters(model), lr=LR_MAIN),
+        torch.optim.SGD(gate_parameters(model), lr=LR_GATE),
+        main_loss,
+    )
     with torch.no_grad():
         expected = float(main_loss(model(x), y))
     assert router.step(x, y)["gate_loss"] == pytest.approx(expected, rel=1e-6)
@@ -165,8 +174,12 @@ def test_non_finite_steps_are_skipped(bad):
     loss = nan_loss if bad == "nan_loss" else inf_grad_loss
     model = gated_vit()
     start = params_of(model)
-    router = GradientRouter(model, torch.optim.SGD(non_gate_parameters(model), lr=LR_MAIN),
-                            torch.optim.SGD(gate_parameters(model), lr=LR_GATE), loss)
+    router = GradientRouter(
+        model,
+        torch.optim.SGD(non_gate_parameters(model), lr=LR_MAIN),
+        torch.optim.SGD(gate_parameters(model), lr=LR_GATE),
+        loss,
+    )
     result = router.step(*batch())
     assert result["skipped"] is True
     assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())
@@ -186,9 +199,14 @@ def test_a_bad_gate_pass_is_dropped_and_the_main_pass_still_runs(bad):
 
     model, reference = gated_vit(), gated_vit()
     start = params_of(model)
-    router = GradientRouter(model, torch.optim.SGD(non_gate_parameters(model), lr=LR_MAIN),
-                            torch.optim.SGD(gate_parameters(model), lr=LR_GATE), main_loss,
-                            gate_nan if bad == "nan_loss" else gate_inf_grad, accumulate_gate_pass_grads=True)
+    router = GradientRouter(
+        model,
+        torch.optim.SGD(non_gate_parameters(model), lr=LR_MAIN),
+        torch.optim.SGD(gate_parameters(model), lr=LR_GATE),
+        main_loss,
+        gate_nan if bad == "nan_loss" else gate_inf_grad,
+        accumulate_gate_pass_grads=True,
+    )
     result = router.step(*batch())
     assert result["skipped"] is True
     # no gate-pass gradient reaches the main step: the backbone moves as by the main loss alone
@@ -211,7 +229,7 @@ def test_train_step_equals_one_sgd_step_by_hand(clip):
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
     assert result["skipped"] is False
-    assert result["grad_norm"] == pytest.approx(float(torch.sqrt(sum((g ** 2).sum() for g in grads))), rel=1e-4)
+    assert result["grad_norm"] == pytest.approx(float(torch.sqrt(sum((g**2).sum() for g in grads))), rel=1e-4)
 
 
 def test_tuple_inputs_are_unpacked_into_the_model():
@@ -262,5 +280,6 @@ def test_router_rejects_shared_or_empty_gate_parameters():
         GradientRouter(model, everything, torch.optim.SGD(gate_parameters(model), lr=0.1), main_loss)
     frozen = nn.Parameter(torch.zeros(1), requires_grad=False)
     with pytest.raises(ValueError):
-        GradientRouter(model, torch.optim.SGD(non_gate_parameters(model), lr=0.1), torch.optim.SGD([frozen], lr=0.1),
-                       main_loss)
+        GradientRouter(
+            model, torch.optim.SGD(non_gate_parameters(model), lr=0.1), torch.optim.SGD([frozen], lr=0.1), main_loss
+        )

@@ -29,8 +29,25 @@ def _manifest(n_videos: int = 40, folds: int = 5, seed: int = 0) -> pd.DataFrame
             size = float(rng.choice([2.0, 4.0, 5.0, 6.0, 9.9, 10.0, 15.0]))
             for t in range(int(rng.integers(1, 13))):
                 frame = f"{video}_{k * 100 + t}"
-                rows.append(["realcolon", video, f"{video}_{k}", frame, f"{video}_frames/{frame}.jpg", 1, 1, 9, 9,
-                             64, 48, size, _class3(size), int(size >= 10), v % folds])
+                rows.append(
+                    [
+                        "realcolon",
+                        video,
+                        f"{video}_{k}",
+                        frame,
+                        f"{video}_frames/{frame}.jpg",
+                        1,
+                        1,
+                        9,
+                        9,
+                        64,
+                        48,
+                        size,
+                        _class3(size),
+                        int(size >= 10),
+                        v % folds,
+                    ]
+                )
     return pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
 
 
@@ -98,14 +115,17 @@ def test_tiny_fraction_keeps_one_lesion_of_each_present_class(manifest):
     assert train.groupby("size_class3")["lesion_id"].nunique().tolist() == [1, 1, 1]
 
 
-@pytest.mark.parametrize(("kwargs", "fragment"), [
-    ({"test_fold": 1, "val_fold": 1}, "must differ"),
-    ({"test_fold": 5, "val_fold": 1}, "test_fold=5 is out of range"),
-    ({"test_fold": 0, "val_fold": -1}, "val_fold=-1 is out of range"),
-    ({"test_fold": 0, "val_fold": 1, "train_fraction": 0.0}, "train_fraction=0.0"),
-    ({"test_fold": 0, "val_fold": 1, "train_fraction": 1.5}, "train_fraction=1.5"),
-    ({"test_fold": 0, "val_fold": 1, "train_fraction": float("nan")}, "train_fraction=nan"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"test_fold": 1, "val_fold": 1}, "must differ"),
+        ({"test_fold": 5, "val_fold": 1}, "test_fold=5 is out of range"),
+        ({"test_fold": 0, "val_fold": -1}, "val_fold=-1 is out of range"),
+        ({"test_fold": 0, "val_fold": 1, "train_fraction": 0.0}, "train_fraction=0.0"),
+        ({"test_fold": 0, "val_fold": 1, "train_fraction": 1.5}, "train_fraction=1.5"),
+        ({"test_fold": 0, "val_fold": 1, "train_fraction": float("nan")}, "train_fraction=nan"),
+    ],
+)
 def test_bad_arguments(manifest, kwargs, fragment):
     with pytest.raises(FsgEndoError, match=fragment):
         make_splits(manifest, **kwargs)
@@ -118,17 +138,32 @@ def test_two_folds_leave_no_training_rows():
 
 def test_summary_counts_by_hand():
     rows = [  # video, lesion, frame, size, fold
-        ("v1", "v1_1", "f1", 3.0, 0), ("v1", "v1_1", "f2", 3.0, 0), ("v1", "v1_2", "f2", 7.0, 0),
-        ("v2", "v2_1", "f3", 12.0, 0), ("v3", "v3_1", "f4", 5.0, 1), ("v4", "v4_1", "f5", 9.9, 2),
-        ("v4", "v4_1", "f6", 9.9, 2), ("v4", "v4_1", "f7", 9.9, 2),
+        ("v1", "v1_1", "f1", 3.0, 0),
+        ("v1", "v1_1", "f2", 3.0, 0),
+        ("v1", "v1_2", "f2", 7.0, 0),
+        ("v2", "v2_1", "f3", 12.0, 0),
+        ("v3", "v3_1", "f4", 5.0, 1),
+        ("v4", "v4_1", "f5", 9.9, 2),
+        ("v4", "v4_1", "f6", 9.9, 2),
+        ("v4", "v4_1", "f7", 9.9, 2),
     ]
-    df = pd.DataFrame([["x", v, les, fr, f"{v}/{fr}.jpg", 1, 1, 5, 5, 10, 10, s, _class3(s), int(s >= 10), fold]
-                       for v, les, fr, s, fold in rows], columns=list(MANIFEST_COLUMNS))
+    df = pd.DataFrame(
+        [
+            ["x", v, les, fr, f"{v}/{fr}.jpg", 1, 1, 5, 5, 10, 10, s, _class3(s), int(s >= 10), fold]
+            for v, les, fr, s, fold in rows
+        ],
+        columns=list(MANIFEST_COLUMNS),
+    )
     table = split_summary(make_splits(df, test_fold=2, val_fold=1)).set_index("split")
     assert table.loc["train", ["videos", "lesions", "frames", "boxes"]].tolist() == [2, 3, 3, 4]
     assert table.loc["train", ["lesions_diminutive", "lesions_small", "lesions_large"]].tolist() == [1, 1, 1]
     assert table.loc["train", ["frames_diminutive", "frames_small", "frames_large"]].tolist() == [2, 1, 1]
     assert table.loc["val", ["videos", "lesions", "frames", "lesions_diminutive", "frames_small"]].tolist() == [
-        1, 1, 1, 1, 0]
+        1,
+        1,
+        1,
+        1,
+        0,
+    ]
     assert table.loc["test", ["lesions", "frames", "lesions_small", "frames_small"]].tolist() == [1, 3, 1, 3]
     assert list(table.index) == ["train", "val", "test"]

@@ -28,8 +28,21 @@ from fsg_endo.tracking.tracker import Tracker
 
 EXP = "regularization_sweep"
 # 4 children (2 regularisers x 2 fractions), 3 epochs of several steps: room to kill a child between checkpoints
-GRID = ["--exp", EXP, "--smoke", "--set", "sweep.regularizers=[none, fsg]", "--set", "sweep.train_fractions=[0.5, 1.0]",
-        "--set", "optim.epochs=3", "--set", "tracking.log_model=false", "--set", "tracking.plots=false"]
+GRID = [
+    "--exp",
+    EXP,
+    "--smoke",
+    "--set",
+    "sweep.regularizers=[none, fsg]",
+    "--set",
+    "sweep.train_fractions=[0.5, 1.0]",
+    "--set",
+    "optim.epochs=3",
+    "--set",
+    "tracking.log_model=false",
+    "--set",
+    "tracking.plots=false",
+]
 TWO = [*GRID, "--set", "sweep.regularizers=[none]"]  # the grid's first two children
 
 
@@ -73,13 +86,15 @@ def assert_same_points(got: dict, want: dict, rel: float = 1e-4) -> None:
     for key, points in got.items():
         assert [s for s, _ in points] == [s for s, _ in want[key]], key
         if not key.startswith("perf/"):
-            assert [v for _, v in points] == pytest.approx([v for _, v in want[key]], rel=rel, abs=1e-5,
-                                                           nan_ok=True), key
+            assert [v for _, v in points] == pytest.approx([v for _, v in want[key]], rel=rel, abs=1e-5, nan_ok=True), (
+                key
+            )
 
 
 def kill_worker_when(work: Path, ready, sig: int = signal.SIGKILL) -> threading.Thread:
     """A thread that waits until a child's checkpoint folder satisfies ``ready`` and kills its worker (pid from
     the child's log); ``thread.killed`` is the run id of that child."""
+
     def watch():
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and thread.killed is None:
@@ -128,9 +143,11 @@ def test_tracker_absorbs_database_is_locked(tmp_path, monkeypatch):
         def call(self, *args, **kwargs):
             if locked[name]:
                 locked[name] -= 1
-                raise MlflowException("(sqlite3.OperationalError) database is locked",
-                                      error_code=TEMPORARILY_UNAVAILABLE)
+                raise MlflowException(
+                    "(sqlite3.OperationalError) database is locked", error_code=TEMPORARILY_UNAVAILABLE
+                )
             return real(self, *args, **kwargs)
+
         return call
 
     for name in locked:
@@ -262,8 +279,14 @@ def test_stopped_driver_leaves_killed_children_that_resume_continues(ray_local, 
     checkpoints and ends KILLED; the resumed sweep continues both, in parallel, logging what the sequential one did."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "FSG_ENDO_CACHE": str(data_cache), "MLFLOW_TRACKING_URI": uri}
-    driver = subprocess.Popen([sys.executable, str(REPO / "experiments" / "run.py"), *TWO], cwd=tmp_path, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    driver = subprocess.Popen(
+        [sys.executable, str(REPO / "experiments" / "run.py"), *TWO],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     frozen = []
     try:
         frozen = freeze_at_first_checkpoint(tmp_path, 2, driver)

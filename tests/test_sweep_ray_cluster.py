@@ -18,22 +18,41 @@ import pytest
 from conftest import run_cli
 from test_mlflow_server import free_port, mlflow_server  # noqa: F401  (the fixture)
 
-SWEEP = ["--exp", "regularization_sweep", "--smoke", "--set", "sweep.regularizers=[none]",
-         "--set", "sweep.train_fractions=[0.5, 1.0]", "--set", "optim.epochs=1", "--set", "tracking.log_model=false",
-         "--set", "tracking.plots=false"]
+SWEEP = [
+    "--exp",
+    "regularization_sweep",
+    "--smoke",
+    "--set",
+    "sweep.regularizers=[none]",
+    "--set",
+    "sweep.train_fractions=[0.5, 1.0]",
+    "--set",
+    "optim.epochs=1",
+    "--set",
+    "tracking.log_model=false",
+    "--set",
+    "tracking.plots=false",
+]
 # the token authentication `ray start` enables, under this test's own token (not the user's ~/.ray/auth_token).
 # On a multi-node cluster Ray swaps 127.0.0.1 for this machine's own address: the nodes never leave the machine.
-CLUSTER_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}  # Linux's default, whatever a local sweep set before
+CLUSTER_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "token",
+    "RAY_AUTH_TOKEN": secrets.token_hex(32),
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
+}  # Linux's default, whatever a local sweep set before
 
 
 def ray_node(args: list[str], log: Path) -> subprocess.Popen:
     """``ray start --block ARGS`` in its own session (everything it starts stays in that session)."""
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--block",
-                                 "--node-ip-address", "127.0.0.1", *args],
-                                env={**os.environ, **CLUSTER_ENV}, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--node-ip-address", "127.0.0.1", *args],
+            env={**os.environ, **CLUSTER_ENV},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def stop_session(proc: subprocess.Popen) -> None:
@@ -47,15 +66,22 @@ def stop_session(proc: subprocess.Popen) -> None:
             proc.wait(timeout=wait)
 
 
-NODES = ("import sys, time, ray\n"
-         "ray.init(address=sys.argv[1], include_dashboard=False, log_to_driver=False, logging_level='ERROR')\n"
-         "while sum(n['Alive'] for n in ray.nodes()) < int(sys.argv[2]): time.sleep(0.5)\n")
+NODES = (
+    "import sys, time, ray\n"
+    "ray.init(address=sys.argv[1], include_dashboard=False, log_to_driver=False, logging_level='ERROR')\n"
+    "while sum(n['Alive'] for n in ray.nodes()) < int(sys.argv[2]): time.sleep(0.5)\n"
+)
 
 
 def wait_nodes(address: str, n: int, timeout: float = 240) -> None:
     """Wait until the cluster has ``n`` live nodes (a driver polls it)."""
-    proc = subprocess.run([sys.executable, "-c", NODES, address, str(n)], env={**os.environ, **CLUSTER_ENV},
-                          timeout=timeout, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", NODES, address, str(n)],
+        env={**os.environ, **CLUSTER_ENV},
+        timeout=timeout,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
@@ -64,8 +90,20 @@ def ray_cluster() -> Iterator[str]:
     """A head node and a second node on this machine (1 CPU each); yields the head's address; always stopped."""
     temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
     address = f"127.0.0.1:{free_port()}"
-    head = ray_node(["--head", "--port", address.split(":")[1], "--num-cpus", "1", "--include-dashboard", "false",
-                     "--temp-dir", str(temp)], temp / "head.log")
+    head = ray_node(
+        [
+            "--head",
+            "--port",
+            address.split(":")[1],
+            "--num-cpus",
+            "1",
+            "--include-dashboard",
+            "false",
+            "--temp-dir",
+            str(temp),
+        ],
+        temp / "head.log",
+    )
     nodes = [head]
     try:
         wait_nodes(address, 1)

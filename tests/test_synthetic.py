@@ -13,13 +13,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fsg_endo.data.sizes import size_class3
+from fsg_endo.errors import FsgEndoError
 from fsg_endo.synth import dataset as synthetic
+from fsg_endo.synth.dataset import ensure_synthetic, generate_dataset
 from fsg_endo.synth.render import Camera, Optics, Renderer, look_at
 from fsg_endo.synth.scene import SCALE_RANGE, Patient, Polyp, build_wall, sample_patient
-from fsg_endo.data.sizes import size_class3
-from fsg_endo.synth.dataset import ensure_synthetic, generate_dataset
 from fsg_endo.synth.video import HISTOLOGY_LOOK, lesion_boxes, sample_optics, sample_polyps, sample_sizes
-from fsg_endo.errors import FsgEndoError
 
 SIZE = 128
 TINY = dict(n_videos=2, frames_per_video=30, image_size=SIZE, progress=False, workers=1)
@@ -35,8 +35,14 @@ def read_objects(xml_path: Path) -> tuple[ET.Element, list[dict]]:
     objects = []
     for obj in root.findall("object"):
         box = {k: int(obj.find(f"bndbox/{k}").text) for k in ("xmin", "ymin", "xmax", "ymax")}
-        objects.append({"name": obj.find("name").text, "unique_id": obj.find("unique_id").text,
-                        "box_id": obj.find("box_id").text, **box})
+        objects.append(
+            {
+                "name": obj.find("name").text,
+                "unique_id": obj.find("unique_id").text,
+                "box_id": obj.find("box_id").text,
+                **box,
+            }
+        )
     return root, objects
 
 
@@ -108,8 +114,9 @@ def test_same_seed_same_bytes_other_seed_differs(tiny: Path, tmp_path: Path) -> 
     assert not mismatch and not errors
     other = generate_dataset(tmp_path / "other", seed=1, **TINY)
     assert (other / "lesion_info.csv").read_bytes() != (tiny / "lesion_info.csv").read_bytes()
-    assert (other / "001-001_frames" / "001-001_0.jpg").read_bytes() != (tiny / "001-001_frames" /
-                                                                          "001-001_0.jpg").read_bytes()
+    assert (other / "001-001_frames" / "001-001_0.jpg").read_bytes() != (
+        tiny / "001-001_frames" / "001-001_0.jpg"
+    ).read_bytes()
 
 
 def test_worker_processes_give_the_same_dataset(tiny: Path, tmp_path: Path) -> None:
@@ -120,8 +127,14 @@ def test_worker_processes_give_the_same_dataset(tiny: Path, tmp_path: Path) -> N
 
 
 def _single_polyp_wall(size_mm: float, height_mm: float):
-    patient = Patient(radius_mm=20.0, mucosa=(0.12, 0.22, 0.85), vessel=(0.05, 0.04, 0.35), vessel_contrast=0.8,
-                      fold_height_mm=3.0, fold_spacing_mm=30.0)
+    patient = Patient(
+        radius_mm=20.0,
+        mucosa=(0.12, 0.22, 0.85),
+        vessel=(0.05, 0.04, 0.35),
+        vessel_contrast=0.8,
+        fold_height_mm=3.0,
+        fold_spacing_mm=30.0,
+    )
     polyp = Polyp("000-000_1", size_mm, 60.0, 1.0, height_mm, 1.0, 0.0, (0.2, 0.3, 0.9))
     return build_wall(np.random.default_rng(0), patient, 0.0, 200.0, [polyp]), polyp
 
@@ -217,8 +230,9 @@ def test_videos_differ_in_texture_scale_and_calibre(tiny: Path) -> None:
     videos = pd.read_csv(tiny / "video_info.csv")
     for column in ("texture_scale", "vessel_calibre"):
         assert videos[column].between(*SCALE_RANGE).all() and videos[column].nunique() == len(videos)
-    draws = np.array([[p.texture_scale, p.vessel_calibre] for p in
-                      (sample_patient(np.random.default_rng(s)) for s in range(400))])
+    draws = np.array(
+        [[p.texture_scale, p.vessel_calibre] for p in (sample_patient(np.random.default_rng(s)) for s in range(400))]
+    )
     # log-uniform over the whole range: log quartiles where a log-uniform draw puts them
     quartiles = np.quantile(np.log(draws), [0.25, 0.5, 0.75], axis=0)
     expected = np.log(SCALE_RANGE[0]) + np.array([0.25, 0.5, 0.75]) * np.log(SCALE_RANGE[1] / SCALE_RANGE[0])
@@ -228,8 +242,15 @@ def test_videos_differ_in_texture_scale_and_calibre(tiny: Path) -> None:
 
 def _mucosa_gradient_energy(texture_scale: float) -> float:
     """Mean squared gradient of a wall's albedo without polyps: larger for finer texture."""
-    patient = Patient(radius_mm=20.0, mucosa=(0.12, 0.22, 0.85), vessel=(0.05, 0.04, 0.35), vessel_contrast=0.8,
-                      fold_height_mm=3.0, fold_spacing_mm=30.0, texture_scale=texture_scale)
+    patient = Patient(
+        radius_mm=20.0,
+        mucosa=(0.12, 0.22, 0.85),
+        vessel=(0.05, 0.04, 0.35),
+        vessel_contrast=0.8,
+        fold_height_mm=3.0,
+        fold_spacing_mm=30.0,
+        texture_scale=texture_scale,
+    )
     albedo = build_wall(np.random.default_rng(0), patient, 0.0, 60.0, []).albedo[..., 2].astype(float)
     return float(np.mean(np.diff(albedo, axis=0) ** 2) + np.mean(np.diff(albedo, axis=1) ** 2))
 
@@ -256,7 +277,11 @@ def test_polyps_vary_within_each_histology() -> None:
 
 def test_videos_differ_in_light_and_exposure() -> None:
     optics = [sample_optics(np.random.default_rng(s), site=0) for s in range(50)]
-    for name, low, high in (("reference_mm", 14.0, 28.0), ("exposure_strength", 0.5, 0.9),
-                            ("exposure_target", 0.25, 0.45), ("vignetting", 1.0, 2.0)):
+    for name, low, high in (
+        ("reference_mm", 14.0, 28.0),
+        ("exposure_strength", 0.5, 0.9),
+        ("exposure_target", 0.25, 0.45),
+        ("vignetting", 1.0, 2.0),
+    ):
         values = np.array([getattr(o, name) for o in optics])
         assert values.min() >= low and values.max() <= high and values.std() > 0.1 * (high - low), name

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from fsg_endo.errors import FsgEndoError
 from fsg_endo.engine.evaluation import is_better
 from fsg_endo.engine.tasks import get_task
+from fsg_endo.errors import FsgEndoError
 
 
 def _scaled(size_mm):
@@ -32,11 +32,14 @@ def _batch(sizes, lesions=None, videos=None):
     }
 
 
-@pytest.mark.parametrize("name, n, kind, metric, mode", [
-    ("size_regression", 1, "regression", "mae", "min"),
-    ("size_class3", 3, "classification", "balanced_accuracy", "max"),
-    ("size_class2", 2, "classification", "balanced_accuracy", "max"),
-])
+@pytest.mark.parametrize(
+    "name, n, kind, metric, mode",
+    [
+        ("size_regression", 1, "regression", "mae", "min"),
+        ("size_class3", 3, "classification", "balanced_accuracy", "max"),
+        ("size_class2", 2, "classification", "balanced_accuracy", "max"),
+    ],
+)
 def test_task_attributes(name, n, kind, metric, mode):
     task = get_task(name)
     assert (task.name, task.num_outputs, task.kind, task.main_metric, task.mode) == (name, n, kind, metric, mode)
@@ -68,7 +71,7 @@ def test_smooth_l1_beta_by_hand():
     diffs = np.array([0.05, -0.4])  # below and above beta
     outputs = torch.tensor(_scaled(sizes) + diffs, dtype=torch.float32)
     # smooth-L1 (beta b): 0.5 d^2 / b below b, |d| - 0.5 b above
-    per_sample = [0.5 * 0.05 ** 2 / 0.1, 0.4 - 0.05]
+    per_sample = [0.5 * 0.05**2 / 0.1, 0.4 - 0.05]
     assert task.main_loss(outputs, task.targets(_batch(sizes))).item() == pytest.approx(np.mean(per_sample), rel=1e-5)
 
 
@@ -113,9 +116,16 @@ def test_regression_frame_predictions_in_mm():
 
 def test_regression_lesion_prediction_is_the_frame_mean():
     task = get_task("size_regression")
-    frames = pd.DataFrame({"lesion_id": ["A", "B", "A", "A"], "video_id": ["V0", "V1", "V0", "V0"],
-                           "frame_id": [0, 0, 1, 2], "target": [4.0, 11.0, 4.0, 4.0],
-                           "prediction": [3.0, 12.0, 6.0, 6.0], "size_mm": [4.0, 11.0, 4.0, 4.0]})
+    frames = pd.DataFrame(
+        {
+            "lesion_id": ["A", "B", "A", "A"],
+            "video_id": ["V0", "V1", "V0", "V0"],
+            "frame_id": [0, 0, 1, 2],
+            "target": [4.0, 11.0, 4.0, 4.0],
+            "prediction": [3.0, 12.0, 6.0, 6.0],
+            "size_mm": [4.0, 11.0, 4.0, 4.0],
+        }
+    )
     lesions = task.lesion_predictions(frames).set_index("lesion_id")
     assert lesions.loc["A", "prediction"] == pytest.approx(5.0)
     assert lesions.loc["B", "prediction"] == pytest.approx(12.0)
@@ -160,8 +170,14 @@ def test_regression_metrics_include_class_metrics_by_hand():
 
 def test_classification_metrics_and_confusion():
     task = get_task("size_class2")
-    df = pd.DataFrame({"target": [0, 0, 1, 1], "prediction": [0, 1, 1, 1],
-                       "prob_0": [0.9, 0.4, 0.3, 0.2], "prob_1": [0.1, 0.6, 0.7, 0.8]})
+    df = pd.DataFrame(
+        {
+            "target": [0, 0, 1, 1],
+            "prediction": [0, 1, 1, 1],
+            "prob_0": [0.9, 0.4, 0.3, 0.2],
+            "prob_1": [0.1, 0.6, 0.7, 0.8],
+        }
+    )
     out = task.compute_metrics(df)
     assert out["accuracy"] == pytest.approx(3 / 4)
     assert out["auroc"] == pytest.approx(1.0)

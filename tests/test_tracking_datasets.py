@@ -83,11 +83,14 @@ def store(tmp_path_factory):
     return client, client.create_experiment("e")
 
 
-@pytest.mark.parametrize("message, linked", [
-    ("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name", True),
-    ("(psycopg2.errors.UniqueViolation) duplicate key value violates unique constraint", True),
-    ("Invalid value for dataset name", False),
-])
+@pytest.mark.parametrize(
+    "message, linked",
+    [
+        ("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name", True),
+        ("(psycopg2.errors.UniqueViolation) duplicate key value violates unique constraint", True),
+        ("Invalid value for dataset name", False),
+    ],
+)
 def test_only_a_lost_insert_race_is_repeated(store, message, linked):
     client, exp = store
     run_id = client.create_run(exp).info.run_id

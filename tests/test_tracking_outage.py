@@ -142,8 +142,9 @@ def test_run_through_a_hiccuping_store_loses_nothing(tmp_path, data_cache, refer
     assert_same_history(histories(client, run), reference_run["history"])
 
 
-def test_persistent_outage_checkpoints_then_resume_completes(tmp_path, data_cache, reference_run, fast_retries,
-                                                            monkeypatch, capsys):
+def test_persistent_outage_checkpoints_then_resume_completes(
+    tmp_path, data_cache, reference_run, fast_retries, monkeypatch, capsys
+):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setattr(Tracker, "max_outage", 0.3)
     # not from the start: the run's first metrics (data counts) would then fail 0.3 s later wherever training

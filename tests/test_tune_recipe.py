@@ -20,8 +20,15 @@ def _table() -> pd.DataFrame:
     for name in ("current", "other"):
         for seed in (0, 1):
             for v in (1, 2, 3):
-                rows.append({"candidate": name, "val_fold": v, "seed": seed, MAE: rng.uniform(0.7, 1.0),
-                             BACC: rng.uniform(0.8, 1.0)})
+                rows.append(
+                    {
+                        "candidate": name,
+                        "val_fold": v,
+                        "seed": seed,
+                        MAE: rng.uniform(0.7, 1.0),
+                        BACC: rng.uniform(0.8, 1.0),
+                    }
+                )
     rows.append({"candidate": "other", "val_fold": 3, "seed": 2, MAE: 0.1, BACC: 0.1})  # no reference cell: unpaired
     return pd.DataFrame(rows)
 
@@ -51,6 +58,13 @@ def test_results_without_a_seed_column_count_as_seed_zero():
 
 def test_small_bias_is_the_mean_lesion_error_of_lesions_up_to_5_mm():
     size = [3.0, 3.0, 5.0, 8.0]
-    frames = pd.DataFrame({"lesion_id": ["a", "a", "b", "c"], "video_id": "v", "size_mm": size, "target": size,
-                           "prediction": [3.5, 4.5, 4.0, 1.0]})
+    frames = pd.DataFrame(
+        {
+            "lesion_id": ["a", "a", "b", "c"],
+            "video_id": "v",
+            "size_mm": size,
+            "target": size,
+            "prediction": [3.5, 4.5, 4.0, 1.0],
+        }
+    )
     assert small_bias(frames)["lesion/val/bias_le5mm"] == pytest.approx(((4.0 - 3.0) + (4.0 - 5.0)) / 2)

@@ -29,33 +29,55 @@ def release_vit_state(seed: int = 0) -> dict[str, torch.Tensor]:
         return torch.randn(*shape, generator=gen) * scale
 
     tokens = (IMAGE // PATCH) ** 2 + 1
-    state = {"cls_token": rand(1, 1, DIM), "pos_embed": rand(1, tokens, DIM),
-             "patch_embed.proj.weight": rand(DIM, 3, PATCH, PATCH, scale=0.05), "patch_embed.proj.bias": rand(DIM)}
+    state = {
+        "cls_token": rand(1, 1, DIM),
+        "pos_embed": rand(1, tokens, DIM),
+        "patch_embed.proj.weight": rand(DIM, 3, PATCH, PATCH, scale=0.05),
+        "patch_embed.proj.bias": rand(DIM),
+    }
     for i in range(DEPTH):
         b = f"blocks.{i}."
-        state.update({
-            b + "norm1.weight": 1 + rand(DIM), b + "norm1.bias": rand(DIM),
-            b + "attn.qkv.weight": rand(3 * DIM, DIM), b + "attn.qkv.bias": rand(3 * DIM),
-            b + "attn.proj.weight": rand(DIM, DIM), b + "attn.proj.bias": rand(DIM),
-            b + "fsag_rgb_ls1": rand(DIM, scale=2.0),
-            b + "norm2.weight": 1 + rand(DIM), b + "norm2.bias": rand(DIM),
-            b + "mlp.fc1.weight": rand(MLP, DIM), b + "mlp.fc1.bias": rand(MLP),
-            b + "mlp.fc2.weight": rand(DIM, MLP), b + "mlp.fc2.bias": rand(DIM),
-            b + "fsag_rgb_ls2": rand(DIM, scale=2.0),
-        })
-    state.update({"norm.weight": 1 + rand(DIM), "norm.bias": rand(DIM),
-                  "head.weight": rand(OUTPUTS, DIM), "head.bias": rand(OUTPUTS)})
+        state.update(
+            {
+                b + "norm1.weight": 1 + rand(DIM),
+                b + "norm1.bias": rand(DIM),
+                b + "attn.qkv.weight": rand(3 * DIM, DIM),
+                b + "attn.qkv.bias": rand(3 * DIM),
+                b + "attn.proj.weight": rand(DIM, DIM),
+                b + "attn.proj.bias": rand(DIM),
+                b + "fsag_rgb_ls1": rand(DIM, scale=2.0),
+                b + "norm2.weight": 1 + rand(DIM),
+                b + "norm2.bias": rand(DIM),
+                b + "mlp.fc1.weight": rand(MLP, DIM),
+                b + "mlp.fc1.bias": rand(MLP),
+                b + "mlp.fc2.weight": rand(DIM, MLP),
+                b + "mlp.fc2.bias": rand(DIM),
+                b + "fsag_rgb_ls2": rand(DIM, scale=2.0),
+            }
+        )
+    state.update(
+        {
+            "norm.weight": 1 + rand(DIM),
+            "norm.bias": rand(DIM),
+            "head.weight": rand(OUTPUTS, DIM),
+            "head.bias": rand(OUTPUTS),
+        }
+    )
     return state
 
 
 def release_checkpoint(state: dict[str, torch.Tensor]) -> dict:
     """The release trainer's file: the wrapper's state dict (ViT under ``model.``) plus optimiser state."""
-    return {"epoch": 12, "model_state_dict": {"model." + k: v for k, v in state.items()},
-            "optimizer_state_dict": {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 5e-5}]}}
+    return {
+        "epoch": 12,
+        "model_state_dict": {"model." + k: v for k, v in state.items()},
+        "optimizer_state_dict": {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 5e-5}]},
+    }
 
 
 def release_forward(s: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """timm's FSG ViT from the state dict: pre-norm blocks, x + sigmoid(g) * branch, eps 1e-6, exact GELU."""
+
     def ln(t, name):
         return F.layer_norm(t, (DIM,), s[name + ".weight"], s[name + ".bias"], eps=1e-6)
 
@@ -132,9 +154,18 @@ def test_ours_written_back_in_the_release_layout_round_trips(release_file, tmp_p
 
 def test_model_weights_in_an_fsg_config_load_the_release_gates(release_file):
     state, path = release_file
-    overrides = [f"model.weights={path}", "regularizer=fsg_gr", "model.box_features=false", "model.size_head=linear",
-                 f"data.image_size={IMAGE}", f"model.patch_size={PATCH}", f"model.hidden_dim={DIM}",
-                 f"model.depth={DEPTH}", f"model.heads={HEADS}", f"model.mlp_dim={MLP}"]
+    overrides = [
+        f"model.weights={path}",
+        "regularizer=fsg_gr",
+        "model.box_features=false",
+        "model.size_head=linear",
+        f"data.image_size={IMAGE}",
+        f"model.patch_size={PATCH}",
+        f"model.hidden_dim={DIM}",
+        f"model.depth={DEPTH}",
+        f"model.heads={HEADS}",
+        f"model.mlp_dim={MLP}",
+    ]
     cfg = load_config("polyp_size_fsg", overrides, smoke=True)
     task = get_task(cfg["task"], cfg["loss"]["main_weights"], cfg["loss"]["gate_weights"])
     model = build_for(cfg, task).eval()

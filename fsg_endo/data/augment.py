@@ -52,8 +52,18 @@ def draw_params(rng: np.random.Generator, photometric: bool = True) -> AugmentPa
     if not photometric:
         return AugmentParams(angle, hflip, vflip)
     b, c, s = (float(f) for f in rng.uniform(1.0 - JITTER, 1.0 + JITTER, size=3))
-    return AugmentParams(angle, hflip, vflip, b, c, s, float(rng.uniform(-HUE, HUE)),
-                         tuple(int(i) for i in rng.permutation(4)), True, int(rng.integers(MAX_SEED)))
+    return AugmentParams(
+        angle,
+        hflip,
+        vflip,
+        b,
+        c,
+        s,
+        float(rng.uniform(-HUE, HUE)),
+        tuple(int(i) for i in rng.permutation(4)),
+        True,
+        int(rng.integers(MAX_SEED)),
+    )
 
 
 def warp(image: np.ndarray, angle: float, hflip: bool, vflip: bool) -> np.ndarray:
@@ -64,14 +74,17 @@ def warp(image: np.ndarray, angle: float, hflip: bool, vflip: bool) -> np.ndarra
         rotate[0] = [-rotate[0, 0], -rotate[0, 1], w - 1 - rotate[0, 2]]
     if vflip:
         rotate[1] = [-rotate[1, 0], -rotate[1, 1], h - 1 - rotate[1, 2]]
-    return cv2.warpAffine(image, rotate, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                          borderValue=0)
+    return cv2.warpAffine(image, rotate, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
 # albumentations' pixel functions, given parameters drawn here: the library's uint8 arithmetic, without
 # the per-call bookkeeping of its transforms
-_JITTER_STEPS = (fpixel.adjust_brightness_torchvision, fpixel.adjust_contrast_torchvision,
-                 fpixel.adjust_saturation_torchvision, fpixel.adjust_hue_torchvision)
+_JITTER_STEPS = (
+    fpixel.adjust_brightness_torchvision,
+    fpixel.adjust_contrast_torchvision,
+    fpixel.adjust_saturation_torchvision,
+    fpixel.adjust_hue_torchvision,
+)
 
 
 def jitter(image: np.ndarray, p: AugmentParams) -> np.ndarray:
@@ -111,8 +124,7 @@ class PaperAugmentd(Randomizable, MapTransform):
         self.photometric = photometric
         self.set_random_state(seed=seed)
 
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None
-                         ) -> PaperAugmentd:
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> PaperAugmentd:
         """A Generator from ``seed`` (or a draw of ``state``, else fresh entropy)."""
         if seed is None:
             seed = int((state if state is not None else np.random.RandomState()).randint(MAX_SEED))

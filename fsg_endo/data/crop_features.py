@@ -31,8 +31,9 @@ def box_geometry(rows: pd.DataFrame) -> pd.DataFrame:
     """Log of box width, height and area relative to the frame (one row per manifest row)."""
     w = (rows["xmax"] - rows["xmin"]).clip(lower=1) / rows["width"]
     h = (rows["ymax"] - rows["ymin"]).clip(lower=1) / rows["height"]
-    return pd.DataFrame({"log_box_width": np.log(w), "log_box_height": np.log(h), "log_box_area": np.log(w * h)},
-                        index=rows.index)
+    return pd.DataFrame(
+        {"log_box_width": np.log(w), "log_box_height": np.log(h), "log_box_area": np.log(w * h)}, index=rows.index
+    )
 
 
 def _regions(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,8 +51,12 @@ def image_statistics(crop: np.ndarray) -> list[float]:
     border = border & inside if (border & inside).any() else border
     luma = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
     colour = [*image[centre].mean(axis=0), *image[border].mean(axis=0)]
-    brightness = [float(luma[centre].mean()), float(luma[border].mean()), float(luma[centre].std()),
-                  float(inside.mean())]
+    brightness = [
+        float(luma[centre].mean()),
+        float(luma[border].mean()),
+        float(luma[centre].std()),
+        float(inside.mean()),
+    ]
     texture, previous = [[], []], luma
     for sigma in BAND_SIGMAS:
         blurred = cv2.GaussianBlur(luma, (0, 0), sigma)
@@ -62,14 +67,23 @@ def image_statistics(crop: np.ndarray) -> list[float]:
     return [float(v) for v in colour] + brightness + texture[0] + texture[1]
 
 
-def crop_features(rows: pd.DataFrame, root: str | Path, *, image_size: int = 64, context: float = 0.5,
-                  fov_mask: bool = True, source: str = "frames", workers: int = 1) -> pd.DataFrame:
+def crop_features(
+    rows: pd.DataFrame,
+    root: str | Path,
+    *,
+    image_size: int = 64,
+    context: float = 0.5,
+    fov_mask: bool = True,
+    source: str = "frames",
+    workers: int = 1,
+) -> pd.DataFrame:
     """Every cue of :data:`CUES` for each manifest row (same index), from the crops a model would see."""
     crop = Compose(crop_transforms(image_size, context, fov_mask, source))
     items = rows_to_items(rows, root, source)
     with user_errors(), ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
         stats = list(pool.map(lambda item: image_statistics(crop(item)["image"]), items))
     names = [name for cue, names in CUES.items() if cue != "box" for name in names]
-    appearance = pd.DataFrame(np.asarray(stats, dtype=float).reshape(len(rows), len(names)), columns=names,
-                              index=rows.index)
+    appearance = pd.DataFrame(
+        np.asarray(stats, dtype=float).reshape(len(rows), len(names)), columns=names, index=rows.index
+    )
     return pd.concat([box_geometry(rows), appearance], axis=1)

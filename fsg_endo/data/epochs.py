@@ -36,7 +36,8 @@ class EpochSampler(Sampler[tuple[int, int]]):
         indices = list(self.sampler)
         replicas, rank = self.sampler.num_replicas, self.sampler.rank
         seeds = np.random.default_rng([self.seed, self.epoch, _AUGMENT_STREAM]).integers(
-            0, 2**32 - 1, size=len(indices) * replicas, dtype=np.uint32)
+            0, 2**32 - 1, size=len(indices) * replicas, dtype=np.uint32
+        )
         for j in range(self.start, len(indices)):
             yield int(seeds[rank + j * replicas]), indices[j]
 

@@ -22,13 +22,31 @@ from torchvision.transforms.v2 import functional as TF
 
 from fsg_endo.errors import FsgEndoError
 
-__all__ = ["ImageData", "ImageSet", "channel_stats", "check_image_root", "image_dataset",
-           "load_cifar100", "load_digits", "load_image_folder", "load_mnist", "stratified_subset", "validation_split"]
+__all__ = [
+    "ImageData",
+    "ImageSet",
+    "channel_stats",
+    "check_image_root",
+    "image_dataset",
+    "load_cifar100",
+    "load_digits",
+    "load_image_folder",
+    "load_mnist",
+    "stratified_subset",
+    "validation_split",
+]
 
 IMAGENETTE_NAMES = {  # the ten WordNet ids of Imagenette and their readable names
-    "n01440764": "tench", "n02102040": "English springer", "n02979186": "cassette player",
-    "n03000684": "chain saw", "n03028079": "church", "n03394916": "French horn",
-    "n03417042": "garbage truck", "n03425413": "gas pump", "n03445777": "golf ball", "n03888605": "parachute",
+    "n01440764": "tench",
+    "n02102040": "English springer",
+    "n02979186": "cassette player",
+    "n03000684": "chain saw",
+    "n03028079": "church",
+    "n03394916": "French horn",
+    "n03417042": "garbage truck",
+    "n03425413": "gas pump",
+    "n03445777": "golf ball",
+    "n03888605": "parachute",
 }
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DIGIT_NAMES = tuple(str(d) for d in range(10))
@@ -89,32 +107,56 @@ def _limit(split: ImageSet, fraction: float, limit: int | None, seed: int) -> Im
 def to_rgb_size(images: Tensor, size: int) -> Tensor:
     """uint8 (N, C, H, W) with C in {1, 3} -> uint8 (N, 3, size, size); antialiased bilinear resizing."""
     if images.shape[-2:] != (size, size):
-        resized = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True,
-                                align_corners=False)
+        resized = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         images = resized.round().clamp(0, 255).to(torch.uint8)
     return images.expand(-1, 3, -1, -1).contiguous() if images.shape[1] == 1 else images
 
 
-def _finish(train: ImageSet, test: ImageSet, names: tuple[str, ...], source: str, note: str,
-            fraction: float, train_limit: int | None, test_limit: int | None, seed: int) -> ImageData:
-    return ImageData(_limit(train, fraction, train_limit, seed), _limit(test, 1.0, test_limit, seed), names,
-                    source, note)
+def _finish(
+    train: ImageSet,
+    test: ImageSet,
+    names: tuple[str, ...],
+    source: str,
+    note: str,
+    fraction: float,
+    train_limit: int | None,
+    test_limit: int | None,
+    seed: int,
+) -> ImageData:
+    return ImageData(
+        _limit(train, fraction, train_limit, seed), _limit(test, 1.0, test_limit, seed), names, source, note
+    )
 
 
-def load_digits(image_size: int = 28, seed: int = 0, fraction: float = 1.0, train_limit: int | None = None,
-                test_limit: int | None = None, train: bool = True, note: str = "") -> ImageData:
+def load_digits(
+    image_size: int = 28,
+    seed: int = 0,
+    fraction: float = 1.0,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    train: bool = True,
+    note: str = "",
+) -> ImageData:
     """scikit-learn's bundled 8x8 handwritten digits (1797 images), upsampled; 20 % held out, stratified."""
     from sklearn.datasets import load_digits as sk_digits
 
     digits = sk_digits()
     images = torch.from_numpy(np.round(digits.images * (255.0 / 16.0)).astype(np.uint8))[:, None]
     labels = torch.from_numpy(digits.target.astype(np.int64))
-    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels,
-                                           random_state=seed)
+    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=seed)
     full = ImageSet(to_rgb_size(images, image_size), labels, [f"digits_{i:04d}" for i in range(len(labels))])
     train_set = full.subset(np.sort(train_idx)) if train else ImageSet.empty(image_size)
-    return _finish(train_set, full.subset(np.sort(test_idx)), DIGIT_NAMES, "sklearn_digits", note, fraction,
-                   train_limit, test_limit, seed)
+    return _finish(
+        train_set,
+        full.subset(np.sort(test_idx)),
+        DIGIT_NAMES,
+        "sklearn_digits",
+        note,
+        fraction,
+        train_limit,
+        test_limit,
+        seed,
+    )
 
 
 def _mnist_files(root: Path) -> list[Path]:
@@ -133,12 +175,22 @@ def _mnist_split(root: Path, train: bool, image_size: int) -> ImageSet:
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise FsgEndoError(f"{root / 'MNIST' / 'raw'}: malformed MNIST idx files ({detail})") from None
     prefix = "train" if train else "test"
-    return ImageSet(to_rgb_size(ds.data[:, None], image_size), ds.targets.to(torch.int64),
-                    [f"mnist_{prefix}_{i:05d}" for i in range(len(ds.targets))])
+    return ImageSet(
+        to_rgb_size(ds.data[:, None], image_size),
+        ds.targets.to(torch.int64),
+        [f"mnist_{prefix}_{i:05d}" for i in range(len(ds.targets))],
+    )
 
 
-def load_mnist(root: str | os.PathLike | None, image_size: int = 28, seed: int = 0, fraction: float = 1.0,
-               train_limit: int | None = None, test_limit: int | None = None, train: bool = True) -> ImageData:
+def load_mnist(
+    root: str | os.PathLike | None,
+    image_size: int = 28,
+    seed: int = 0,
+    fraction: float = 1.0,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    train: bool = True,
+) -> ImageData:
     """torchvision's on-disk MNIST under ``root`` (``MNIST/raw/*-ubyte``); else scikit-learn's digits, said so.
 
     ``train=False`` reads the held-out split only (inference); the train split is then empty.
@@ -148,8 +200,10 @@ def load_mnist(root: str | os.PathLike | None, image_size: int = 28, seed: int =
         train_set = _mnist_split(Path(root), True, image_size) if train else ImageSet.empty(image_size)
         return _finish(train_set, test, DIGIT_NAMES, "mnist", "", fraction, train_limit, test_limit, seed)
     where = Path(root or ".") / "MNIST" / "raw"
-    note = (f"MNIST not found ({where}/*-ubyte); using scikit-learn's bundled 8x8 digits upsampled to "
-            f"{image_size} px instead (source: sklearn_digits)")
+    note = (
+        f"MNIST not found ({where}/*-ubyte); using scikit-learn's bundled 8x8 digits upsampled to "
+        f"{image_size} px instead (source: sklearn_digits)"
+    )
     return load_digits(image_size, seed, fraction, train_limit, test_limit, train, note)
 
 
@@ -181,8 +235,9 @@ def _folder_index(split_dir: Path, classes: list[str]) -> tuple[list[Path], np.n
     return files, np.asarray(labels, dtype=np.int64)
 
 
-def _load_folder_split(root: Path, split: str, classes: list[str], size: int, fraction: float,
-                       limit: int | None, seed: int) -> ImageSet:
+def _load_folder_split(
+    root: Path, split: str, classes: list[str], size: int, fraction: float, limit: int | None, seed: int
+) -> ImageSet:
     """Choose the subset from the file list first, then decode only the chosen images."""
     files, labels = _folder_index(root / split, classes)
     n = max(1, round(fraction * len(files)))
@@ -194,8 +249,10 @@ def _load_folder_split(root: Path, split: str, classes: list[str], size: int, fr
 
 def _folder_classes(root: Path) -> list[str]:
     """The class folder names of an ImageFolder root, the same under ``train/`` and ``val/``."""
-    hint = ("put the imagenette2-160 folder there (train/ and val/, one sub-folder of images per class, "
-            "from imagenette2-160.tgz)")
+    hint = (
+        "put the imagenette2-160 folder there (train/ and val/, one sub-folder of images per class, "
+        "from imagenette2-160.tgz)"
+    )
     if not (root / "train").is_dir() or not (root / "val").is_dir():
         raise FsgEndoError(f"{root}: no ImageFolder dataset (train/ and val/ missing): {hint}")
     classes = [p.name for p in _class_folders(root / "train")]
@@ -207,17 +264,27 @@ def _folder_classes(root: Path) -> list[str]:
     return classes
 
 
-def load_image_folder(root: str | os.PathLike, image_size: int = 64, seed: int = 0, fraction: float = 1.0,
-                      train_limit: int | None = None, test_limit: int | None = None, train: bool = True,
-                      source: str = "imagenette") -> ImageData:
+def load_image_folder(
+    root: str | os.PathLike,
+    image_size: int = 64,
+    seed: int = 0,
+    fraction: float = 1.0,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    train: bool = True,
+    source: str = "imagenette",
+) -> ImageData:
     """An ImageFolder root with ``train/`` and ``val/`` (one folder per class), e.g. ``imagenette2-160``.
 
     ``val/`` is the held-out split; ``train=False`` decodes only that one.
     """
     root = Path(root)
     classes = _folder_classes(root)
-    train_set = (_load_folder_split(root, "train", classes, image_size, fraction, train_limit, seed) if train
-                 else ImageSet.empty(image_size))
+    train_set = (
+        _load_folder_split(root, "train", classes, image_size, fraction, train_limit, seed)
+        if train
+        else ImageSet.empty(image_size)
+    )
     test = _load_folder_split(root, "val", classes, image_size, 1.0, test_limit, seed)
     return ImageData(train_set, test, tuple(IMAGENETTE_NAMES.get(c, c) for c in classes), source)
 
@@ -227,8 +294,10 @@ def _cifar_folder(root: Path) -> Path:
     for folder in (root / "cifar-100-python", root):
         if all((folder / name).is_file() for name in ("train", "test", "meta")):
             return folder
-    raise FsgEndoError(f"{root}: no CIFAR-100 data: put torchvision's cifar-100-python folder (files train, test "
-                       f"and meta, from cifar-100-python.tar.gz) at {root / 'cifar-100-python'}")
+    raise FsgEndoError(
+        f"{root}: no CIFAR-100 data: put torchvision's cifar-100-python folder (files train, test "
+        f"and meta, from cifar-100-python.tar.gz) at {root / 'cifar-100-python'}"
+    )
 
 
 def _unpickle(path: Path, keys: tuple[str, ...]) -> dict:
@@ -249,13 +318,22 @@ def _cifar_split(path: Path, name: str) -> ImageSet:
     data = np.asarray(entry["data"], dtype=np.uint8)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(entry["fine_labels"]):
         raise FsgEndoError(f"{path}: expected data of shape (N, 3072) with N labels, got {data.shape}")
-    return ImageSet(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()),
-                    torch.as_tensor(entry["fine_labels"], dtype=torch.int64),
-                    [f"cifar100_{name}_{i:05d}" for i in range(len(data))])
+    return ImageSet(
+        torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()),
+        torch.as_tensor(entry["fine_labels"], dtype=torch.int64),
+        [f"cifar100_{name}_{i:05d}" for i in range(len(data))],
+    )
 
 
-def load_cifar100(root: str | os.PathLike, image_size: int = 32, seed: int = 0, fraction: float = 1.0,
-                  train_limit: int | None = None, test_limit: int | None = None, train: bool = True) -> ImageData:
+def load_cifar100(
+    root: str | os.PathLike,
+    image_size: int = 32,
+    seed: int = 0,
+    fraction: float = 1.0,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    train: bool = True,
+) -> ImageData:
     """torchvision's on-disk CIFAR-100 (``ROOT/cifar-100-python/{train,test,meta}``), fine labels.
 
     ``train=False`` reads the held-out (test) file only.
@@ -266,8 +344,9 @@ def load_cifar100(root: str | os.PathLike, image_size: int = 32, seed: int = 0, 
     test = _cifar_split(folder / "test", "test")
     for split, path in ((train_set, "train"), (test, "test")):
         if len(split) and int(split.labels.max()) >= len(names):
-            raise FsgEndoError(f"{folder / path}: label {int(split.labels.max())} has no name in meta "
-                               f"({len(names)} fine_label_names)")
+            raise FsgEndoError(
+                f"{folder / path}: label {int(split.labels.max())} has no name in meta ({len(names)} fine_label_names)"
+            )
     data = _finish(train_set, test, names, "cifar100", "", fraction, train_limit, test_limit, seed)
     for split in (data.train, data.test):  # resize only the images kept
         split.images = to_rgb_size(split.images, image_size)
@@ -308,8 +387,7 @@ def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
-def image_dataset(split: ImageSet, mean: Sequence[float], std: Sequence[float], shift: int = 0,
-                  flip: bool = False):
+def image_dataset(split: ImageSet, mean: Sequence[float], std: Sequence[float], shift: int = 0, flip: bool = False):
     """A MONAI dataset of ``{"image", "label", "image_id"}`` items: normalised ``(x / 255 - mean) / std``, then
     (training) shifted up to ``shift`` pixels and mirrored left-right (``flip``) at random."""
     from monai.data import Dataset
@@ -320,6 +398,8 @@ def image_dataset(split: ImageSet, mean: Sequence[float], std: Sequence[float], 
     steps = [NormalizeImaged("image", mean, std)]
     if shift > 0 or flip:
         steps.append(ShiftFlipd("image", shift, flip))
-    items = [{"image": image, "label": int(label), "image_id": image_id}
-             for image, label, image_id in zip(split.images, split.labels, split.ids)]
+    items = [
+        {"image": image, "label": int(label), "image_id": image_id}
+        for image, label, image_id in zip(split.images, split.labels, split.ids)
+    ]
     return Dataset(items, Compose(steps))

@@ -35,8 +35,14 @@ INT_COLUMNS = ("xmin", "ymin", "xmax", "ymax", "width", "height", "size_class3",
 FORMATS = ("realcolon", "sun", "synthetic")
 
 
-def build_manifest(fmt: str, root: str | os.PathLike, folds: int = 5, seed: int = 0,
-                   sizes: str | os.PathLike | None = None, check_images: bool = False) -> pd.DataFrame:
+def build_manifest(
+    fmt: str,
+    root: str | os.PathLike,
+    folds: int = 5,
+    seed: int = 0,
+    sizes: str | os.PathLike | None = None,
+    check_images: bool = False,
+) -> pd.DataFrame:
     """Read a dataset root in layout ``fmt`` and return its manifest with ``fold`` assigned.
 
     ``synthetic`` is read as REAL-Colon with ``dataset="synthetic"``; ``sizes`` (SUN only) is the
@@ -71,8 +77,7 @@ def read_dataset(fmt: str, root: str | os.PathLike, sizes: str | os.PathLike | N
 
 def _lesion_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per lesion (sorted by id) with its video and triclass label."""
-    return df.groupby("lesion_id", sort=True).agg(video_id=("video_id", "first"),
-                                                   size_class3=("size_class3", "first"))
+    return df.groupby("lesion_id", sort=True).agg(video_id=("video_id", "first"), size_class3=("size_class3", "first"))
 
 
 def assign_folds(df: pd.DataFrame, k: int, seed: int) -> pd.Series:
@@ -147,8 +152,13 @@ def leaves_root(frame_path: str) -> bool:
     """True if a relative-to-root path is absolute, has a drive, or climbs out with ``..``."""
     p = frame_path.replace("\\", "/")
     norm = posixpath.normpath(p)
-    return (p.startswith("/") or bool(PureWindowsPath(frame_path).drive) or norm == ".."
-            or norm.startswith("../") or bool(re.match(r"^[A-Za-z]:", p)))
+    return (
+        p.startswith("/")
+        or bool(PureWindowsPath(frame_path).drive)
+        or norm == ".."
+        or norm.startswith("../")
+        or bool(re.match(r"^[A-Za-z]:", p))
+    )
 
 
 def _read_manifest_csv(path: Path) -> pd.DataFrame:
@@ -158,8 +168,9 @@ def _read_manifest_csv(path: Path) -> pd.DataFrame:
         missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
         extra = [c for c in df.columns if c not in MANIFEST_COLUMNS]
         detail = (f"missing {missing}" if missing else "") + (f" extra {extra}" if extra else "")
-        raise FsgEndoError(f"{path}: wrong manifest columns ({detail.strip() or 'wrong order'}); expected "
-                           f"{','.join(MANIFEST_COLUMNS)}")
+        raise FsgEndoError(
+            f"{path}: wrong manifest columns ({detail.strip() or 'wrong order'}); expected {','.join(MANIFEST_COLUMNS)}"
+        )
     return df
 
 
@@ -182,16 +193,31 @@ def _check_consistency(df: pd.DataFrame, path: Path) -> None:
     """Sizes, classes, boxes, folds and paths agree with SPEC §2 and with each other."""
     size = df["size_mm"].to_numpy()
     _row_error(path, df["size_mm"] <= 0, df, lambda r: f"size_mm {r['size_mm']} is not positive")
-    _row_error(path, df["size_class3"] != size_class3(size), df,
-               lambda r: f"size_class3 {r['size_class3']} does not match size_mm {r['size_mm']}")
-    _row_error(path, df["size_class2"] != size_class2(size), df,
-               lambda r: f"size_class2 {r['size_class2']} does not match size_mm {r['size_mm']}")
-    bad_box = ~((0 <= df["xmin"]) & (df["xmin"] < df["xmax"]) & (df["xmax"] <= df["width"])
-                & (0 <= df["ymin"]) & (df["ymin"] < df["ymax"]) & (df["ymax"] <= df["height"]))
+    _row_error(
+        path,
+        df["size_class3"] != size_class3(size),
+        df,
+        lambda r: f"size_class3 {r['size_class3']} does not match size_mm {r['size_mm']}",
+    )
+    _row_error(
+        path,
+        df["size_class2"] != size_class2(size),
+        df,
+        lambda r: f"size_class2 {r['size_class2']} does not match size_mm {r['size_mm']}",
+    )
+    bad_box = ~(
+        (0 <= df["xmin"])
+        & (df["xmin"] < df["xmax"])
+        & (df["xmax"] <= df["width"])
+        & (0 <= df["ymin"])
+        & (df["ymin"] < df["ymax"])
+        & (df["ymax"] <= df["height"])
+    )
     _row_error(path, bad_box, df, "box is empty or leaves its frame")
     _row_error(path, df["fold"] < 0, df, lambda r: f"fold {r['fold']} is negative")
-    _row_error(path, df["frame_path"].map(leaves_root), df,
-               lambda r: f"frame_path {r['frame_path']!r} leaves the dataset root")
+    _row_error(
+        path, df["frame_path"].map(leaves_root), df, lambda r: f"frame_path {r['frame_path']!r} leaves the dataset root"
+    )
     for key, col in (("lesion_id", "video_id"), ("lesion_id", "size_mm"), ("video_id", "fold")):
         spread = df.groupby(key)[col].transform("nunique") > 1
         _row_error(path, spread, df, lambda r, k=key, c=col: f"{k} {r[k]!r} has more than one {c}")

@@ -36,10 +36,30 @@ from fsg_endo.data.transforms import (
 )
 from fsg_endo.errors import FsgEndoError
 
-OUTPUT_KEYS = ("image", "box", "size_mm", "target_reg", "size_class3", "size_class2",
-               "lesion_id", "video_id", "frame_id")
-ROW_COLUMNS = ("video_id", "lesion_id", "frame_id", "frame_path", "xmin", "ymin", "xmax", "ymax",
-               "width", "height", "size_mm")
+OUTPUT_KEYS = (
+    "image",
+    "box",
+    "size_mm",
+    "target_reg",
+    "size_class3",
+    "size_class2",
+    "lesion_id",
+    "video_id",
+    "frame_id",
+)
+ROW_COLUMNS = (
+    "video_id",
+    "lesion_id",
+    "frame_id",
+    "frame_path",
+    "xmin",
+    "ymin",
+    "xmax",
+    "ymax",
+    "width",
+    "height",
+    "size_mm",
+)
 CACHE_MODES = ("none", "memory", "disk")
 _FRAME_INDEX = re.compile(r"(\d+)$")
 
@@ -64,8 +84,9 @@ def frame_index(frame_id: str) -> int:
     return int(match.group(1))
 
 
-def rows_to_items(rows: pd.DataFrame, root: str | Path, source: str = "frames",
-                  video: str | Path | None = None) -> list[dict[str, Any]]:
+def rows_to_items(
+    rows: pd.DataFrame, root: str | Path, source: str = "frames", video: str | Path | None = None
+) -> list[dict[str, Any]]:
     """Manifest rows -> plain dicts for the transforms, with targets and box features computed once.
 
     With ``source="video"`` frames come from ``root/videos/<video_id>.mp4``, or from ``video`` for every row.
@@ -82,10 +103,19 @@ def rows_to_items(rows: pd.DataFrame, root: str | Path, source: str = "frames",
     ids = rows[["video_id", "lesion_id", "frame_id", "frame_path"]].itertuples(index=False)
     items = []
     for i, row in enumerate(ids):
-        item = {"path": str(root / row.frame_path), "bbox": tuple(bbox[i].tolist()),
-                "frame_size": tuple(frame_size[i].tolist()), "box": boxes[i], "size_mm": float(size_mm[i]),
-                "target_reg": float(targets[i]), "size_class3": int(class3[i]), "size_class2": int(class2[i]),
-                "lesion_id": str(row.lesion_id), "video_id": str(row.video_id), "frame_id": str(row.frame_id)}
+        item = {
+            "path": str(root / row.frame_path),
+            "bbox": tuple(bbox[i].tolist()),
+            "frame_size": tuple(frame_size[i].tolist()),
+            "box": boxes[i],
+            "size_mm": float(size_mm[i]),
+            "target_reg": float(targets[i]),
+            "size_class3": int(class3[i]),
+            "size_class2": int(class2[i]),
+            "lesion_id": str(row.lesion_id),
+            "video_id": str(row.video_id),
+            "frame_id": str(row.frame_id),
+        }
         if source == "video":
             item["video"] = str(video or root / "videos" / f"{row.video_id}.mp4")
             item["frame_index"] = frame_index(row.frame_id)
@@ -93,8 +123,7 @@ def rows_to_items(rows: pd.DataFrame, root: str | Path, source: str = "frames",
     return items
 
 
-def crop_transforms(image_size: int = 64, context: float = 0.5, fov_mask: bool = True,
-                    source: str = "frames") -> list:
+def crop_transforms(image_size: int = 64, context: float = 0.5, fov_mask: bool = True, source: str = "frames") -> list:
     """The deterministic (cacheable) steps: load, crop with context, FOV mask, resize, drop helper keys."""
     steps = [LoadFramed("image", source=source), CropBoxd("image", context=context)]
     if fov_mask:
@@ -155,11 +184,25 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
         raise FsgEndoError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
 
 
-def build_dataset(rows: pd.DataFrame, root: str | Path, *, image_size: int = 64, context: float = 0.5,
-                  fov_mask: bool = True, train: bool = False, mean: Sequence[float] | None = None,
-                  std: Sequence[float] | None = None, cache: str = "memory", cache_dir: str | Path | None = None,
-                  source: str = "frames", seed: int = 0, workers: int = 0,
-                  video: str | Path | None = None, progress: bool = True, photometric: bool = True) -> Dataset:
+def build_dataset(
+    rows: pd.DataFrame,
+    root: str | Path,
+    *,
+    image_size: int = 64,
+    context: float = 0.5,
+    fov_mask: bool = True,
+    train: bool = False,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    cache: str = "memory",
+    cache_dir: str | Path | None = None,
+    source: str = "frames",
+    seed: int = 0,
+    workers: int = 0,
+    video: str | Path | None = None,
+    progress: bool = True,
+    photometric: bool = True,
+) -> Dataset:
     """MONAI dataset of normalised crops of ``rows``; ``train`` adds the paper's augmentation after the cache
     (without its colour jitter and noise when ``photometric`` is False).
 
@@ -187,9 +230,17 @@ def build_dataset(rows: pd.DataFrame, root: str | Path, *, image_size: int = 64,
         return FrameCacheDataset(items, transform, num_workers=max(workers, 1), copy_cache=False, progress=progress)
 
 
-def compute_mean_std(rows: pd.DataFrame, root: str | Path, *, image_size: int = 64, context: float = 0.5,
-                     fov_mask: bool = True, source: str = "frames", workers: int = 0,
-                     max_items: int | None = 2048) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def compute_mean_std(
+    rows: pd.DataFrame,
+    root: str | Path,
+    *,
+    image_size: int = 64,
+    context: float = 0.5,
+    fov_mask: bool = True,
+    source: str = "frames",
+    workers: int = 0,
+    max_items: int | None = 2048,
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std, in [0, 1] units, of the un-augmented crops of (training) ``rows``.
 
     At most ``max_items`` evenly spaced rows are read (None: all), enough for stable statistics.
@@ -203,13 +254,13 @@ def compute_mean_std(rows: pd.DataFrame, root: str | Path, *, image_size: int = 
 
     def moments(item: dict[str, Any]) -> np.ndarray:
         pixels = crop(item)["image"].reshape(-1, 3).astype(np.float64) / 255.0
-        return np.concatenate([pixels.sum(0), (pixels ** 2).sum(0), [len(pixels)]])
+        return np.concatenate([pixels.sum(0), (pixels**2).sum(0), [len(pixels)]])
 
     items = rows_to_items(rows, root, source)
     with user_errors(), ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
         total = np.sum(list(pool.map(moments, items)), axis=0)
     mean = total[:3] / total[6]
-    std = np.sqrt(np.maximum(total[3:6] / total[6] - mean ** 2, 1e-12))
+    std = np.sqrt(np.maximum(total[3:6] / total[6] - mean**2, 1e-12))
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
@@ -227,14 +278,30 @@ def seed_worker(worker_id: int) -> None:
     (OpenCV's thread count is left alone: ``cv2.setNumThreads`` in a forked worker deadlocks.)
     """
     monai_worker_init_fn(worker_id)
-    seed = torch.initial_seed() % 2 ** 32
+    seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, sampler: Sampler | None = None, shuffle: bool = False,
-                workers: int = 0, seed: int = 0, drop_last: bool = False) -> DataLoader:
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    sampler: Sampler | None = None,
+    shuffle: bool = False,
+    workers: int = 0,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
     """MONAI DataLoader with a seeded generator and per-worker seeding: the same seed gives the same batches."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle, num_workers=workers,
-                      generator=torch.Generator().manual_seed(seed), worker_init_fn=seed_worker,
-                      persistent_workers=workers > 0, drop_last=drop_last)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=shuffle,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=seed_worker,
+        persistent_workers=workers > 0,
+        drop_last=drop_last,
+    )

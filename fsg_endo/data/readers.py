@@ -22,8 +22,22 @@ from PIL import Image
 from fsg_endo.data.sizes import size_class2, size_class3
 from fsg_endo.errors import FsgEndoError
 
-READER_COLUMNS = ("dataset", "video_id", "lesion_id", "frame_id", "frame_path", "xmin", "ymin", "xmax",
-                  "ymax", "width", "height", "size_mm", "size_class3", "size_class2")
+READER_COLUMNS = (
+    "dataset",
+    "video_id",
+    "lesion_id",
+    "frame_id",
+    "frame_path",
+    "xmin",
+    "ymin",
+    "xmax",
+    "ymax",
+    "width",
+    "height",
+    "size_mm",
+    "size_class3",
+    "size_class2",
+)
 LESION_INFO_COLUMNS = ("unique_object_id", "unique_video_name", "size [mm]")
 VIDEO_INFO_COLUMNS = ("unique_video_name",)
 SUN_SIZES_COLUMNS = ("case", "size_mm")
@@ -35,8 +49,9 @@ _SUN_CASE_FILE = re.compile(r"case(?P<n>\d+)\.txt")
 _SUN_IMAGE_NUMBER = re.compile(r"image(?P<n>\d+)$")
 _NUM = r"-?\d+(?:\.\d*)?"
 _SUN_BOX = re.compile(rf"({_NUM}),({_NUM}),({_NUM}),({_NUM}),(-?\d+)")
-_SUN_LINE = re.compile(rf"(?P<path>\S.*?\.(?:jpe?g|png))(?P<boxes>(?:\s+{_NUM}(?:,{_NUM}){{3}},-?\d+)*)\s*",
-                       re.IGNORECASE)
+_SUN_LINE = re.compile(
+    rf"(?P<path>\S.*?\.(?:jpe?g|png))(?P<boxes>(?:\s+{_NUM}(?:,{_NUM}){{3}},-?\d+)*)\s*", re.IGNORECASE
+)
 _MAX_WORKERS = min(8, (os.cpu_count() or 1) + 2)
 
 T = TypeVar("T")
@@ -65,7 +80,7 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], chunk: int = 256) -> 
     """
     if len(items) <= chunk:
         return [fn(x) for x in items]
-    chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
+    chunks = [items[i : i + chunk] for i in range(0, len(items), chunk)]
     with ThreadPoolExecutor(max_workers=_MAX_WORKERS) as pool:
         return [r for part in pool.map(lambda c: [fn(x) for x in c], chunks) for r in part]
 
@@ -101,8 +116,10 @@ def check_box(box: Sequence[float], width: int, height: int, where: str) -> None
     """Refuse a degenerate box or one that leaves its ``width`` x ``height`` frame."""
     xmin, ymin, xmax, ymax = box
     if not (0 <= xmin < xmax <= width and 0 <= ymin < ymax <= height):
-        raise FsgEndoError(f"{where}: box (xmin={xmin}, ymin={ymin}, xmax={xmax}, ymax={ymax}) is empty or "
-                           f"leaves the {width}x{height} frame")
+        raise FsgEndoError(
+            f"{where}: box (xmin={xmin}, ymin={ymin}, xmax={xmax}, ymax={ymax}) is empty or "
+            f"leaves the {width}x{height} frame"
+        )
 
 
 def _one_line(err: BaseException) -> str:
@@ -166,14 +183,17 @@ def parse_voc(path: Path) -> _VocFrame:
         if not lesion:
             raise FsgEndoError(f"{path}: an <object> has no <unique_id>")
         bndbox = obj.find("bndbox")
-        box = tuple(_to_int(None if bndbox is None else bndbox.findtext(k), f"<bndbox><{k}>", str(path))
-                    for k in ("xmin", "ymin", "xmax", "ymax"))
+        box = tuple(
+            _to_int(None if bndbox is None else bndbox.findtext(k), f"<bndbox><{k}>", str(path))
+            for k in ("xmin", "ymin", "xmax", "ymax")
+        )
         objects.append((lesion, box))
     if not objects:
         return _VocFrame(None, None, ())
     size = root.find("size")
-    width, height = (_to_int(None if size is None else size.findtext(k), f"<size><{k}>", str(path))
-                     for k in ("width", "height"))
+    width, height = (
+        _to_int(None if size is None else size.findtext(k), f"<size><{k}>", str(path)) for k in ("width", "height")
+    )
     return _VocFrame(width, height, tuple(objects))
 
 
@@ -210,8 +230,7 @@ def _check_lesion(lesion: str, video: str, video_of: dict[str, str], xml_path: P
     if lesion not in video_of:
         raise FsgEndoError(f"{xml_path}: lesion '{lesion}' is not in lesion_info.csv")
     if video_of[lesion] != video:
-        raise FsgEndoError(f"{xml_path}: lesion '{lesion}' belongs to video '{video_of[lesion]}' in "
-                           "lesion_info.csv")
+        raise FsgEndoError(f"{xml_path}: lesion '{lesion}' belongs to video '{video_of[lesion]}' in lesion_info.csv")
 
 
 def _realcolon_video_boxes(root: Path, video: str, ann_dir: Path, video_of: dict[str, str]) -> list[_Box]:
@@ -233,8 +252,7 @@ def _realcolon_video_boxes(root: Path, video: str, ann_dir: Path, video_of: dict
         for lesion, box in voc.objects:
             _check_lesion(lesion, video, video_of, xml_path)
             check_box(box, voc.width, voc.height, str(xml_path))
-            boxes.append(_Box(video, lesion, Path(name).stem, f"{video}_frames/{name}", *box,
-                              voc.width, voc.height))
+            boxes.append(_Box(video, lesion, Path(name).stem, f"{video}_frames/{name}", *box, voc.width, voc.height))
     return boxes
 
 
@@ -252,8 +270,10 @@ def _realcolon_lesions(root: Path) -> pd.DataFrame:
     unknown = lesions[~lesions["unique_video_name"].isin(known_videos)]
     if len(unknown):
         row = unknown.iloc[0]
-        raise FsgEndoError(f"{lesion_csv}: lesion '{row['unique_object_id']}' names video "
-                           f"'{row['unique_video_name']}', which is not in {video_csv.name}")
+        raise FsgEndoError(
+            f"{lesion_csv}: lesion '{row['unique_object_id']}' names video "
+            f"'{row['unique_video_name']}', which is not in {video_csv.name}"
+        )
     return lesions.set_index("unique_object_id")
 
 
@@ -279,11 +299,13 @@ def read_realcolon(root: str | os.PathLike, dataset: str = "realcolon") -> pd.Da
     lesions = _realcolon_lesions(root)
     lesion_csv = root / "lesion_info.csv"
     video_of = lesions["unique_video_name"].to_dict()
-    boxes = [b for video, ann_dir in _annotation_dirs(root)
-             for b in _realcolon_video_boxes(root, video, ann_dir, video_of)]
+    boxes = [
+        b for video, ann_dir in _annotation_dirs(root) for b in _realcolon_video_boxes(root, video, ann_dir, video_of)
+    ]
     used = sorted({b.lesion_id for b in boxes})
-    sizes = {lid: _positive_size(lesions.at[lid, "size [mm]"], f"{lesion_csv}: lesion '{lid}' 'size [mm]'")
-             for lid in used}
+    sizes = {
+        lid: _positive_size(lesions.at[lid, "size [mm]"], f"{lesion_csv}: lesion '{lid}' 'size [mm]'") for lid in used
+    }
     return _frames_rows(boxes, sizes, dataset)
 
 
@@ -293,8 +315,9 @@ def read_realcolon(root: str | os.PathLike, dataset: str = "realcolon") -> pd.Da
 def _sun_sizes(root: Path, sizes_csv: str | os.PathLike | None) -> tuple[Path, dict[int, float]]:
     """Case number -> size (mm) from the ``case,size_mm`` CSV given with ``--sizes``."""
     if sizes_csv is None:
-        raise FsgEndoError(f"{root}: a SUN dataset has no polyp sizes; give them with --sizes CSV "
-                           "(columns case,size_mm)")
+        raise FsgEndoError(
+            f"{root}: a SUN dataset has no polyp sizes; give them with --sizes CSV (columns case,size_mm)"
+        )
     path = Path(sizes_csv)
     table = read_table(path, SUN_SIZES_COLUMNS)
     sizes: dict[int, float] = {}
@@ -320,8 +343,7 @@ def _image_size(path: Path) -> tuple[int, int]:
         raise FsgEndoError(f"{path}: cannot read image header ({_one_line(err)})") from None
 
 
-def _sun_frame_name(case_dir: Path, names: set[str], numbers: dict[int, str], path_text: str,
-                    where: str) -> str:
+def _sun_frame_name(case_dir: Path, names: set[str], numbers: dict[int, str], path_text: str, where: str) -> str:
     """File name in ``case_dir`` of a frame named by an annotation line (any folder, any padding)."""
     base = re.split(r"[\\/]", path_text)[-1]
     if base in names:
@@ -344,8 +366,10 @@ def _sun_case_lines(txt: Path) -> list[tuple[int, str, list[tuple[int, int, int,
             continue
         m = _SUN_LINE.fullmatch(line.strip())
         if m is None:
-            raise FsgEndoError(f"{txt}: line {i}: cannot parse {line.strip()[:80]!r} "
-                               "(expected '<image path> xmin,ymin,xmax,ymax,class_id ...')")
+            raise FsgEndoError(
+                f"{txt}: line {i}: cannot parse {line.strip()[:80]!r} "
+                "(expected '<image path> xmin,ymin,xmax,ymax,class_id ...')"
+            )
         boxes = [tuple(round(float(v)) for v in b.groups()[:4]) for b in _SUN_BOX.finditer(m["boxes"])]
         parsed.append((i, m["path"], boxes))
     return parsed
@@ -356,8 +380,11 @@ def _sun_case_boxes(root: Path, n: int, txt: Path) -> list[_Box]:
     case = f"case{n}"
     case_dir = require_dir(root / case, f"frames folder of {case}")
     names, numbers = _frame_index(case_dir, _SUN_IMAGE_NUMBER)
-    lines = [(i, _sun_frame_name(case_dir, names, numbers, p, f"{txt}: line {i}"), boxes)
-             for i, p, boxes in _sun_case_lines(txt) if boxes]
+    lines = [
+        (i, _sun_frame_name(case_dir, names, numbers, p, f"{txt}: line {i}"), boxes)
+        for i, p, boxes in _sun_case_lines(txt)
+        if boxes
+    ]
     frame_names = sorted({name for _, name, _ in lines})
     frame_sizes = dict(zip(frame_names, parallel_map(_image_size, [case_dir / f for f in frame_names])))
     out = []
@@ -378,8 +405,9 @@ def read_sun(root: str | os.PathLike, sizes_csv: str | os.PathLike | None) -> pd
     root = require_dir(Path(root), "dataset root")
     ann_dir = require_dir(root / "annotation_txt", "SUN 'annotation_txt' folder")
     sizes_path, sizes = _sun_sizes(root, sizes_csv)
-    cases = sorted((int(m["n"]), ann_dir / e.name) for e in os.scandir(ann_dir)
-                   if (m := _SUN_CASE_FILE.fullmatch(e.name)))
+    cases = sorted(
+        (int(m["n"]), ann_dir / e.name) for e in os.scandir(ann_dir) if (m := _SUN_CASE_FILE.fullmatch(e.name))
+    )
     if not cases:
         raise FsgEndoError(f"{ann_dir}: no case<N>.txt annotation files")
     missing = [n for n, _ in cases if n not in sizes]

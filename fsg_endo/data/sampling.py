@@ -23,8 +23,15 @@ class LesionFrameSampler(Sampler[int]):
     k-th index, padded to equal length). ``frames_per_lesion=None`` takes every frame once.
     """
 
-    def __init__(self, rows: pd.DataFrame, frames_per_lesion: int | None = 40, class_balanced: bool = False,
-                 seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(
+        self,
+        rows: pd.DataFrame,
+        frames_per_lesion: int | None = 40,
+        class_balanced: bool = False,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
         if len(rows) == 0:
             raise FsgEndoError("cannot sample training frames: no training rows")
         if frames_per_lesion is not None and frames_per_lesion < 1:
@@ -43,8 +50,9 @@ class LesionFrameSampler(Sampler[int]):
         self.seed, self.epoch = seed, 0
         self.num_replicas, self.rank = num_replicas, rank
         n_classes = len(np.unique(self.lesion_class))
-        self.n_lesion_draws = math.ceil(len(self.frames) / n_classes) * n_classes if class_balanced \
-            else len(self.frames)
+        self.n_lesion_draws = (
+            math.ceil(len(self.frames) / n_classes) * n_classes if class_balanced else len(self.frames)
+        )
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose draw the next iteration yields."""
@@ -79,9 +87,12 @@ class LesionFrameSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         indices = self.epoch_indices()
         padded = np.resize(indices, len(self) * self.num_replicas)  # repeats the head, as DistributedSampler
-        return iter(padded[self.rank::self.num_replicas].tolist())
+        return iter(padded[self.rank :: self.num_replicas].tolist())
 
     def __len__(self) -> int:
-        total = sum(len(f) for f in self.frames) if self.frames_per_lesion is None \
+        total = (
+            sum(len(f) for f in self.frames)
+            if self.frames_per_lesion is None
             else self.n_lesion_draws * self.frames_per_lesion
+        )
         return math.ceil(total / self.num_replicas)

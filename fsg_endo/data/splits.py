@@ -31,12 +31,13 @@ def subsample_lesions(df: pd.DataFrame, fraction: float, seed: int) -> pd.DataFr
     keep = []
     for _, ids in lesions.groupby(lesions):
         order = sorted(ids.index, key=lambda lid: (lesion_rank_key(lid, seed), lid))
-        keep.extend(order[:math.ceil(fraction * len(order))])
+        keep.extend(order[: math.ceil(fraction * len(order))])
     return df[df["lesion_id"].isin(keep)]
 
 
-def make_splits(manifest: pd.DataFrame, test_fold: int, val_fold: int, train_fraction: float = 1.0,
-                seed: int = 0) -> dict[str, pd.DataFrame]:
+def make_splits(
+    manifest: pd.DataFrame, test_fold: int, val_fold: int, train_fraction: float = 1.0, seed: int = 0
+) -> dict[str, pd.DataFrame]:
     """``{"train", "val", "test"}`` rows: test and validation are one fold each, train the other folds.
 
     ``train_fraction`` in (0, 1] keeps that share of the training lesions (not frames), per triclass,
@@ -55,15 +56,22 @@ def make_splits(manifest: pd.DataFrame, test_fold: int, val_fold: int, train_fra
         raise FsgEndoError(f"no training rows: every fold other than {test_fold} and {val_fold} is empty")
     if train_fraction < 1:
         train = subsample_lesions(train, train_fraction, seed)
-    splits = {"train": train, "val": manifest[manifest["fold"] == val_fold],
-              "test": manifest[manifest["fold"] == test_fold]}
+    splits = {
+        "train": train,
+        "val": manifest[manifest["fold"] == val_fold],
+        "test": manifest[manifest["fold"] == test_fold],
+    }
     return {name: rows.reset_index(drop=True) for name, rows in splits.items()}
 
 
 def _counts(rows: pd.DataFrame) -> dict[str, int]:
     """Videos, lesions, frames and boxes of some manifest rows, in total and per triclass."""
-    out = {"videos": rows["video_id"].nunique(), "lesions": rows["lesion_id"].nunique(),
-           "frames": rows["frame_path"].nunique(), "boxes": len(rows)}
+    out = {
+        "videos": rows["video_id"].nunique(),
+        "lesions": rows["lesion_id"].nunique(),
+        "frames": rows["frame_path"].nunique(),
+        "boxes": len(rows),
+    }
     for c, name in enumerate(CLASS3_NAMES):
         of_class = rows[rows["size_class3"] == c]
         out[f"lesions_{name}"] = of_class["lesion_id"].nunique()

@@ -122,8 +122,9 @@ class LoadFramed(MapTransform):
         image, where = self._load(d)
         width, height = d["frame_size"]
         if image.shape[:2] != (height, width):
-            raise FsgEndoError(f"{where}: frame is {image.shape[1]}x{image.shape[0]} "
-                               f"but the manifest says {width}x{height}")
+            raise FsgEndoError(
+                f"{where}: frame is {image.shape[1]}x{image.shape[0]} but the manifest says {width}x{height}"
+            )
         for key in self.keys:
             d[key] = image
         return d
@@ -145,7 +146,7 @@ def crop_square(image: np.ndarray, x0: int, y0: int, side: int) -> np.ndarray:
     fx0, fy0 = max(x0, 0), max(y0, 0)
     fx1, fy1 = min(x0 + side, width), min(y0 + side, height)
     if fx1 > fx0 and fy1 > fy0:
-        out[fy0 - y0:fy1 - y0, fx0 - x0:fx1 - x0] = image[fy0:fy1, fx0:fx1]
+        out[fy0 - y0 : fy1 - y0, fx0 - x0 : fx1 - x0] = image[fy0:fy1, fx0:fx1]
     return out
 
 
@@ -271,6 +272,6 @@ class ShiftFlipd(Randomizable, MapTransform):
             if self.shift:
                 size_y, size_x = image.shape[-2:]
                 padded = torch.nn.functional.pad(image[None], (self.shift,) * 4, mode="replicate")[0]
-                image = padded[:, self.dy:self.dy + size_y, self.dx:self.dx + size_x]
+                image = padded[:, self.dy : self.dy + size_y, self.dx : self.dx + size_x]
             d[key] = image.flip(-1) if self.mirror else image
         return d

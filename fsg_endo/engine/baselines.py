@@ -42,8 +42,9 @@ def columns_of(cues: Sequence[str]) -> list[str]:
 
 
 def _classifier(seed: int) -> Pipeline:
-    return make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=2000,
-                                                              random_state=seed))
+    return make_pipeline(
+        StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=2000, random_state=seed)
+    )
 
 
 def _frame_table(task: Task, rows: pd.DataFrame, outputs: np.ndarray) -> pd.DataFrame:
@@ -79,8 +80,13 @@ def _fit(task: Task, x: np.ndarray, train: pd.DataFrame, seed: int) -> tuple[Cal
     return (lambda features: np.exp(ridge.predict(features))), partial(_proba, classifier, n_classes=3)
 
 
-def evaluate_baseline(task: Task, splits: Mapping[str, pd.DataFrame], features: Mapping[str, pd.DataFrame],
-                      cues: Sequence[str], seed: int = 0) -> tuple[dict[str, float], dict[str, pd.DataFrame]]:
+def evaluate_baseline(
+    task: Task,
+    splits: Mapping[str, pd.DataFrame],
+    features: Mapping[str, pd.DataFrame],
+    cues: Sequence[str],
+    seed: int = 0,
+) -> tuple[dict[str, float], dict[str, pd.DataFrame]]:
     """Fit on ``splits["train"]``, score every other split: metrics and frame prediction tables per split.
 
     ``features[name]`` holds the feature rows of ``splits[name]`` (same order).
@@ -94,19 +100,22 @@ def evaluate_baseline(task: Task, splits: Mapping[str, pd.DataFrame], features: 
         metrics.update(_metrics(task, tables[split], split))
         if classify is not None:
             classes = _frame_table(TRICLASS, rows, classify(x))
-            metrics.update({k.replace(f"{split}/", f"{split}/cls3_", 1): v
-                            for k, v in _metrics(TRICLASS, classes, split).items()})
+            metrics.update(
+                {k.replace(f"{split}/", f"{split}/cls3_", 1): v for k, v in _metrics(TRICLASS, classes, split).items()}
+            )
     return metrics, tables
 
 
-def split_features(splits: Mapping[str, pd.DataFrame], root: Any, source: str = "frames",
-                   workers: int = 1) -> dict[str, pd.DataFrame]:
+def split_features(
+    splits: Mapping[str, pd.DataFrame], root: Any, source: str = "frames", workers: int = 1
+) -> dict[str, pd.DataFrame]:
     """The baseline features of every split's rows (:data:`CROP`)."""
     return {name: crop_features(rows, root, source=source, workers=workers, **CROP) for name, rows in splits.items()}
 
 
-def baseline_metrics(cfg: Mapping[str, Any], name: str, rows: Splits | None = None
-                     ) -> tuple[dict[str, float], dict[str, pd.DataFrame]]:
+def baseline_metrics(
+    cfg: Mapping[str, Any], name: str, rows: Splits | None = None
+) -> tuple[dict[str, float], dict[str, pd.DataFrame]]:
     """Baseline ``name`` fit on the training rows of a config's split, scored on its val and test rows."""
     rows = rows or prepare_splits(cfg)
     task = get_task(cfg["task"], cfg["loss"]["main_weights"], cfg["loss"]["gate_weights"])
@@ -133,5 +142,5 @@ def fit_baseline(cfg: Mapping[str, Any], tracker: Tracker) -> dict[str, float]:
 
 def baseline_of(regularizer: str) -> str | None:
     """The baseline a ``regularizer`` value names (``baseline_box`` -> ``box``), else None."""
-    name = regularizer[len(ARM_PREFIX):] if regularizer.startswith(ARM_PREFIX) else None
+    name = regularizer[len(ARM_PREFIX) :] if regularizer.startswith(ARM_PREFIX) else None
     return name if name in BASELINES else None

@@ -86,16 +86,28 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
     return torch.load(path, map_location=device, weights_only=True)
 
 
-def training_state(model: torch.nn.Module, optimizers: Mapping[str, torch.optim.Optimizer],
-                   schedulers: Mapping[str, Any], progress: Progress) -> dict[str, Any]:
+def training_state(
+    model: torch.nn.Module,
+    optimizers: Mapping[str, torch.optim.Optimizer],
+    schedulers: Mapping[str, Any],
+    progress: Progress,
+) -> dict[str, Any]:
     """The resumable state of a run, as :func:`save_checkpoint` stores it."""
-    return {"model": model.state_dict(), "progress": progress.state_dict(), "rng": rng_state(),
-            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-            "schedulers": {k: s.state_dict() for k, s in schedulers.items()}}
+    return {
+        "model": model.state_dict(),
+        "progress": progress.state_dict(),
+        "rng": rng_state(),
+        "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+        "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+    }
 
 
-def restore_training_state(state: Mapping[str, Any], model: torch.nn.Module,
-                           optimizers: Mapping[str, torch.optim.Optimizer], schedulers: Mapping[str, Any]) -> Progress:
+def restore_training_state(
+    state: Mapping[str, Any],
+    model: torch.nn.Module,
+    optimizers: Mapping[str, torch.optim.Optimizer],
+    schedulers: Mapping[str, Any],
+) -> Progress:
     """Load a :func:`training_state` into the run's objects and the RNGs; returns its progress."""
     model.load_state_dict(state["model"])
     for key, optimizer in optimizers.items():

@@ -80,8 +80,9 @@ def pooled_metric(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.nanmean(num.sum(axis=-2) / np.where(den > 0, den, np.nan), axis=-1)
 
 
-def lesion_bootstrap_ci(task: Task, lesions: pd.DataFrame, seed: int = 0, level: float = 0.95,
-                        resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float]:
+def lesion_bootstrap_ci(
+    task: Task, lesions: pd.DataFrame, seed: int = 0, level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES
+) -> tuple[float, float]:
     """Percentile bootstrap CI of the task's main metric over ``lesions``, resampling whole videos: lesions of
     one video share its patient and camera, so videos (clusters), not lesions, are the independent units."""
     from scipy import stats
@@ -89,9 +90,14 @@ def lesion_bootstrap_ci(task: Task, lesions: pd.DataFrame, seed: int = 0, level:
     num, den = video_sums(task, lesions)
     if len(num) < 2:
         return math.nan, math.nan
-    ci = stats.bootstrap((np.arange(len(num)),), lambda v, axis=-1: pooled_metric(num[v], den[v]),
-                         n_resamples=resamples, confidence_level=level, method="percentile",
-                         rng=np.random.default_rng(seed)).confidence_interval
+    ci = stats.bootstrap(
+        (np.arange(len(num)),),
+        lambda v, axis=-1: pooled_metric(num[v], den[v]),
+        n_resamples=resamples,
+        confidence_level=level,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    ).confidence_interval
     return float(ci.low), float(ci.high)
 
 

@@ -23,10 +23,18 @@ def model_metadata(cfg: Mapping[str, Any], task: Task, preprocess: Mapping[str, 
     """What a saved model needs besides its weights: task, inputs, crop and normalisation (what the data has
     of :data:`PREPROCESS_KEYS`), and where it came from (experiment, dataset, folds and seed, so ``--fold K``
     of the training data means the same)."""
-    return {"task": task.name, "class_names": list(task.class_names), "box_features": cfg["model"]["box_features"],
-            **{k: preprocess[k] for k in PREPROCESS_KEYS if k in preprocess}, "experiment": cfg["name"],
-            "regularizer": cfg["regularizer"], "trained_on": cfg["data"]["source"], "folds": cfg["data"]["folds"],
-            "seed": cfg["seed"], "test_fold": cfg["data"]["test_fold"]}
+    return {
+        "task": task.name,
+        "class_names": list(task.class_names),
+        "box_features": cfg["model"]["box_features"],
+        **{k: preprocess[k] for k in PREPROCESS_KEYS if k in preprocess},
+        "experiment": cfg["name"],
+        "regularizer": cfg["regularizer"],
+        "trained_on": cfg["data"]["source"],
+        "folds": cfg["data"]["folds"],
+        "seed": cfg["seed"],
+        "test_fold": cfg["data"]["test_fold"],
+    }
 
 
 def example_inputs(metadata: Mapping[str, Any], batch: int = 2) -> tuple[torch.Tensor, ...]:
@@ -36,11 +44,22 @@ def example_inputs(metadata: Mapping[str, Any], batch: int = 2) -> tuple[torch.T
     return (image, torch.zeros(batch, BOX_FEATURES)) if metadata["box_features"] else (image,)
 
 
-def log_trained_model(tracker: Tracker, model: torch.nn.Module, cfg: Mapping[str, Any], task: Task,
-                      preprocess: Mapping[str, Any], step: int) -> None:
+def log_trained_model(
+    tracker: Tracker,
+    model: torch.nn.Module,
+    cfg: Mapping[str, Any],
+    task: Task,
+    preprocess: Mapping[str, Any],
+    step: int,
+) -> None:
     """Log the model as stock torchvision blocks (gates folded into the weights, fast attention undone) with
     its metadata, linked to the metrics at ``step``; register it as ``tracking.register_model`` if set."""
     model = model.cpu().eval()
     metadata = model_metadata(cfg, task, preprocess)
-    tracker.log_model(fold_gates(model), example_inputs(metadata), metadata,
-                      registered_model_name=cfg["tracking"]["register_model"], step=step)
+    tracker.log_model(
+        fold_gates(model),
+        example_inputs(metadata),
+        metadata,
+        registered_model_name=cfg["tracking"]["register_model"],
+        step=step,
+    )

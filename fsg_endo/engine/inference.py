@@ -27,8 +27,14 @@ def model_task(model: LoadedModel) -> Task:
     return get_task(name)
 
 
-def loader_for(model: LoadedModel, rows: pd.DataFrame, root: str | Path, source: str = "frames",
-               video: str | Path | None = None, batch_size: int = 64):
+def loader_for(
+    model: LoadedModel,
+    rows: pd.DataFrame,
+    root: str | Path,
+    source: str = "frames",
+    video: str | Path | None = None,
+    batch_size: int = 64,
+):
     """Un-augmented, uncached crops of ``rows``, cropped and normalised as the model was trained."""
     crop = {k: model.metadata[k] for k in PREPROCESS_KEYS}
     dataset = build_dataset(rows, root, train=False, cache="none", source=source, video=video, **crop)
@@ -37,17 +43,30 @@ def loader_for(model: LoadedModel, rows: pd.DataFrame, root: str | Path, source:
 
 def evaluate_rows(model: LoadedModel, rows: pd.DataFrame, root: str | Path) -> tuple[dict[str, float], pd.DataFrame]:
     """``test/*`` and ``lesion/test/*`` metrics of the model on labelled manifest rows, and its frame predictions."""
-    return evaluate(model.module, loader_for(model, rows, root), model_task(model), torch.device("cpu"),
-                    model.metadata["box_features"], "test")
+    return evaluate(
+        model.module,
+        loader_for(model, rows, root),
+        model_task(model),
+        torch.device("cpu"),
+        model.metadata["box_features"],
+        "test",
+    )
 
 
-def size_rows(model: LoadedModel, rows: pd.DataFrame, root: str | Path, source: str = "frames",
-              video: str | Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def size_rows(
+    model: LoadedModel, rows: pd.DataFrame, root: str | Path, source: str = "frames", video: str | Path | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The model's sizes of ``rows`` (their ``size_mm`` is ignored): one table in the order of ``rows``, and
     one per lesion (the mean over its frames, as in evaluation) with ``lesion_id`` and ``n_frames``."""
     task = model_task(model)
-    frames = predict(model.module, loader_for(model, rows, root, source, video), task, torch.device("cpu"),
-                     model.metadata["box_features"], desc="predict")
+    frames = predict(
+        model.module,
+        loader_for(model, rows, root, source, video),
+        task,
+        torch.device("cpu"),
+        model.metadata["box_features"],
+        desc="predict",
+    )
     lesions = task.lesion_predictions(frames)
     return sized(task, frames), pd.concat([lesions[["lesion_id", "n_frames"]], sized(task, lesions)], axis=1)
 

@@ -108,8 +108,10 @@ def cap_frames_per_lesion(rows: pd.DataFrame, n: int | None) -> pd.DataFrame:
     """Keep at most ``n`` evenly spaced frames of each lesion (deterministic; cheaper evaluation)."""
     if not n:
         return rows
-    keep = [idx[np.unique(np.linspace(0, len(idx) - 1, min(n, len(idx))).round().astype(int))]
-            for idx in rows.groupby("lesion_id", sort=False).indices.values()]
+    keep = [
+        idx[np.unique(np.linspace(0, len(idx) - 1, min(n, len(idx))).round().astype(int))]
+        for idx in rows.groupby("lesion_id", sort=False).indices.values()
+    ]
     return rows.iloc[np.sort(np.concatenate(keep))].reset_index(drop=True)
 
 
@@ -158,21 +160,48 @@ def prepare_data(cfg: Mapping[str, Any], num_replicas: int = 1, rank: int = 0) -
 
     crop = {"image_size": data["image_size"], "context": data["context"], "fov_mask": data["fov_mask"]}
     mean, std = compute_mean_std(splits["train"], root, **crop)
-    common = dict(crop, mean=mean, std=std, cache=data["cache"], source=data["source_media"],
-                  cache_dir=cache_dir() / "persistent", workers=data["workers"], progress=interactive())
-    train_ds = SeededItems(build_dataset(splits["train"], root, train=data["augment"], seed=seed,
-                                         photometric=data["photometric"], **common))
-    sampler = EpochSampler(LesionFrameSampler(splits["train"], frames_per_lesion=data["frames_per_lesion"],
-                                              class_balanced=data["class_balanced"], seed=seed,
-                                              num_replicas=num_replicas, rank=rank), seed=seed)
-    loaders = {"train": make_loader(train_ds, batch // num_replicas, sampler=sampler, workers=data["workers"],
-                                    seed=seed)}
+    common = dict(
+        crop,
+        mean=mean,
+        std=std,
+        cache=data["cache"],
+        source=data["source_media"],
+        cache_dir=cache_dir() / "persistent",
+        workers=data["workers"],
+        progress=interactive(),
+    )
+    train_ds = SeededItems(
+        build_dataset(
+            splits["train"], root, train=data["augment"], seed=seed, photometric=data["photometric"], **common
+        )
+    )
+    sampler = EpochSampler(
+        LesionFrameSampler(
+            splits["train"],
+            frames_per_lesion=data["frames_per_lesion"],
+            class_balanced=data["class_balanced"],
+            seed=seed,
+            num_replicas=num_replicas,
+            rank=rank,
+        ),
+        seed=seed,
+    )
+    loaders = {
+        "train": make_loader(train_ds, batch // num_replicas, sampler=sampler, workers=data["workers"], seed=seed)
+    }
     for name in ("val", "test") if rank == 0 else ():
         ds = build_dataset(splits[name], root, train=False, seed=seed, **common)
         loaders[name] = make_loader(ds, batch * 2, workers=data["workers"], seed=seed)
-    return DataBundle(root=root, manifest_sha256=rows.manifest_sha256,
-                      splits=splits, summary=split_summary(splits), sampler=sampler, loaders=loaders,
-                      manifest=rows.manifest, preprocess=dict(crop, mean=list(mean), std=list(std)))
+    return DataBundle(
+        root=root,
+        manifest_sha256=rows.manifest_sha256,
+        splits=splits,
+        summary=split_summary(splits),
+        sampler=sampler,
+        loaders=loaders,
+        manifest=rows.manifest,
+        preprocess=dict(crop, mean=list(mean), std=list(std)),
+    )
 
 
 FALLBACKS = {"sklearn_digits"}  # sources read in place of the configured one
@@ -180,8 +209,14 @@ FALLBACKS = {"sklearn_digits"}  # sources read in place of the configured one
 
 def read_images(data: Mapping[str, Any], seed: int, train: bool = True) -> ImageData:
     """The configured image source, reduced as configured (``train=False``: the held-out split only)."""
-    common = dict(image_size=data["image_size"], seed=seed, fraction=data["train_fraction"],
-                  train_limit=data["train_limit"], test_limit=data["test_limit"], train=train)
+    common = dict(
+        image_size=data["image_size"],
+        seed=seed,
+        fraction=data["train_fraction"],
+        train_limit=data["train_limit"],
+        test_limit=data["test_limit"],
+        train=train,
+    )
     if data["source"] == "mnist":
         return load_mnist(data["root"], **common)
     check_image_root(data["source"], data["root"])
@@ -191,8 +226,10 @@ def read_images(data: Mapping[str, Any], seed: int, train: bool = True) -> Image
 
 def split_table(splits: Mapping[str, ImageSet]) -> pd.DataFrame:
     """One row per image: split, id, label (its hash identifies the data of a run)."""
-    return pd.concat([pd.DataFrame({"split": name, "image_id": s.ids, "label": s.labels.numpy()})
-                      for name, s in splits.items()], ignore_index=True)
+    return pd.concat(
+        [pd.DataFrame({"split": name, "image_id": s.ids, "label": s.labels.numpy()}) for name, s in splits.items()],
+        ignore_index=True,
+    )
 
 
 def prepare_image_data(cfg: Mapping[str, Any], num_replicas: int = 1, rank: int = 0) -> DataBundle:
@@ -206,21 +243,35 @@ def prepare_image_data(cfg: Mapping[str, Any], num_replicas: int = 1, rank: int 
     augment = {"shift": data["shift"], "flip": data["flip"]} if data["augment"] else {}
     train_ds = SeededItems(image_dataset(train, mean, std, **augment))
     sampler = EpochSampler(DistributedSampler(train_ds, num_replicas, rank, shuffle=True, seed=seed), seed=seed)
-    loaders = {"train": make_loader(train_ds, batch // num_replicas, sampler=sampler, workers=data["workers"],
-                                    seed=seed)}
+    loaders = {
+        "train": make_loader(train_ds, batch // num_replicas, sampler=sampler, workers=data["workers"], seed=seed)
+    }
     for name in ("val", "test") if rank == 0 else ():
-        loaders[name] = make_loader(image_dataset(splits[name], mean, std), batch * 2, workers=data["workers"],
-                                    seed=seed)
+        loaders[name] = make_loader(
+            image_dataset(splits[name], mean, std), batch * 2, workers=data["workers"], seed=seed
+        )
     table = split_table(splits)
-    summary = table.groupby("split", sort=False).agg(images=("image_id", "size"),
-                                                     classes=("label", "nunique")).reset_index()
-    info = {"source_read": images.source, "class_names": list(images.class_names), "mean": list(mean),
-            "std": list(std), **{f"n_{name}": len(s) for name, s in splits.items()}}
-    tags = {"data.source_read": images.source,
-            "data.fallback": images.source if images.source in FALLBACKS else "none"}
-    return DataBundle(root=Path(data["root"] or "."),
-                      manifest_sha256=hashlib.sha256(table.to_csv(index=False).encode()).hexdigest(),
-                      splits={name: table[table["split"] == name] for name in splits}, summary=summary,
-                      sampler=sampler, loaders=loaders, class_names=images.class_names, tags=tags, info=info,
-                      note=images.note, preprocess={"image_size": data["image_size"], "mean": list(mean),
-                                                    "std": list(std)})
+    summary = (
+        table.groupby("split", sort=False).agg(images=("image_id", "size"), classes=("label", "nunique")).reset_index()
+    )
+    info = {
+        "source_read": images.source,
+        "class_names": list(images.class_names),
+        "mean": list(mean),
+        "std": list(std),
+        **{f"n_{name}": len(s) for name, s in splits.items()},
+    }
+    tags = {"data.source_read": images.source, "data.fallback": images.source if images.source in FALLBACKS else "none"}
+    return DataBundle(
+        root=Path(data["root"] or "."),
+        manifest_sha256=hashlib.sha256(table.to_csv(index=False).encode()).hexdigest(),
+        splits={name: table[table["split"] == name] for name in splits},
+        summary=summary,
+        sampler=sampler,
+        loaders=loaders,
+        class_names=images.class_names,
+        tags=tags,
+        info=info,
+        note=images.note,
+        preprocess={"image_size": data["image_size"], "mean": list(mean), "std": list(std)},
+    )

@@ -16,10 +16,10 @@ from fsg_endo.data.pipeline import box_features
 from fsg_endo.data.sizes import SIZE_MAX_MM, SIZE_MIN_MM
 from fsg_endo.engine.distributed import DistContext
 from fsg_endo.engine.evaluation import metric_mode
+from fsg_endo.engine.tasks import Task, get_task
 from fsg_endo.nn.gates import gate_parameters, non_gate_parameters
 from fsg_endo.nn.models import build_model
 from fsg_endo.nn.routing import GradientRouter, train_step
-from fsg_endo.engine.tasks import Task, get_task
 
 BOX_FEATURES = 4  # log box w, log box h (relative to the frame), box centre x, y
 GATE_STREAM = 1  # the gates' generator is the SeedSequence of (seed, GATE_STREAM)
@@ -55,11 +55,22 @@ def build_for(cfg: Mapping[str, Any], task: Task, train_rows: pd.DataFrame | Non
     m, reg = cfg["model"], cfg["regularizer"]
     extra = {k: m[k] for k in ("dropout", "attention_dropout", "stochastic_depth")} if reg == "dropout" else {}
     log_box = m["size_head"] == "log_box"
-    model = build_model(m["preset"], cfg["data"]["image_size"], m["patch_size"], task.num_outputs,
-                        hidden_dim=m["hidden_dim"], depth=m["depth"], heads=m["heads"], mlp_dim=m["mlp_dim"],
-                        fsg=uses_gates(reg), box_features=BOX_FEATURES if m["box_features"] else 0,
-                        size_range=(SIZE_MIN_MM, SIZE_MAX_MM) if log_box else None,
-                        weights=m["weights"], gate_seed=gate_seed(cfg["seed"]), **extra)
+    model = build_model(
+        m["preset"],
+        cfg["data"]["image_size"],
+        m["patch_size"],
+        task.num_outputs,
+        hidden_dim=m["hidden_dim"],
+        depth=m["depth"],
+        heads=m["heads"],
+        mlp_dim=m["mlp_dim"],
+        fsg=uses_gates(reg),
+        box_features=BOX_FEATURES if m["box_features"] else 0,
+        size_range=(SIZE_MIN_MM, SIZE_MAX_MM) if log_box else None,
+        weights=m["weights"],
+        gate_seed=gate_seed(cfg["seed"]),
+        **extra,
+    )
     if log_box and train_rows is not None:
         model.init_log_ratio(log_size_per_side(train_rows))
     return model
@@ -99,8 +110,10 @@ def build_optimizers(cfg: Mapping[str, Any], model: torch.nn.Module) -> dict[str
         for gate in gate_parameters(model):
             gate.requires_grad_(False)
     if uses_routing(cfg["regularizer"]):
-        return {"main": adam(non_gate_parameters(model), o["lr"], o["weight_decay"]),
-                "gate": adam(gate_parameters(model), gr["gate_lr"])}
+        return {
+            "main": adam(non_gate_parameters(model), o["lr"], o["weight_decay"]),
+            "gate": adam(gate_parameters(model), gr["gate_lr"]),
+        }
     groups = [{"params": non_gate_parameters(model)}]
     if uses_gates(cfg["regularizer"]) and not frozen_gates(cfg["regularizer"]):
         groups.append({"params": gate_parameters(model), "lr": gr["gate_lr"], "weight_decay": 0.0})
@@ -109,10 +122,12 @@ def build_optimizers(cfg: Mapping[str, Any], model: torch.nn.Module) -> dict[str
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup over ``warmup`` steps, then cosine decay to zero at ``total``."""
+
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -140,8 +155,13 @@ class Recipe:
         return uses_gates(self.cfg["regularizer"])
 
 
-def build_recipe(cfg: Mapping[str, Any], ctx: DistContext, steps_per_epoch: int,
-                 class_names: Sequence[str] = (), train_rows: pd.DataFrame | None = None) -> Recipe:
+def build_recipe(
+    cfg: Mapping[str, Any],
+    ctx: DistContext,
+    steps_per_epoch: int,
+    class_names: Sequence[str] = (),
+    train_rows: pd.DataFrame | None = None,
+) -> Recipe:
     """Model, optimisers, warmup-cosine schedules and the step (Gradient Routing for the ``fsg_gr`` arms);
     ``class_names``: the classes of the data, for ``image_class``; ``train_rows``: the training manifest
     rows, where the log-box head takes its start."""
@@ -157,9 +177,17 @@ def build_recipe(cfg: Mapping[str, Any], ctx: DistContext, steps_per_epoch: int,
     fast = compiled(cfg, model, device)  # both GR passes and the plain step run this module
     if uses_routing(cfg["regularizer"]):
         trained = ctx.wrap(fast, device, ignore=gate_parameters(model))  # the router all-reduces the gates
-        step = GradientRouter(trained, optimizers["main"], optimizers["gate"], task.main_loss, task.gate_loss,
-                              main_clip=clip, gate_clip=gr["gate_clip"], amp=amp,
-                              accumulate_gate_pass_grads=accumulates_gate_pass(cfg)).step
+        step = GradientRouter(
+            trained,
+            optimizers["main"],
+            optimizers["gate"],
+            task.main_loss,
+            task.gate_loss,
+            main_clip=clip,
+            gate_clip=gr["gate_clip"],
+            amp=amp,
+            accumulate_gate_pass_grads=accumulates_gate_pass(cfg),
+        ).step
     else:
         step = partial(train_step, ctx.wrap(fast, device), optimizers["main"], task.main_loss, clip=clip, amp=amp)
     metric = f"val/{task.main_metric}" if cfg["eval"]["metric"] == "auto" else cfg["eval"]["metric"]

@@ -9,7 +9,6 @@ model outputs into numpy predictions, and predictions into frame- and lesion-lev
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from fsg_endo.data.sizes import CLASS2_NAMES, CLASS3_NAMES, scale_size, size_class2, size_class3, unscale_size
-from fsg_endo.errors import FsgEndoError
 from fsg_endo.engine.metrics import classification_metrics, confusion_matrix, regression_metrics
+from fsg_endo.errors import FsgEndoError
 
 ID_COLUMNS = ("lesion_id", "video_id", "frame_id")
 TASK_NAMES = ("size_regression", "size_class3", "size_class2", "image_class")
@@ -139,9 +138,13 @@ class RegressionTask(Task):
 
     def lesion_predictions(self, frame_df: pd.DataFrame) -> pd.DataFrame:
         grouped = frame_df.groupby("lesion_id", sort=True)
-        out = grouped.agg(video_id=("video_id", "first"), target=("target", "first"),
-                          prediction=("prediction", "mean"), size_mm=("size_mm", "first"),
-                          n_frames=("prediction", "size"))
+        out = grouped.agg(
+            video_id=("video_id", "first"),
+            target=("target", "first"),
+            prediction=("prediction", "mean"),
+            size_mm=("size_mm", "first"),
+            n_frames=("prediction", "size"),
+        )
         return out.reset_index()
 
     def compute_metrics(self, pred_df: pd.DataFrame) -> dict[str, float]:
@@ -149,8 +152,7 @@ class RegressionTask(Task):
         out = regression_metrics(true_mm, pred_mm)
         cls3 = classification_metrics(size_class3(true_mm), size_class3(pred_mm), 3, names=CLASS3_NAMES)
         # the predicted size itself ranks lesions for the >= 10 mm AUROC
-        cls2 = classification_metrics(size_class2(true_mm), size_class2(pred_mm), 2, prob=pred_mm,
-                                        names=CLASS2_NAMES)
+        cls2 = classification_metrics(size_class2(true_mm), size_class2(pred_mm), 2, prob=pred_mm, names=CLASS2_NAMES)
         out.update({f"cls3_{k}": v for k, v in cls3.items()})
         out.update({f"cls2_{k}": v for k, v in cls2.items()})
         return out
@@ -193,20 +195,28 @@ class ClassificationTask(Task):
 
     def lesion_predictions(self, frame_df: pd.DataFrame) -> pd.DataFrame:
         grouped = frame_df.groupby("lesion_id", sort=True)
-        out = grouped.agg(video_id=("video_id", "first"), target=("target", "first"),
-                          size_mm=("size_mm", "first"), n_frames=("target", "size"))
+        out = grouped.agg(
+            video_id=("video_id", "first"),
+            target=("target", "first"),
+            size_mm=("size_mm", "first"),
+            n_frames=("target", "size"),
+        )
         prob = grouped[self.prob_columns].mean()
         out.insert(2, "prediction", prob.to_numpy().argmax(axis=1))
         return pd.concat([out, prob], axis=1).reset_index()
 
     def compute_metrics(self, pred_df: pd.DataFrame) -> dict[str, float]:
         prob = pred_df[self.prob_columns].to_numpy(float) if set(self.prob_columns) <= set(pred_df) else None
-        return classification_metrics(pred_df["target"].to_numpy(int), pred_df["prediction"].to_numpy(int),
-                                        self.num_outputs, prob=prob, names=self.class_names)
+        return classification_metrics(
+            pred_df["target"].to_numpy(int),
+            pred_df["prediction"].to_numpy(int),
+            self.num_outputs,
+            prob=prob,
+            names=self.class_names,
+        )
 
     def confusion(self, pred_df: pd.DataFrame) -> np.ndarray:
-        return confusion_matrix(pred_df["target"].to_numpy(int), pred_df["prediction"].to_numpy(int),
-                                  self.num_outputs)
+        return confusion_matrix(pred_df["target"].to_numpy(int), pred_df["prediction"].to_numpy(int), self.num_outputs)
 
 
 class ImageClassTask(ClassificationTask):
@@ -228,9 +238,16 @@ class ImageClassTask(ClassificationTask):
         prob = np.asarray(outputs_np, dtype=float).reshape(-1, self.num_outputs)
         target, pred = _numpy(batch["label"]).astype(int), prob.argmax(axis=1)
         names = np.asarray(self.class_names, dtype=object)
-        return pd.DataFrame({"image_id": _numpy(batch["image_id"]), "target": target, "prediction": pred,
-                             "target_name": names[target], "prediction_name": names[pred],
-                             "confidence": prob.max(axis=1)})
+        return pd.DataFrame(
+            {
+                "image_id": _numpy(batch["image_id"]),
+                "target": target,
+                "prediction": pred,
+                "target_name": names[target],
+                "prediction_name": names[pred],
+                "confidence": prob.max(axis=1),
+            }
+        )
 
     def lesion_predictions(self, frame_df: pd.DataFrame) -> pd.DataFrame:
         """Images have no lesions: each image is its own unit."""
@@ -238,8 +255,9 @@ class ImageClassTask(ClassificationTask):
 
     def compute_metrics(self, pred_df: pd.DataFrame) -> dict[str, float]:
         named = self.class_names if self.num_outputs <= MAX_NAMED_CLASSES else None
-        return classification_metrics(pred_df["target"].to_numpy(int), pred_df["prediction"].to_numpy(int),
-                                      self.num_outputs, names=named)
+        return classification_metrics(
+            pred_df["target"].to_numpy(int), pred_df["prediction"].to_numpy(int), self.num_outputs, names=named
+        )
 
 
 def get_task(

@@ -24,7 +24,6 @@ import pandas as pd
 import torch
 from monai.utils import set_determinism
 
-from fsg_endo.tracking import plots
 from fsg_endo.engine.checkpoint import (
     Progress,
     load_checkpoint,
@@ -32,26 +31,38 @@ from fsg_endo.engine.checkpoint import (
     save_checkpoint,
     training_state,
 )
-from fsg_endo.engine.prepare import DataBundle
 from fsg_endo.engine.distributed import SINGLE, DistContext
-from fsg_endo.errors import FsgEndoError
-from fsg_endo.engine.evaluation import evaluate, is_better, model_inputs, lesion_test_ci
+from fsg_endo.engine.evaluation import evaluate, is_better, lesion_test_ci, model_inputs
 from fsg_endo.engine.export import log_trained_model
-from fsg_endo.nn.gates import gate_logits, gate_statistics, gate_values
 from fsg_endo.engine.interrupt import RunInterrupted, StopSignals
+from fsg_endo.engine.prepare import DataBundle
 from fsg_endo.engine.progress import progress_bar, report_epoch
 from fsg_endo.engine.recipe import Recipe, build_recipe
+from fsg_endo.errors import FsgEndoError
+from fsg_endo.nn.gates import gate_logits, gate_statistics, gate_values
+from fsg_endo.tracking import plots
 from fsg_endo.tracking.tracker import Tracker, metric_records
 
 
-def fit(cfg: Mapping[str, Any], data: DataBundle, tracker: Tracker, run_dir: Path, ctx: DistContext = SINGLE,
-        stop: StopSignals | None = None) -> dict[str, float]:
+def fit(
+    cfg: Mapping[str, Any],
+    data: DataBundle,
+    tracker: Tracker,
+    run_dir: Path,
+    ctx: DistContext = SINGLE,
+    stop: StopSignals | None = None,
+) -> dict[str, float]:
     """Train (or resume), select the best epoch on validation, test it, log everything; returns the final
     metrics (on rank 0; other ranks of a torchrun job return an empty dict)."""
     stop = stop or StopSignals()
     set_determinism(seed=cfg["seed"])
-    r = build_recipe(cfg, ctx, steps_per_epoch=len(data.loaders["train"]), class_names=data.class_names,
-                     train_rows=data.splits.get("train"))
+    r = build_recipe(
+        cfg,
+        ctx,
+        steps_per_epoch=len(data.loaders["train"]),
+        class_names=data.class_names,
+        train_rows=data.splits.get("train"),
+    )
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     progress = Progress(gate_init=gate_logits(r.model))
     if last_path.exists():
@@ -73,8 +84,15 @@ def fit(cfg: Mapping[str, Any], data: DataBundle, tracker: Tracker, run_dir: Pat
     return finish(r, data, tracker, progress, best_path) if ctx.is_main else {}
 
 
-def train_epoch(r: Recipe, data: DataBundle, progress: Progress, tracker: Tracker, ctx: DistContext,
-                stop: StopSignals, last_path: Path) -> None:
+def train_epoch(
+    r: Recipe,
+    data: DataBundle,
+    progress: Progress,
+    tracker: Tracker,
+    ctx: DistContext,
+    stop: StopSignals,
+    last_path: Path,
+) -> None:
     """The steps of epoch ``progress.epoch`` from batch ``progress.batch`` on; step metrics go to ``progress``."""
     cfg = r.cfg
     data.set_epoch(progress.epoch, progress.batch)
@@ -90,14 +108,17 @@ def train_epoch(r: Recipe, data: DataBundle, progress: Progress, tracker: Tracke
         progress.batch += 1
         # the loss of the global batch, and whether any rank was asked to stop: one all-reduce
         loss, gate_loss, stopping = ctx.all_sum(
-            [out["loss"], out.get("gate_loss", math.nan), stop.requested is not None or tracker.failed], r.device)
+            [out["loss"], out.get("gate_loss", math.nan), stop.requested is not None or tracker.failed], r.device
+        )
         loss, gate_loss = loss / ctx.world_size, gate_loss / ctx.world_size
         if out["skipped"]:
             progress.skipped += 1
             if progress.skipped > cfg["optim"]["max_skipped_steps"]:
-                raise FsgEndoError(f"{progress.skipped} training steps had a non-finite loss or gradient (NaN/Inf), "
-                                   f"more than optim.max_skipped_steps = {cfg['optim']['max_skipped_steps']}; "
-                                   f"stopped in epoch {progress.epoch + 1} at step {progress.step}")
+                raise FsgEndoError(
+                    f"{progress.skipped} training steps had a non-finite loss or gradient (NaN/Inf), "
+                    f"more than optim.max_skipped_steps = {cfg['optim']['max_skipped_steps']}; "
+                    f"stopped in epoch {progress.epoch + 1} at step {progress.step}"
+                )
         else:
             sums["loss"] += loss
             sums["gate_loss"] += gate_loss
@@ -127,12 +148,17 @@ def gate_values_of(logits: Mapping[str, Any]) -> dict[str, Any]:
     return {key: g.sigmoid() for key, g in logits.items()}
 
 
-def end_epoch(r: Recipe, data: DataBundle, progress: Progress, tracker: Tracker, ctx: DistContext,
-              best_path: Path, clock: Clock) -> None:
+def end_epoch(
+    r: Recipe, data: DataBundle, progress: Progress, tracker: Tracker, ctx: DistContext, best_path: Path, clock: Clock
+) -> None:
     """Epoch means, gate statistics and vectors, validation and the best checkpoint (rank 0)."""
     cfg, epoch, sums = r.cfg, progress.epoch + 1, progress.sums
-    row = {"epoch": epoch, "train/epoch_loss": sums["loss"] / max(sums["steps"], 1),
-           "train/epoch_gate_loss": sums["gate_loss"] / max(sums["steps"], 1), "train/skipped_steps": progress.skipped}
+    row = {
+        "epoch": epoch,
+        "train/epoch_loss": sums["loss"] / max(sums["steps"], 1),
+        "train/epoch_gate_loss": sums["gate_loss"] / max(sums["steps"], 1),
+        "train/skipped_steps": progress.skipped,
+    }
     if r.gated:
         if progress.step % cfg["gates"]["log_every"]:  # not already logged at this step
             row.update(gate_stats(r, progress))
@@ -173,15 +199,19 @@ def should_stop(r: Recipe, tracker: Tracker, ctx: DistContext, stop: StopSignals
     return ctx.all_sum([stop.requested is not None or tracker.failed], r.device)[0] > 0
 
 
-def stop_run(r: Recipe, progress: Progress, tracker: Tracker, ctx: DistContext, stop: StopSignals,
-             last_path: Path) -> None:
+def stop_run(
+    r: Recipe, progress: Progress, tracker: Tracker, ctx: DistContext, stop: StopSignals, last_path: Path
+) -> None:
     """Checkpoint where the loop stands, then raise why it stopped: a tracking outage or a signal."""
     checkpoint(r, progress, tracker, ctx, last_path)
     if tracker.failed:
         raise tracker.error
     signum = stop.requested or signal.SIGTERM
-    raise RunInterrupted(signum, f"interrupted by {signal.Signals(signum).name}; checkpoint {last_path} saved at "
-                                 f"step {progress.step}; resume with --resume {tracker.run_id}")
+    raise RunInterrupted(
+        signum,
+        f"interrupted by {signal.Signals(signum).name}; checkpoint {last_path} saved at "
+        f"step {progress.step}; resume with --resume {tracker.run_id}",
+    )
 
 
 class Clock:
@@ -202,8 +232,11 @@ def gate_movement(r: Recipe, progress: Progress) -> dict[str, float]:
     """How far the (best) gates moved from init, and the spread of the init logits to weigh it against."""
     stats = gate_stats(r, progress)
     init = torch.cat([g.float().flatten() for g in progress.gate_init.values()])
-    return {"gates/all/shift": stats["gates/all/shift"], "gates/all/shift_max": stats["gates/all/shift_max"],
-            "gates/init/std": init.std().item()}
+    return {
+        "gates/all/shift": stats["gates/all/shift"],
+        "gates/all/shift_max": stats["gates/all/shift_max"],
+        "gates/init/std": init.std().item(),
+    }
 
 
 def finish(r: Recipe, data: DataBundle, tracker: Tracker, progress: Progress, best_path: Path) -> dict[str, float]:
@@ -218,15 +251,19 @@ def finish(r: Recipe, data: DataBundle, tracker: Tracker, progress: Progress, be
         results.update(metrics)
         tracker.log_text(frames.to_csv(index=False), f"predictions/{split}.csv")
     results |= lesion_test_ci(r.task, frames, cfg["seed"])
-    tracker.log_metrics({k: v for k, v in results.items() if k.startswith(("test/", "lesion/test/"))}
-                        | {"best_epoch": progress.best_epoch}, progress.step)
+    tracker.log_metrics(
+        {k: v for k, v in results.items() if k.startswith(("test/", "lesion/test/"))}
+        | {"best_epoch": progress.best_epoch},
+        progress.step,
+    )
     if r.gated:
         results |= gate_movement(r, progress)
     if cfg["tracking"]["plots"]:
-        tracker.log_figure(plots.confusion_figure(r.task.confusion(frames), r.task.class_names, "test, per frame"),
-                           "plots/confusion_test.png")
-        tracker.log_figure(plots.learning_curves(pd.DataFrame(progress.history), r.metric),
-                           "plots/learning_curves.png")
+        tracker.log_figure(
+            plots.confusion_figure(r.task.confusion(frames), r.task.class_names, "test, per frame"),
+            "plots/confusion_test.png",
+        )
+        tracker.log_figure(plots.learning_curves(pd.DataFrame(progress.history), r.metric), "plots/learning_curves.png")
     if cfg["tracking"]["log_model"]:
         log_trained_model(tracker, model, cfg, r.task, data.preprocess, progress.step)
     tracker.flush()

@@ -20,17 +20,21 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from fsg_endo.engine.recipe import uses_gates
-from fsg_endo.experiment.schema import REGULARIZERS
 from fsg_endo.data.sizes import CLASS3_NAMES, size_class3
+from fsg_endo.engine.recipe import uses_gates
 from fsg_endo.errors import FsgEndoError
+from fsg_endo.experiment.schema import REGULARIZERS
 from fsg_endo.tracking.tracker import GATE_INIT_ARTIFACT, GRID_POINT_TAG, check_tracking_uri
 
 STORE_FILE = "mlflow.db"
 CELL = ("train_fraction", "grid_point", "fold", "seed")  # one sweep cell per regulariser
 # run columns taken from params, with their types
-PARAM_COLUMNS = {"data.train_fraction": ("train_fraction", float), "data.test_fold": ("fold", int),
-                 "seed": ("seed", int), "gates.sparsity_threshold": ("sparsity_threshold", float)}
+PARAM_COLUMNS = {
+    "data.train_fraction": ("train_fraction", float),
+    "data.test_fold": ("fold", int),
+    "seed": ("seed", int),
+    "gates.sparsity_threshold": ("sparsity_threshold", float),
+}
 _EPOCH_FILE = re.compile(r"epoch_(\d+)\.npz$")
 
 
@@ -54,7 +58,7 @@ def default_tracking_uri(uri: str | None = None) -> str:
 def open_client(uri: str) -> mlflow.MlflowClient:
     """A client on an existing store: a missing SQLite file or a silent server is an error, not a new store."""
     if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
+        path = Path(uri[len("sqlite:///") :])
         if not path.is_file():
             raise FsgEndoError(f"{path}: no such MLflow store (tracking URI {uri})")
     check_tracking_uri(uri)
@@ -72,10 +76,16 @@ def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
 
 def _run_row(run) -> dict:
     tags, params = run.data.tags, run.data.params
-    row = {"run_id": run.info.run_id, "run_name": tags.get(MLFLOW_RUN_NAME, run.info.run_name),
-           "status": run.info.status, "start_time": pd.to_datetime(run.info.start_time, unit="ms"),
-           "parent_run_id": tags.get(MLFLOW_PARENT_RUN_ID), "regularizer": tags.get("regularizer"),
-           "task": tags.get("task"), "grid_point": tags.get(GRID_POINT_TAG, "")}
+    row = {
+        "run_id": run.info.run_id,
+        "run_name": tags.get(MLFLOW_RUN_NAME, run.info.run_name),
+        "status": run.info.status,
+        "start_time": pd.to_datetime(run.info.start_time, unit="ms"),
+        "parent_run_id": tags.get(MLFLOW_PARENT_RUN_ID),
+        "regularizer": tags.get("regularizer"),
+        "task": tags.get("task"),
+        "grid_point": tags.get(GRID_POINT_TAG, ""),
+    }
     for param, (column, kind) in PARAM_COLUMNS.items():
         row[column] = kind(params[param]) if param in params else np.nan
     return row | run.data.metrics
@@ -85,14 +95,22 @@ def search_runs(client: mlflow.MlflowClient, experiment: str, filter_string: str
     """Every active run of ``experiment`` as one row (newest first): ids, status, tags, sweep axes, metrics."""
     exp_id, rows, token = experiment_id(client, experiment), [], None
     while True:
-        page = client.search_runs([exp_id], filter_string, order_by=["attributes.start_time DESC"],
-                                  page_token=token)
+        page = client.search_runs([exp_id], filter_string, order_by=["attributes.start_time DESC"], page_token=token)
         rows += [_run_row(run) for run in page]
         token = page.token
         if not token:
             break
-    columns = ["run_id", "run_name", "status", "start_time", "parent_run_id", "regularizer", "task", "grid_point",
-               *(c for c, _ in PARAM_COLUMNS.values())]
+    columns = [
+        "run_id",
+        "run_name",
+        "status",
+        "start_time",
+        "parent_run_id",
+        "regularizer",
+        "task",
+        "grid_point",
+        *(c for c, _ in PARAM_COLUMNS.values()),
+    ]
     return pd.DataFrame(rows, columns=None if rows else columns)
 
 
@@ -115,8 +133,10 @@ def gated_runs(client: mlflow.MlflowClient, experiment: str, run_ids: Sequence[s
     runs = search_runs(client, experiment, "attributes.status = 'FINISHED'")
     runs = runs[runs["regularizer"].fillna("").map(uses_gates)] if len(runs) else runs
     if runs.empty:
-        raise FsgEndoError(f"{client.tracking_uri}: experiment {experiment!r} has no finished run with gates "
-                           f"(regularizer {', '.join(r for r in REGULARIZERS if uses_gates(r))})")
+        raise FsgEndoError(
+            f"{client.tracking_uri}: experiment {experiment!r} has no finished run with gates "
+            f"(regularizer {', '.join(r for r in REGULARIZERS if uses_gates(r))})"
+        )
     return runs.drop_duplicates("regularizer").reset_index(drop=True)  # newest first, so the latest of each
 
 
@@ -136,8 +156,9 @@ def _download_quietly():
 
 def load_gate_epochs(client: mlflow.MlflowClient, run_id: str) -> dict[int, dict[str, np.ndarray]]:
     """Every gate snapshot of a run, ``{epoch: {"attn_00": values, ...}}``, from ``gates/epoch_EEE.npz``."""
-    files = {int(m.group(1)): a.path for a in client.list_artifacts(run_id, "gates")
-             if (m := _EPOCH_FILE.search(a.path))}
+    files = {
+        int(m.group(1)): a.path for a in client.list_artifacts(run_id, "gates") if (m := _EPOCH_FILE.search(a.path))
+    }
     if not files:
         raise FsgEndoError(f"run {run_id}: no gates/epoch_EEE.npz artifacts (was it trained with gates?)")
     epochs = {}
@@ -154,8 +175,9 @@ def load_gate_init(client: mlflow.MlflowClient, run_id: str) -> dict[str, np.nda
         try:
             path = client.download_artifacts(run_id, GATE_INIT_ARTIFACT, tmp)
         except (MlflowException, OSError):
-            raise FsgEndoError(f"run {run_id}: no {GATE_INIT_ARTIFACT} artifact (trained before gates were "
-                               "logged at init?)") from None
+            raise FsgEndoError(
+                f"run {run_id}: no {GATE_INIT_ARTIFACT} artifact (trained before gates were logged at init?)"
+            ) from None
         with np.load(path) as npz:
             return {key: npz[key] for key in sorted(npz.files)}
 
@@ -171,8 +193,16 @@ def gate_shift(epochs: Mapping[int, Mapping[str, np.ndarray]], init: Mapping[str
             branch, layer = key.rsplit("_", 1)
             start = logit(np.asarray(init[key], dtype=float))
             moved = np.abs(logit(np.asarray(values, dtype=float)) - start)
-            rows.append({"epoch": epoch, "branch": branch, "layer": int(layer), "shift": moved.mean(),
-                         "shift_max": moved.max(), "init_std": start.std(ddof=1)})
+            rows.append(
+                {
+                    "epoch": epoch,
+                    "branch": branch,
+                    "layer": int(layer),
+                    "shift": moved.mean(),
+                    "shift_max": moved.max(),
+                    "init_std": start.std(ddof=1),
+                }
+            )
     return pd.DataFrame(rows, columns=["epoch", "branch", "layer", "shift", "shift_max", "init_std"])
 
 
@@ -182,8 +212,9 @@ def gate_table(gates: Mapping[str, np.ndarray]) -> pd.DataFrame:
     for key, values in gates.items():
         branch, layer = key.rsplit("_", 1)
         values = np.asarray(values, dtype=float).reshape(-1)
-        frames.append(pd.DataFrame({"branch": branch, "layer": int(layer), "channel": np.arange(values.size),
-                                    "value": values}))
+        frames.append(
+            pd.DataFrame({"branch": branch, "layer": int(layer), "channel": np.arange(values.size), "value": values})
+        )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -200,8 +231,9 @@ def gate_sparsity(epochs: Mapping[int, Mapping[str, np.ndarray]], threshold: flo
 
 def metric_history(client: mlflow.MlflowClient, run_id: str, keys: Iterable[str]) -> pd.DataFrame:
     """The logged history of each metric in ``keys``: columns ``key``, ``step``, ``value``."""
-    rows = [{"key": key, "step": m.step, "value": m.value}
-            for key in keys for m in client.get_metric_history(run_id, key)]
+    rows = [
+        {"key": key, "step": m.step, "value": m.value} for key in keys for m in client.get_metric_history(run_id, key)
+    ]
     return pd.DataFrame(rows, columns=["key", "step", "value"])
 
 
@@ -214,8 +246,9 @@ def gate_metric_history(client: mlflow.MlflowClient, run_id: str, stat: str = "m
     return history.assign(branch=parts[0], layer=parts[1].astype(int))[["branch", "layer", "step", "value"]]
 
 
-def sweep_runs(client: mlflow.MlflowClient, experiment: str = "regularization_sweep",
-               parent_run_id: str | None = None) -> tuple[str, pd.DataFrame]:
+def sweep_runs(
+    client: mlflow.MlflowClient, experiment: str = "regularization_sweep", parent_run_id: str | None = None
+) -> tuple[str, pd.DataFrame]:
     """The child runs of a sweep (default: the latest sweep of ``experiment``) and the parent's id."""
     if parent_run_id is None:
         parents = search_runs(client, experiment, "tags.regularizer = 'sweep'")
@@ -283,9 +316,16 @@ def lesion_errors(client: mlflow.MlflowClient, runs: pd.DataFrame, split: str = 
         lesions = task.lesion_predictions(load_predictions(client, run.run_id, split))
         error = lesions["prediction"] - lesions["target"]
         lesions["error"] = np.abs(error) if task.kind == "regression" else (error != 0).astype(float)
-        lesions["size_class"] = pd.Categorical(np.asarray(CLASS3_NAMES)[size_class3(lesions["size_mm"])],
-                                               categories=CLASS3_NAMES, ordered=True)
-        frames.append(lesions[["lesion_id", "size_mm", "size_class", "error"]].assign(
-            run_id=run.run_id, regularizer=run.regularizer, train_fraction=run.train_fraction, fold=run.fold,
-            seed=run.seed))
+        lesions["size_class"] = pd.Categorical(
+            np.asarray(CLASS3_NAMES)[size_class3(lesions["size_mm"])], categories=CLASS3_NAMES, ordered=True
+        )
+        frames.append(
+            lesions[["lesion_id", "size_mm", "size_class", "error"]].assign(
+                run_id=run.run_id,
+                regularizer=run.regularizer,
+                train_fraction=run.train_fraction,
+                fold=run.fold,
+                seed=run.seed,
+            )
+        )
     return pd.concat(frames, ignore_index=True)

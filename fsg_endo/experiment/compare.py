@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import pandas as pd
 
-from fsg_endo.experiment.analysis import (group_keys, latest_per_cell, open_client, regularizer_order, search_runs,
-                                          summarize)
 from fsg_endo.errors import FsgEndoError
+from fsg_endo.experiment.analysis import (
+    group_keys,
+    latest_per_cell,
+    open_client,
+    regularizer_order,
+    search_runs,
+    summarize,
+)
 from fsg_endo.tracking.tracker import resolve_tracking_uri
 
 NOT_FINISHED = ("FAILED", "KILLED")
@@ -39,17 +45,21 @@ def compare_table(exp: str, tracking_uri: str | None = None, metric: str | None 
     missing = [m for m in metrics if m not in done]
     if missing:
         known = sorted(c for c in done if c.startswith(("test/", "lesion/test/")))
-        raise FsgEndoError(f"experiment {exp!r}: no finished run logged {', '.join(missing)} "
-                           f"(test metrics: {', '.join(known) or 'none'})")
+        raise FsgEndoError(
+            f"experiment {exp!r}: no finished run logged {', '.join(missing)} "
+            f"(test metrics: {', '.join(known) or 'none'})"
+        )
     keys = group_keys(runs)
     stats = summarize(done, metrics)
     finished = done.groupby(keys).size()
     failed = runs[runs["status"].isin(NOT_FINISHED)].groupby(keys).size()
     order = regularizer_order(set(finished.index.get_level_values(0)) | set(failed.index.get_level_values(0)))
-    index = pd.MultiIndex.from_tuples(sorted(set(finished.index) | set(failed.index),
-                                             key=lambda key: (order.index(key[0]), *key[1:])), names=keys)
-    table = pd.DataFrame({"runs": finished.reindex(index, fill_value=0),
-                          "failed": failed.reindex(index, fill_value=0)}, index=index)
+    index = pd.MultiIndex.from_tuples(
+        sorted(set(finished.index) | set(failed.index), key=lambda key: (order.index(key[0]), *key[1:])), names=keys
+    )
+    table = pd.DataFrame(
+        {"runs": finished.reindex(index, fill_value=0), "failed": failed.reindex(index, fill_value=0)}, index=index
+    )
     for m in metrics:
         table[f"{m} mean"] = stats[f"{m} mean"].reindex(index)
         table[f"{m} std"] = stats[f"{m} std"].reindex(index)

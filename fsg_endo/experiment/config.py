@@ -116,8 +116,9 @@ def _one_line(err: ValidationError, where: str) -> FsgEndoError:
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         rule = _bounds(info.metadata) or _element_bounds(info.annotation)
         return FsgEndoError(f"{where}: config key '{key}' must be {rule}, got {value!r}")
-    return FsgEndoError(f"{where}: config key '{key}' must be {_describe(info.annotation)}, "
-                        f"got {type(value).__name__} {value!r}")
+    return FsgEndoError(
+        f"{where}: config key '{key}' must be {_describe(info.annotation)}, got {type(value).__name__} {value!r}"
+    )
 
 
 class _Loader(yaml.SafeLoader):
@@ -128,8 +129,7 @@ class _Loader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -171,8 +171,9 @@ def _find_config(exp: str) -> Path:
         names = list_experiments()
         close = difflib.get_close_matches(exp, names, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise FsgEndoError(f"{_display(path)}: unknown experiment '{exp}'{hint}; "
-                           f"available: {', '.join(names) or 'none'}")
+        raise FsgEndoError(
+            f"{_display(path)}: unknown experiment '{exp}'{hint}; available: {', '.join(names) or 'none'}"
+        )
     return path
 
 
@@ -248,8 +249,11 @@ def _merge(base: Mapping[str, Any], partial: Mapping[str, Any]) -> dict[str, Any
     """``partial`` written over ``base``: sections merge key by key, other values replace."""
     out = copy.deepcopy(dict(base))
     for key, value in partial.items():
-        out[key] = (_merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict)
-                    else copy.deepcopy(value))
+        out[key] = (
+            _merge(out[key], value)
+            if isinstance(value, Mapping) and isinstance(out.get(key), dict)
+            else copy.deepcopy(value)
+        )
     return out
 
 
@@ -258,8 +262,10 @@ def _refuse_derived(partial: Any, where: str, prefix: str = "") -> None:
     for key, value in partial.items() if isinstance(partial, Mapping) else ():
         dotted = f"{prefix}{key}"
         if dotted in DERIVED:
-            raise FsgEndoError(f"{where}: '{dotted}' cannot be set: it derives from 'regularizer' "
-                               f"({DERIVED[dotted]}); set regularizer to one of {', '.join(REGULARIZERS)}")
+            raise FsgEndoError(
+                f"{where}: '{dotted}' cannot be set: it derives from 'regularizer' "
+                f"({DERIVED[dotted]}); set regularizer to one of {', '.join(REGULARIZERS)}"
+            )
         _refuse_derived(value, where, f"{dotted}.")
 
 
@@ -296,8 +302,10 @@ def _check_grid(grid: Mapping[str, Any], where: str) -> None:
         if key not in LEAVES:
             raise _unknown_key(key, f"{where} (sweep.grid)")
         if key in SWEEP_AXES or key.startswith("sweep."):
-            raise FsgEndoError(f"{at}: '{key}' is already an axis of the sweep (sweep.regularizers, "
-                               "train_fractions, folds, seeds) or part of it")
+            raise FsgEndoError(
+                f"{at}: '{key}' is already an axis of the sweep (sweep.regularizers, "
+                "train_fractions, folds, seeds) or part of it"
+            )
         if not isinstance(values, list) or not values:
             raise FsgEndoError(f"{at} must be a non-empty list of values, got {values!r}")
         for value in values:

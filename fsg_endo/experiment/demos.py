@@ -30,8 +30,11 @@ from fsg_endo.experiment.launch import run_from_args
 from fsg_endo.nn.gates import fold_gates
 from fsg_endo.nn.models import vit_shape
 
-DEMOS = {"mnist": ("demo_mnist", "MNIST"), "imagenette": ("demo_imagenette", "Imagenette"),
-         "cifar100": ("cifar100_fsg", "CIFAR-100")}  # dataset -> (experiment config, display name)
+DEMOS = {
+    "mnist": ("demo_mnist", "MNIST"),
+    "imagenette": ("demo_imagenette", "Imagenette"),
+    "cifar100": ("cifar100_fsg", "CIFAR-100"),
+}  # dataset -> (experiment config, display name)
 FINETUNE_LR = 5e-5  # the paper's backbone learning rate when fine-tuning from --weights
 RUNS_DIR = "runs"  # the engine's run folders when checkpoint.dir is unset
 SMOKE_TEST_IMAGES = 24  # inference --smoke: held-out images read
@@ -41,15 +44,25 @@ def weight_overrides(path: str, image_size: int) -> list[str]:
     """Overrides that fine-tune from a local ViT file: its shape, an image size its patches tile, the small rate."""
     shape = vit_shape(path)
     patch = shape["patch_size"]
-    return [f"model.weights={path}", *(f"model.{k}={v}" for k, v in shape.items()),
-            f"data.image_size={-(-image_size // patch) * patch}", f"optim.lr={FINETUNE_LR}"]
+    return [
+        f"model.weights={path}",
+        *(f"model.{k}={v}" for k, v in shape.items()),
+        f"data.image_size={-(-image_size // patch) * patch}",
+        f"optim.lr={FINETUNE_LR}",
+    ]
 
 
 def training_overrides(exp: str, args: argparse.Namespace) -> list[str]:
     """The demo flags as ``--set`` overrides (the demo's own ``--set`` last, so it wins)."""
     base = load_config(exp, smoke=args.smoke)
-    flags = {"data.root": args.data_root, "optim.epochs": args.epochs, "checkpoint.dir": args.checkpoint,
-             "seed": args.seed, "optim.batch_size": args.batch_size, "data.train_limit": args.train_limit}
+    flags = {
+        "data.root": args.data_root,
+        "optim.epochs": args.epochs,
+        "checkpoint.dir": args.checkpoint,
+        "seed": args.seed,
+        "optim.batch_size": args.batch_size,
+        "data.train_limit": args.train_limit,
+    }
     out = [f"{k}={v}" for k, v in flags.items() if v is not None]
     if args.epochs is not None and base["optim"]["warmup_epochs"] > args.epochs:
         out.append(f"optim.warmup_epochs={args.epochs}")
@@ -62,9 +75,13 @@ def training_overrides(exp: str, args: argparse.Namespace) -> list[str]:
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smoke", action="store_true", help="a handful of images (for tests)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads per operation (default 1: these small ViTs gain little from more, and a "
-                             "busy machine makes extra threads wait on each other; 0 = PyTorch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads per operation (default 1: these small ViTs gain little from more, and a "
+        "busy machine makes extra threads wait on each other; 0 = PyTorch's default)",
+    )
 
 
 def _guarded(prog: str, threads: int, fn: Callable[[], int | None]) -> int:
@@ -85,26 +102,47 @@ def training_main(dataset: str, argv: Sequence[str] | None = None, prog: str | N
     """``demo_training_<dataset>.py``: train a ViT with FSG + GR through the experiment runner."""
     exp, title = DEMOS[dataset]
     prog = prog or f"demo_training_{dataset}"
-    parser = argparse.ArgumentParser(prog=prog, description=f"Train a ViT with FSG + Gradient Routing on {title} "
-                                                            f"(experiment {exp}; nothing is downloaded).")
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=f"Train a ViT with FSG + Gradient Routing on {title} (experiment {exp}; nothing is downloaded).",
+    )
     parser.add_argument("--data-root", default=None, help="dataset root (default: data.root of the config)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the config's)")
-    parser.add_argument("--checkpoint", default=None, metavar="DIR",
-                        help=f"folder of the run folders (checkpoint.dir; default {RUNS_DIR}/)")
-    parser.add_argument("--weights", default=None,
-                        help="fine-tune from a local torchvision vit_b_16 state dict or timm ViT checkpoint")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="DIR",
+        help=f"folder of the run folders (checkpoint.dir; default {RUNS_DIR}/)",
+    )
+    parser.add_argument(
+        "--weights", default=None, help="fine-tune from a local torchvision vit_b_16 state dict or timm ViT checkpoint"
+    )
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--train-limit", type=int, default=None, help="read at most this many training images")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (MLFLOW_TRACKING_URI wins)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help=f"override a key of fsg_endo/experiment/configs/{exp}.yaml (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a key of fsg_endo/experiment/configs/{exp}.yaml (repeatable)",
+    )
     _common_arguments(parser)
     args = parser.parse_args(argv)
 
     def train() -> int:
-        run = argparse.Namespace(exp=exp, overrides=training_overrides(exp, args), profile=None, smoke=args.smoke,
-                                 data_root=None, manifest=None, resume=None, tracking_uri=args.tracking_uri)
+        run = argparse.Namespace(
+            exp=exp,
+            overrides=training_overrides(exp, args),
+            profile=None,
+            smoke=args.smoke,
+            data_root=None,
+            manifest=None,
+            resume=None,
+            tracking_uri=args.tracking_uri,
+        )
         return run_from_args(run)
 
     return _guarded(prog, args.threads, train)
@@ -142,8 +180,9 @@ def load_trained(run_dir: Path, model_file: Path) -> tuple[torch.nn.Module, dict
     try:
         state = load_checkpoint(model_file)["model"]
     except Exception as err:  # torch.load raises many types for a foreign or truncated file
-        raise FsgEndoError(f"{model_file}: not an fsg_endo checkpoint readable with weights_only=True "
-                           f"({type(err).__name__})") from None
+        raise FsgEndoError(
+            f"{model_file}: not an fsg_endo checkpoint readable with weights_only=True ({type(err).__name__})"
+        ) from None
     model.load_state_dict(state)
     model = fold_gates(model).eval() if uses_gates(cfg["regularizer"]) else model.eval()
     return model, cfg, info
@@ -161,8 +200,9 @@ def infer(exp: str, args: argparse.Namespace, echo: Callable[[str], None] = prin
         echo(images.note)
     names = tuple(info["class_names"])
     if images.class_names != names:
-        raise FsgEndoError(f"{data['root']}: classes {list(images.class_names)[:5]}... differ from the run's "
-                           f"{list(names)[:5]}...")
+        raise FsgEndoError(
+            f"{data['root']}: classes {list(images.class_names)[:5]}... differ from the run's {list(names)[:5]}..."
+        )
     if images.source != info["source_read"]:
         echo(f"note: the run was trained on {info['source_read']}, the held-out images come from {images.source}")
     loader = make_loader(image_dataset(images.test, info["mean"], info["std"]), 256)
@@ -183,9 +223,12 @@ def inference_main(dataset: str, argv: Sequence[str] | None = None, prog: str | 
     exp, title = DEMOS[dataset]
     prog = prog or f"demo_inference_{dataset}"
     parser = argparse.ArgumentParser(prog=prog, description=f"Held-out predictions of a trained {title} demo run.")
-    parser.add_argument("--checkpoint", default=RUNS_DIR,
-                        help=f"a run folder, a checkpoint file in one (best.pt, last.pt), or a folder of run "
-                             f"folders: its newest {exp} run (default {RUNS_DIR}/)")
+    parser.add_argument(
+        "--checkpoint",
+        default=RUNS_DIR,
+        help=f"a run folder, a checkpoint file in one (best.pt, last.pt), or a folder of run "
+        f"folders: its newest {exp} run (default {RUNS_DIR}/)",
+    )
     parser.add_argument("--data-root", default=None, help="dataset root (default: the one used for training)")
     parser.add_argument("--show", type=int, default=8, help="number of per-image predictions to print")
     _common_arguments(parser)

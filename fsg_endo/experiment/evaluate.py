@@ -35,8 +35,9 @@ class Evaluation:
     lesions: int
 
 
-def dataset_rows(model: LoadedModel, root: Path, fmt: str, sizes: str | None, manifest: str | None,
-                 fold: int | None) -> pd.DataFrame:
+def dataset_rows(
+    model: LoadedModel, root: Path, fmt: str, sizes: str | None, manifest: str | None, fold: int | None
+) -> pd.DataFrame:
     """The rows to test on: the manifest's, or the dataset root read in layout ``fmt``; only fold ``fold`` if given
     (folds of a root are made as in training: the model's fold count and seed)."""
     if manifest:
@@ -62,9 +63,15 @@ def model_experiment(client: mlflow.MlflowClient, model: LoadedModel) -> str:
     return model.metadata["experiment"]
 
 
-def evaluate_model(model_uri: str, data_root: str, fmt: str | None = None, sizes: str | None = None,
-                   manifest: str | None = None, fold: int | None = None,
-                   tracking_uri: str | None = None) -> Evaluation:
+def evaluate_model(
+    model_uri: str,
+    data_root: str,
+    fmt: str | None = None,
+    sizes: str | None = None,
+    manifest: str | None = None,
+    fold: int | None = None,
+    tracking_uri: str | None = None,
+) -> Evaluation:
     """Test the model at ``model_uri`` on a dataset and log the result as a new run (see the module doc)."""
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking_uri(uri)
@@ -77,21 +84,36 @@ def evaluate_model(model_uri: str, data_root: str, fmt: str | None = None, sizes
     rows = dataset_rows(model, root, fmt, sizes, manifest, fold)
     metrics, frames = evaluate_rows(model, rows, root)
 
-    tags = {"evaluates": model.run_id or "", "dataset": fmt, "task": task.name,
-            "regularizer": model.metadata["regularizer"], "git_commit": git_commit(),
-            **source_tags("fsg-endo evaluate")}
-    params = {"model_uri": model_uri, "data.root": str(root.resolve()), "data.source": fmt,
-              "data.manifest": manifest, "data.sizes": sizes, "data.fold": fold}
+    tags = {
+        "evaluates": model.run_id or "",
+        "dataset": fmt,
+        "task": task.name,
+        "regularizer": model.metadata["regularizer"],
+        "git_commit": git_commit(),
+        **source_tags("fsg-endo evaluate"),
+    }
+    params = {
+        "model_uri": model_uri,
+        "data.root": str(root.resolve()),
+        "data.source": fmt,
+        "data.manifest": manifest,
+        "data.sizes": sizes,
+        "data.fold": fold,
+    }
     name = f"evaluate-{fmt}-{root.name}" + ("" if fold is None else f"-fold{fold}")
-    tracker = Tracker.start(uri, model_experiment(mlflow.MlflowClient(uri), model), run_name=name, tags=tags,
-                            params=params)
+    tracker = Tracker.start(
+        uri, model_experiment(mlflow.MlflowClient(uri), model), run_name=name, tags=tags, params=params
+    )
     try:
-        tracker.log_dataset(rows, source=str(Path(manifest or root).resolve()), name=f"{fmt}-{root.name}",
-                            context="test")
+        tracker.log_dataset(
+            rows, source=str(Path(manifest or root).resolve()), name=f"{fmt}-{root.name}", context="test"
+        )
         tracker.log_metrics(metrics, 0)
         tracker.log_text(frames.to_csv(index=False), "predictions/test.csv")
-        tracker.log_figure(plots.confusion_figure(task.confusion(frames), task.class_names, f"{fmt}, per frame"),
-                           "plots/confusion_test.png")
+        tracker.log_figure(
+            plots.confusion_figure(task.confusion(frames), task.class_names, f"{fmt}, per frame"),
+            "plots/confusion_test.png",
+        )
     except BaseException:
         end_run(tracker, "FAILED")
         raise

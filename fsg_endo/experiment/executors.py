@@ -107,8 +107,12 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
         if address:
             ray.init(address=address, **quiet)
         else:
-            ray.init(address="local", num_cpus=num_cpus or len(os.sched_getaffinity(0)),
-                     object_store_memory=100 * 2**20, **quiet)
+            ray.init(
+                address="local",
+                num_cpus=num_cpus or len(os.sched_getaffinity(0)),
+                object_store_memory=100 * 2**20,
+                **quiet,
+            )
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise FsgEndoError(f"Ray cluster {address or 'local'}: cannot connect: {str(err).splitlines()[0]}") from None
     if threading.current_thread() is threading.main_thread():
@@ -126,18 +130,22 @@ class RayExecutor:
 
         nodes = [n for n in ray.nodes() if n["Alive"]]
         if len(nodes) > 1 and is_local_store(uri):
-            raise FsgEndoError(f"tracking store {uri} is a local file, but the Ray cluster {address} has "
-                               f"{len(nodes)} nodes: start an MLflow server (mlflow server --host HOST) and "
-                               "pass its URL with --tracking-uri http://HOST:5000")
+            raise FsgEndoError(
+                f"tracking store {uri} is a local file, but the Ray cluster {address} has "
+                f"{len(nodes)} nodes: start an MLflow server (mlflow server --host HOST) and "
+                "pass its URL with --tracking-uri http://HOST:5000"
+            )
         self.cpus, self.gpus = sweep["resources"]["cpus"], sweep["resources"]["gpus"]
         self.max_retries = sweep["max_retries"]
-        self.max_concurrent = sweep["max_concurrent"] or default_concurrency(ray.cluster_resources(),
-                                                                             self.cpus, self.gpus)
+        self.max_concurrent = sweep["max_concurrent"] or default_concurrency(
+            ray.cluster_resources(), self.cpus, self.gpus
+        )
         # passed with each task, not as a runtime_env, which needs workers of its own beside the ones Ray prestarts
         # (bench_sweep measured no difference in wall time; it is the simpler of the two)
         self.env = {k: str(Path(v).resolve()) for k, v in os.environ.items() if k == "FSG_ENDO_CACHE"}
         self.task = ray.remote(run_child_task).options(
-            num_cpus=self.cpus, num_gpus=self.gpus, max_retries=self.max_retries, retry_exceptions=False)
+            num_cpus=self.cpus, num_gpus=self.gpus, max_retries=self.max_retries, retry_exceptions=False
+        )
 
     def run(self, children: list[Child], parent_run_id: str, stop: StopSignals) -> Iterator[Outcome]:
         import ray
@@ -152,8 +160,9 @@ class RayExecutor:
                     bar.set_postfix_str(state)
                 if stop.requested is not None:
                     yield from self.cancel(inflight)
-                    raise RunInterrupted(stop.requested, f"sweep stopped by a signal; resume with --resume "
-                                                         f"{parent_run_id}")
+                    raise RunInterrupted(
+                        stop.requested, f"sweep stopped by a signal; resume with --resume {parent_run_id}"
+                    )
                 ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
                 for ref in ready:
                     outcome = self.collect(ref, inflight.pop(ref))
@@ -167,8 +176,9 @@ class RayExecutor:
         """The child with its run created (or reopened) and an absolute checkpoint folder, ready for a worker."""
         tracker = open_child(child, self.uri, parent_run_id)
         tracker.close()
-        return replace(child, run_id=tracker.run_id,
-                       run_dir=(child.run_dir or run_dir_for(child.cfg, tracker.run_id)).resolve())
+        return replace(
+            child, run_id=tracker.run_id, run_dir=(child.run_dir or run_dir_for(child.cfg, tracker.run_id)).resolve()
+        )
 
     def collect(self, ref: Any, child: Child) -> Outcome:
         """The task's outcome; a task Ray gave up on (its worker died past the retries) is marked FAILED."""
@@ -243,8 +253,11 @@ def run_child_task(child: Child, uri: str, cpus: float, cwd: str, env: Mapping[s
     try:
         with output_to(log), StopSignals() as stop:
             node = f"{os.uname().nodename} {ray.util.get_node_ip_address()}"
-            print(f"--- {child.key}: run {child.run_id} on {node} (pid {os.getpid()}) "
-                  f"at {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
+            print(
+                f"--- {child.key}: run {child.run_id} on {node} (pid {os.getpid()}) "
+                f"at {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                flush=True,
+            )
             tracker = None
             try:
                 tracker = Tracker.start(uri, child.cfg["name"], resume_run_id=child.run_id)
@@ -283,8 +296,9 @@ def output_to(path: Path) -> Iterator[None]:
                 os.close(copy)
 
 
-def open_executor(sweep: Mapping[str, Any], uri: str, ctx: DistContext = SINGLE,
-                  ray_address: str | None = None) -> SequentialExecutor | RayExecutor:
+def open_executor(
+    sweep: Mapping[str, Any], uri: str, ctx: DistContext = SINGLE, ray_address: str | None = None
+) -> SequentialExecutor | RayExecutor:
     """The executor of ``sweep.executor``; Ray is connected (and a local store refused on a cluster) here."""
     if sweep["executor"] == "sequential":
         return SequentialExecutor(uri, ctx)

@@ -28,15 +28,20 @@ REPORT_METRICS = {
 }
 
 
-def results_table(results: Mapping[str, float], metrics: list[str],
-                  baseline: Mapping[str, float] | None = None) -> pd.DataFrame:
+def results_table(
+    results: Mapping[str, float], metrics: list[str], baseline: Mapping[str, float] | None = None
+) -> pd.DataFrame:
     """Rows: metrics; columns: frame/lesion x val/test, and the appearance baseline's lesion/test if given."""
     import pandas as pd
 
-    cols = {f"{level}/{split}": f"{prefix}{split}/" for level, prefix in (("frame", ""), ("lesion", "lesion/"))
-            for split in ("val", "test")}
-    table = pd.DataFrame({col: [results.get(p + m, float("nan")) for m in metrics] for col, p in cols.items()},
-                         index=metrics)
+    cols = {
+        f"{level}/{split}": f"{prefix}{split}/"
+        for level, prefix in (("frame", ""), ("lesion", "lesion/"))
+        for split in ("val", "test")
+    }
+    table = pd.DataFrame(
+        {col: [results.get(p + m, float("nan")) for m in metrics] for col, p in cols.items()}, index=metrics
+    )
     if baseline is not None:
         table["appearance baseline lesion/test"] = [baseline.get(f"lesion/test/{m}", float("nan")) for m in metrics]
     return table.dropna(axis=1, how="all")  # image_class has no lesion level
@@ -45,13 +50,15 @@ def results_table(results: Mapping[str, float], metrics: list[str],
 def gate_movement_line(results: Mapping[str, float]) -> str:
     """How far the best model's gates moved from init, against the spread of the init logits."""
     shift, spread = results["gates/all/shift"], results["gates/init/std"]
-    return (f"gates: moved mean |g - g_init| = {shift:.4f} (max {results['gates/all/shift_max']:.4f}) in logits, "
-            f"{shift / spread:.2f}x the init spread (std {spread:.4f})")
+    return (
+        f"gates: moved mean |g - g_init| = {shift:.4f} (max {results['gates/all/shift_max']:.4f}) in logits, "
+        f"{shift / spread:.2f}x the init spread (std {spread:.4f})"
+    )
 
 
 def ui_hint(uri: str) -> str:
     if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):]).resolve()
+        path = Path(uri[len("sqlite:///") :]).resolve()
         return f"mlflow ui --backend-store-uri sqlite:///{path} --host 127.0.0.1 --port 5000"
     return f"open {uri} in a browser" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
 
@@ -67,8 +74,16 @@ def find_run(uri: str, exp_name: str, run_id: str):
         except Exception:
             raise FsgEndoError(f"{uri}: no run with id {run_id}") from None
     exp = client.get_experiment_by_name(exp_name)
-    runs = client.search_runs([exp.experiment_id], "tags.`mlflow.parentRunId` IS NULL",
-                              order_by=["attributes.start_time DESC"], max_results=1) if exp else []
+    runs = (
+        client.search_runs(
+            [exp.experiment_id],
+            "tags.`mlflow.parentRunId` IS NULL",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if exp
+        else []
+    )
     if not runs:
         raise FsgEndoError(f"{uri}: experiment {exp_name} has no run to resume")
     return runs[0]
@@ -145,16 +160,30 @@ def _run(args: argparse.Namespace, cfg: dict[str, Any], uri: str, ctx: DistConte
         resume = ctx.broadcast(resume_target(uri, cfg["name"], args.resume) if ctx.is_main else None)
         cfg = resume.cfg
     if cfg["sweep"]["enabled"]:
-        summary = run_sweep(cfg, uri, resume_run_id=resume.run_id if resume else None, ctx=ctx, stop=stop,
-                            ray_address=args.ray_address)
+        summary = run_sweep(
+            cfg, uri, resume_run_id=resume.run_id if resume else None, ctx=ctx, stop=stop, ray_address=args.ray_address
+        )
         if ctx.is_main:
-            cols = [c for c in ("regularizer", "train_fraction", "grid_point", "fold", "seed", "status",
-                                main_test_metric(cfg["task"]), "gates/all/shift", "gates/init/std")
-                    if c in summary and (c != "grid_point" or cfg["sweep"]["grid"])]
+            cols = [
+                c
+                for c in (
+                    "regularizer",
+                    "train_fraction",
+                    "grid_point",
+                    "fold",
+                    "seed",
+                    "status",
+                    main_test_metric(cfg["task"]),
+                    "gates/all/shift",
+                    "gates/init/std",
+                )
+                if c in summary and (c != "grid_point" or cfg["sweep"]["grid"])
+            ]
             print(summary[cols].to_string(index=False))
     else:
-        tracker = open_run(ctx, lambda: Tracker.start(uri, cfg["name"], resume_run_id=resume.run_id) if resume
-                           else start_run(cfg, uri))
+        tracker = open_run(
+            ctx, lambda: Tracker.start(uri, cfg["name"], resume_run_id=resume.run_id) if resume else start_run(cfg, uri)
+        )
         run_dir = resume.run_dir if resume else run_dir_for(cfg, tracker.run_id)
         results = execute(cfg, tracker, run_dir, ctx, stop)
         if ctx.is_main:
@@ -164,8 +193,11 @@ def _run(args: argparse.Namespace, cfg: dict[str, Any], uri: str, ctx: DistConte
             baseline = baseline_metrics(cfg, "appearance")[0] if polyps else None
             best = f"; best epoch {results['best_epoch']:.0f}; checkpoints in {run_dir}" if trained else ""
             print(f"\n{cfg['name']} ({run_name(cfg)}), run {tracker.run_id}{best}")
-            print(results_table(results, REPORT_METRICS[cfg["task"]], baseline).to_string(
-                float_format=lambda v: f"{v:.3f}"))
+            print(
+                results_table(results, REPORT_METRICS[cfg["task"]], baseline).to_string(
+                    float_format=lambda v: f"{v:.3f}"
+                )
+            )
             if "gates/all/shift" in results:
                 print(gate_movement_line(results))
     if ctx.is_main:

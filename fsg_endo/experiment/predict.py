@@ -74,8 +74,11 @@ def video_size(video: Path) -> tuple[int, int, int]:
         ok, _ = capture.read()
         if not capture.isOpened() or not ok:
             raise FsgEndoError(f"cannot read video {video}: not a decodable video")
-        return (int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
-                int(capture.get(cv2.CAP_PROP_FRAME_COUNT)))
+        return (
+            int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
+            int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+            int(capture.get(cv2.CAP_PROP_FRAME_COUNT)),
+        )
     finally:
         capture.release()
 
@@ -100,8 +103,9 @@ def box_rows(boxes: pd.DataFrame, path: Path, video: Path | None, frames: Path |
         late = boxes["frame_index"] >= count
         if late.any():
             i = int(np.flatnonzero(late.to_numpy())[0])
-            raise FsgEndoError(f"{_where(path, i)}: frame_index {boxes['frame_index'].iloc[i]} is beyond the "
-                               f"{count} frames of {video}")
+            raise FsgEndoError(
+                f"{_where(path, i)}: frame_index {boxes['frame_index'].iloc[i]} is beyond the {count} frames of {video}"
+            )
         rows["video_id"], rows["frame_path"] = video.stem, ""
         rows["frame_id"] = [f"{video.stem}_{i}" for i in boxes["frame_index"]]  # the index read from the video
         rows["width"], rows["height"] = width, height
@@ -120,8 +124,14 @@ def box_rows(boxes: pd.DataFrame, path: Path, video: Path | None, frames: Path |
     return rows
 
 
-def predict_sizes(model_uri: str, boxes_csv: str, out: str, video: str | None = None, frames: str | None = None,
-                  tracking_uri: str | None = None) -> Prediction:
+def predict_sizes(
+    model_uri: str,
+    boxes_csv: str,
+    out: str,
+    video: str | None = None,
+    frames: str | None = None,
+    tracking_uri: str | None = None,
+) -> Prediction:
     """Size every box of ``boxes_csv`` with the model at ``model_uri``; write ``out`` (and, with lesion ids,
     ``<out stem>_lesions.csv``) only once all succeeded."""
     if (video is None) == (frames is None):

@@ -22,8 +22,21 @@ from fsg_endo.experiment.analysis import latest_per_cell, open_client, regulariz
 from fsg_endo.experiment.compare import default_metric
 from fsg_endo.tracking.tracker import Tracker, resolve_tracking_uri
 
-COLUMNS = ["train_fraction", "arm", "reference", "n", "mean", "std", "diff_mean", "diff_ci_low", "diff_ci_high",
-           "p_corrected_t", "p_wilcoxon", "p_holm", "effect_size"]
+COLUMNS = [
+    "train_fraction",
+    "arm",
+    "reference",
+    "n",
+    "mean",
+    "std",
+    "diff_mean",
+    "diff_ci_low",
+    "diff_ci_high",
+    "p_corrected_t",
+    "p_wilcoxon",
+    "p_holm",
+    "effect_size",
+]
 REFERENCES = ("fsg_gr", "none")
 LEVEL = 0.95
 SIZES = ("data/test_lesions", "data/train_lesions")  # what n_test / n_train of the correction is read from
@@ -57,10 +70,17 @@ def paired_row(arm_values: np.ndarray, reference_values: np.ndarray, test_train_
     diff, n = arm_values - reference_values, arm_values.size
     p_t, low, high = corrected_t(diff, test_train_ratio)
     sd = diff.std(ddof=1) if n >= 2 else math.nan
-    return {"n": n, "mean": arm_values.mean(), "std": arm_values.std(ddof=1) if n >= 2 else math.nan,
-            "diff_mean": diff.mean(), "diff_ci_low": low, "diff_ci_high": high, "p_corrected_t": p_t,
-            "p_wilcoxon": float(stats.wilcoxon(diff).pvalue) if np.any(diff != 0) else math.nan,
-            "effect_size": diff.mean() / sd if sd > 0 else math.nan}
+    return {
+        "n": n,
+        "mean": arm_values.mean(),
+        "std": arm_values.std(ddof=1) if n >= 2 else math.nan,
+        "diff_mean": diff.mean(),
+        "diff_ci_low": low,
+        "diff_ci_high": high,
+        "p_corrected_t": p_t,
+        "p_wilcoxon": float(stats.wilcoxon(diff).pvalue) if np.any(diff != 0) else math.nan,
+        "effect_size": diff.mean() / sd if sd > 0 else math.nan,
+    }
 
 
 def sweep_report(runs: pd.DataFrame, metric: str, references: Sequence[str] = REFERENCES) -> pd.DataFrame:
@@ -72,8 +92,9 @@ def sweep_report(runs: pd.DataFrame, metric: str, references: Sequence[str] = RE
     runs = runs.assign(grid_point=runs.get("grid_point", pd.Series("", index=runs.index)).fillna(""))
     ratio = runs[SIZES[0]] / runs[SIZES[1]] if set(SIZES) <= set(runs) else pd.Series(np.nan, index=runs.index)
     cells = ["train_fraction", "grid_point", "fold", "seed"]
-    table = runs.assign(ratio=ratio).pivot_table(index=cells, columns="regularizer", values=[metric, "ratio"],
-                                                 aggfunc="mean", dropna=False)
+    table = runs.assign(ratio=ratio).pivot_table(
+        index=cells, columns="regularizer", values=[metric, "ratio"], aggfunc="mean", dropna=False
+    )
     rows = []
     for (fraction, point), block in table.groupby(level=["train_fraction", "grid_point"], sort=True):
         values, ratios = block[metric], block["ratio"]
@@ -83,8 +104,10 @@ def sweep_report(runs: pd.DataFrame, metric: str, references: Sequence[str] = RE
                 if paired.empty:
                     continue
                 ratio = np.nanmean(ratios.loc[paired.index, [arm, reference]].to_numpy(float))
-                rows.append({"train_fraction": fraction, "grid_point": point, "arm": arm, "reference": reference}
-                            | paired_row(paired[arm].to_numpy(float), paired[reference].to_numpy(float), ratio))
+                rows.append(
+                    {"train_fraction": fraction, "grid_point": point, "arm": arm, "reference": reference}
+                    | paired_row(paired[arm].to_numpy(float), paired[reference].to_numpy(float), ratio)
+                )
     if not rows:
         raise FsgEndoError(f"no cells where an arm and a reference arm ({', '.join(references)}) both finished")
     report = pd.DataFrame(rows)
@@ -95,9 +118,12 @@ def sweep_report(runs: pd.DataFrame, metric: str, references: Sequence[str] = RE
 
 def report_markdown(report: pd.DataFrame, metric: str) -> str:
     """The report as a Markdown table, with what the columns mean."""
-    return (f"Paired report on `{metric}`: diff = arm - reference per (fold, seed) cell; CI and p_corrected_t "
-            f"from the Nadeau-Bengio corrected resampled t-test; p_holm = Holm over all {len(report)} rows.\n\n"
-            + report.to_markdown(index=False, floatfmt=".4g") + "\n")
+    return (
+        f"Paired report on `{metric}`: diff = arm - reference per (fold, seed) cell; CI and p_corrected_t "
+        f"from the Nadeau-Bengio corrected resampled t-test; p_holm = Holm over all {len(report)} rows.\n\n"
+        + report.to_markdown(index=False, floatfmt=".4g")
+        + "\n"
+    )
 
 
 def log_report(parent: Tracker, summary: pd.DataFrame, metric: str) -> pd.DataFrame | None:
@@ -115,14 +141,21 @@ def log_report(parent: Tracker, summary: pd.DataFrame, metric: str) -> pd.DataFr
     return report
 
 
-def report_table(exp: str, tracking_uri: str | None = None, metric: str | None = None,
-                 reference: str | None = None, parent_run_id: str | None = None) -> pd.DataFrame:
+def report_table(
+    exp: str,
+    tracking_uri: str | None = None,
+    metric: str | None = None,
+    reference: str | None = None,
+    parent_run_id: str | None = None,
+) -> pd.DataFrame:
     """``fsg-endo report``: the report of the latest sweep of ``exp`` (or of ``parent_run_id``) from MLflow."""
     client = open_client(resolve_tracking_uri(tracking_uri))
     _, children = sweep_runs(client, exp, parent_run_id)
     runs = latest_per_cell(children)
     metric = metric or default_metric(runs, exp)
     if reference is not None and reference not in set(runs["regularizer"]):
-        raise FsgEndoError(f"experiment {exp!r}: --reference {reference!r} has no finished runs "
-                           f"(arms: {', '.join(regularizer_order(runs['regularizer'].unique()))})")
+        raise FsgEndoError(
+            f"experiment {exp!r}: --reference {reference!r} has no finished runs "
+            f"(arms: {', '.join(regularizer_order(runs['regularizer'].unique()))})"
+        )
     return sweep_report(runs, metric, [reference] if reference else REFERENCES)

@@ -20,6 +20,7 @@ from fsg_endo.tracking.tracker import GRID_POINT_TAG, NullTracker, Tracker, Trac
 
 def grid_point(cfg: Mapping[str, Any]) -> str:
     """The config's values of the ``sweep.grid`` keys, ``"gr.gate_lr=0.01,optim.lr=0.0005"`` ("" without a grid)."""
+
     def value(key: str) -> Any:
         node = cfg
         for part in key.split("."):
@@ -27,6 +28,7 @@ def grid_point(cfg: Mapping[str, Any]) -> str:
         return f"{node:g}" if isinstance(node, float) else node
 
     return ",".join(f"{key}={value(key)}" for key in cfg["sweep"]["grid"])
+
 
 if TYPE_CHECKING:
     from fsg_endo.engine.prepare import DataBundle
@@ -47,18 +49,28 @@ def run_dir_for(cfg: Mapping[str, Any], run_id: str) -> Path:
 def run_params(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The MLflow params of a run: the flattened config plus the facts that follow from ``regularizer``."""
     reg = cfg["regularizer"]
-    return flatten_config(cfg) | {"fsg.enabled": uses_gates(reg), "gr.enabled": uses_routing(reg),
-                                  "gr.accumulate_gate_pass_grads": accumulates_gate_pass(cfg)}
+    return flatten_config(cfg) | {
+        "fsg.enabled": uses_gates(reg),
+        "gr.enabled": uses_routing(reg),
+        "gr.accumulate_gate_pass_grads": accumulates_gate_pass(cfg),
+    }
 
 
-def start_run(cfg: Mapping[str, Any], uri: str, parent_run_id: str | None = None,
-              extra_tags: Mapping[str, str] = ()) -> Tracker:
-    tags = {"regularizer": cfg["regularizer"], "task": cfg["task"], "git_commit": git_commit(),
-            **source_tags(sys.argv[0] or "fsg-endo"), **dict(extra_tags)}
+def start_run(
+    cfg: Mapping[str, Any], uri: str, parent_run_id: str | None = None, extra_tags: Mapping[str, str] = ()
+) -> Tracker:
+    tags = {
+        "regularizer": cfg["regularizer"],
+        "task": cfg["task"],
+        "git_commit": git_commit(),
+        **source_tags(sys.argv[0] or "fsg-endo"),
+        **dict(extra_tags),
+    }
     if grid_point(cfg):
         tags[GRID_POINT_TAG] = grid_point(cfg)
-    return Tracker.start(uri, cfg["name"], run_name=run_name(cfg), tags=tags, params=run_params(cfg),
-                         parent_run_id=parent_run_id)
+    return Tracker.start(
+        uri, cfg["name"], run_name=run_name(cfg), tags=tags, params=run_params(cfg), parent_run_id=parent_run_id
+    )
 
 
 def open_run(ctx: DistContext, opener: Callable[[], Tracker]) -> Tracker | NullTracker:
@@ -81,8 +93,9 @@ def record_data(data: DataBundle, tracker: Tracker, run_dir: Path) -> None:
     classes and normalisation, what inference needs); a note, e.g. a fallback, is also printed."""
     if data.note:
         print(f"note: {data.note}")
-    tracker.set_tags({"data.manifest_sha256": data.manifest_sha256, **data.tags,
-                      **({"data.note": data.note} if data.note else {})})
+    tracker.set_tags(
+        {"data.manifest_sha256": data.manifest_sha256, **data.tags, **({"data.note": data.note} if data.note else {})}
+    )
     tracker.log_text(data.summary.to_csv(index=False), "data/split_summary.csv")
     if data.info:
         with atomic_path(run_dir / "data.json") as tmp:
@@ -107,8 +120,13 @@ def end_run(tracker: Tracker | NullTracker, status: str) -> None:
         tracker.end(status)
 
 
-def execute(cfg: Mapping[str, Any], tracker: Tracker | NullTracker, run_dir: Path, ctx: DistContext = SINGLE,
-            stop: StopSignals | None = None) -> dict[str, float]:
+def execute(
+    cfg: Mapping[str, Any],
+    tracker: Tracker | NullTracker,
+    run_dir: Path,
+    ctx: DistContext = SINGLE,
+    stop: StopSignals | None = None,
+) -> dict[str, float]:
     """Prepare data, train (resuming from ``run_dir``'s checkpoint if any) and test inside an open run;
     the run ends FINISHED, FAILED or KILLED. A baseline arm fits its scikit-learn model instead (rank 0)."""
     from fsg_endo.engine.baselines import baseline_of, fit_baseline
@@ -133,8 +151,10 @@ def execute(cfg: Mapping[str, Any], tracker: Tracker | NullTracker, run_dir: Pat
         raise
     except TrackingError as err:
         end_run(tracker, "FAILED")  # after an outage the store cannot be told: the run stays RUNNING
-        raise TrackingError(f"{err}; the run's checkpoints are in {run_dir.resolve()}: "
-                             f"resume with --resume {tracker.run_id} once the store is back") from err
+        raise TrackingError(
+            f"{err}; the run's checkpoints are in {run_dir.resolve()}: "
+            f"resume with --resume {tracker.run_id} once the store is back"
+        ) from err
     except BaseException:
         end_run(tracker, "FAILED")
         raise

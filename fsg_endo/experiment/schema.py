@@ -14,8 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validat
 # baseline_*: the scikit-learn baselines of fsg_endo.engine.baselines, run as arms (no network);
 # fsg_frozen: the gated model with its gates fixed at init (the control that shows what the gates learn);
 # fsg_gr_release: Gradient Routing as the paper's released code does it (gate-pass gradients accumulate)
-Regularizer = Literal["none", "dropout", "fsg", "fsg_gr", "baseline_box", "baseline_appearance", "fsg_frozen",
-                      "fsg_gr_release"]
+Regularizer = Literal[
+    "none", "dropout", "fsg", "fsg_gr", "baseline_box", "baseline_appearance", "fsg_frozen", "fsg_gr_release"
+]
 REGULARIZERS: tuple[str, ...] = Regularizer.__args__
 DataSource = Literal["synthetic", "realcolon", "sun", "mnist", "imagenette", "cifar100"]
 IMAGE_SOURCES: tuple[str, ...] = DataSource.__args__[3:]  # the data sources of task image_class, the rest polyps
@@ -186,14 +187,18 @@ class Config(Section):
         if bad:
             raise ValueError(f"'sweep.folds' {bad} are not folds of data.folds = {data.folds}")
         if data.image_size % model.patch_size:
-            raise ValueError(f"'data.image_size' = {data.image_size} is not a multiple of "
-                             f"'model.patch_size' = {model.patch_size}")
+            raise ValueError(
+                f"'data.image_size' = {data.image_size} is not a multiple of 'model.patch_size' = {model.patch_size}"
+            )
         if model.hidden_dim is not None and model.heads is not None and model.hidden_dim % model.heads:
-            raise ValueError(f"'model.hidden_dim' = {model.hidden_dim} is not divisible by "
-                             f"'model.heads' = {model.heads}")
+            raise ValueError(
+                f"'model.hidden_dim' = {model.hidden_dim} is not divisible by 'model.heads' = {model.heads}"
+            )
         if (self.task == "image_class") != (data.source in IMAGE_SOURCES):
-            raise ValueError(f"task {self.task} does not read 'data.source' = {data.source}: task image_class reads "
-                             f"{', '.join(IMAGE_SOURCES)}, the polyp tasks the other sources")
+            raise ValueError(
+                f"task {self.task} does not read 'data.source' = {data.source}: task image_class reads "
+                f"{', '.join(IMAGE_SOURCES)}, the polyp tasks the other sources"
+            )
         if self.task == "image_class" and model.box_features:
             raise ValueError("'model.box_features' must be false for task image_class (images have no box)")
         if model.size_head == "log_box" and not (self.task == "size_regression" and model.box_features):
@@ -208,8 +213,10 @@ class Config(Section):
 DEFAULTS: dict[str, Any] = Config().model_dump()
 
 # keys that follow from another key: asked for by users, so setting one says where it comes from
-DERIVED = {"fsg.enabled": "regularizer in {fsg, fsg_gr, fsg_frozen, fsg_gr_release}",
-           "gr.enabled": "regularizer in {fsg_gr, fsg_gr_release}"}
+DERIVED = {
+    "fsg.enabled": "regularizer in {fsg, fsg_gr, fsg_frozen, fsg_gr_release}",
+    "gr.enabled": "regularizer in {fsg_gr, fsg_gr_release}",
+}
 # keys a sweep varies by its own axes (sweep.regularizers, train_fractions, folds, seeds): no grid axis
 SWEEP_AXES = ("regularizer", "seed", "data.train_fraction", "data.test_fold", "data.val_fold", "name")
 

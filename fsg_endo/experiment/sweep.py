@@ -11,13 +11,13 @@ from typing import Any
 
 import pandas as pd
 
-from fsg_endo.tracking import plots
-from fsg_endo.experiment.config import revalidate, set_in
-from fsg_endo.experiment.report import log_report
 from fsg_endo.engine.distributed import SINGLE, DistContext
-from fsg_endo.experiment.executors import SWEEP_KEY_TAG, Child, open_executor
-from fsg_endo.experiment.runs import end_run, grid_point, open_run, record_config, run_dir_for, run_name
 from fsg_endo.engine.interrupt import StopSignals
+from fsg_endo.experiment.config import revalidate, set_in
+from fsg_endo.experiment.executors import SWEEP_KEY_TAG, Child, open_executor
+from fsg_endo.experiment.report import log_report
+from fsg_endo.experiment.runs import end_run, grid_point, open_run, record_config, run_dir_for, run_name
+from fsg_endo.tracking import plots
 from fsg_endo.tracking.tracker import Tracker, TrackingError
 
 
@@ -29,8 +29,9 @@ def grid_points(grid: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
 def child_configs(cfg: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
     """Every child config of the sweep, in a stable order; validation fold = the fold after the test fold."""
     sweep, folds = cfg["sweep"], cfg["data"]["folds"]
-    for reg, frac, point, fold, seed in itertools.product(sweep["regularizers"], sweep["train_fractions"],
-                                                          grid_points(sweep["grid"]), sweep["folds"], sweep["seeds"]):
+    for reg, frac, point, fold, seed in itertools.product(
+        sweep["regularizers"], sweep["train_fractions"], grid_points(sweep["grid"]), sweep["folds"], sweep["seeds"]
+    ):
         child = copy.deepcopy(dict(cfg))
         child["sweep"]["enabled"] = False
         child["regularizer"], child["seed"] = reg, seed
@@ -44,10 +45,16 @@ def existing_children(parent: Tracker) -> dict[str, dict[str, Any]]:
     """Child runs of a parent by sweep key: run id, status, metrics and checkpoint folder (to resume a sweep)."""
     run = parent.client.get_run(parent.run_id)
     children = parent.client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.run_id}'")
-    return {r.data.tags[SWEEP_KEY_TAG]: {"run_id": r.info.run_id, "status": r.info.status,
-                                         "metrics": dict(r.data.metrics),
-                                         "checkpoint_dir": r.data.tags.get("checkpoint_dir")}
-            for r in children if SWEEP_KEY_TAG in r.data.tags}
+    return {
+        r.data.tags[SWEEP_KEY_TAG]: {
+            "run_id": r.info.run_id,
+            "status": r.info.status,
+            "metrics": dict(r.data.metrics),
+            "checkpoint_dir": r.data.tags.get("checkpoint_dir"),
+        }
+        for r in children
+        if SWEEP_KEY_TAG in r.data.tags
+    }
 
 
 def open_parent(cfg: Mapping[str, Any], uri: str, resume_run_id: str | None) -> Tracker:
@@ -56,18 +63,30 @@ def open_parent(cfg: Mapping[str, Any], uri: str, resume_run_id: str | None) -> 
         return Tracker.start(uri, cfg["name"], resume_run_id=resume_run_id)
     params = {f"sweep.{k}": str(v) for k, v in cfg["sweep"].items()}
     params["sweep.children"] = len(list(child_configs(cfg)))
-    return Tracker.start(uri, cfg["name"], run_name="sweep", params=params,
-                         tags={"task": cfg["task"], "regularizer": "sweep"})
+    return Tracker.start(
+        uri, cfg["name"], run_name="sweep", params=params, tags={"task": cfg["task"], "regularizer": "sweep"}
+    )
 
 
 def cell(child: Mapping[str, Any]) -> dict[str, Any]:
     """The grid cell of a child config: its row in the sweep summary."""
-    return {"regularizer": child["regularizer"], "train_fraction": child["data"]["train_fraction"],
-            "grid_point": grid_point(child), "fold": child["data"]["test_fold"], "seed": child["seed"]}
+    return {
+        "regularizer": child["regularizer"],
+        "train_fraction": child["data"]["train_fraction"],
+        "grid_point": grid_point(child),
+        "fold": child["data"]["test_fold"],
+        "seed": child["seed"],
+    }
 
 
-def run_sweep(cfg: Mapping[str, Any], uri: str, resume_run_id: str | None = None, ctx: DistContext = SINGLE,
-              stop: StopSignals | None = None, ray_address: str | None = None) -> pd.DataFrame:
+def run_sweep(
+    cfg: Mapping[str, Any],
+    uri: str,
+    resume_run_id: str | None = None,
+    ctx: DistContext = SINGLE,
+    stop: StopSignals | None = None,
+    ray_address: str | None = None,
+) -> pd.DataFrame:
     """Run every child with the executor of ``sweep.executor``, or resume the sweep: FINISHED children are kept,
     the others continue in their own run from their last checkpoint. A failed child is recorded, the sweep goes on."""
     executor = open_executor(cfg["sweep"], uri, ctx, ray_address)  # before any work: a cluster may refuse the store
@@ -87,8 +106,12 @@ def run_sweep(cfg: Mapping[str, Any], uri: str, resume_run_id: str | None = None
                 todo.append(Child(key, child, previous and previous["run_id"], Path(folder) if folder else None))
         try:
             for out in executor.run(todo, parent.run_id, stop or StopSignals()):
-                rows[out.key] = (cell(configs[out.key]) | {"run_id": out.run_id, "status": out.status}
-                                 | out.results | ({"error": out.error} if out.error else {}))
+                rows[out.key] = (
+                    cell(configs[out.key])
+                    | {"run_id": out.run_id, "status": out.status}
+                    | out.results
+                    | ({"error": out.error} if out.error else {})
+                )
         except (KeyboardInterrupt, TrackingError):
             end_run(parent, "KILLED")
             raise
@@ -118,4 +141,3 @@ def main_test_metric(task: str) -> str:
     if task == "image_class":
         return "test/accuracy"
     return "lesion/test/mae" if task == "size_regression" else "lesion/test/balanced_accuracy"
-

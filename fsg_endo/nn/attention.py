@@ -16,15 +16,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.vision_transformer import EncoderBlock
 
-__all__ = ["FastEncoderBlock", "check_fast_attention", "self_attention", "stock_encoder_block",
-           "use_fast_attention"]
+__all__ = ["FastEncoderBlock", "check_fast_attention", "self_attention", "stock_encoder_block", "use_fast_attention"]
 
 
 def check_fast_attention(attn: nn.MultiheadAttention) -> nn.MultiheadAttention:
     """``attn`` if :func:`self_attention` computes what it computes (batch first, packed qkv, no extras)."""
     if not (attn.batch_first and attn._qkv_same_embed_dim and attn.bias_k is None and not attn.add_zero_attn):
-        raise ValueError("self_attention needs a batch-first nn.MultiheadAttention with a packed in-projection, "
-                         "no bias_k/bias_v and no add_zero_attn (as torchvision's EncoderBlock builds it)")
+        raise ValueError(
+            "self_attention needs a batch-first nn.MultiheadAttention with a packed in-projection, "
+            "no bias_k/bias_v and no add_zero_attn (as torchvision's EncoderBlock builds it)"
+        )
     return attn
 
 

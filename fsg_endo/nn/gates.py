@@ -20,9 +20,9 @@ from torchvision.models.vision_transformer import EncoderBlock, VisionTransforme
 from fsg_endo.nn.attention import (
     FastEncoderBlock,
     build_on_meta,
-    share_submodules,
     check_materialised,
     self_attention,
+    share_submodules,
     stock_encoder_block,
 )
 
@@ -135,8 +135,12 @@ class GatedTransformerEncoderLayer(nn.Module):
             target_type=src.dtype,
         )
         src_mask = F._canonical_mask(
-            mask=src_mask, mask_name="src_mask", other_type=None, other_name="",
-            target_type=src.dtype, check_other=False,
+            mask=src_mask,
+            mask_name="src_mask",
+            other_type=None,
+            other_name="",
+            target_type=src.dtype,
+            check_other=False,
         )
         g_attn, g_mlp = torch.sigmoid(self.gate_attn), torch.sigmoid(self.gate_mlp)
         x = src
@@ -159,11 +163,19 @@ class GatedTransformerEncoderLayer(nn.Module):
     def unwrap(self) -> nn.TransformerEncoderLayer:
         """A plain ``TransformerEncoderLayer`` sharing this layer's submodules (gates dropped)."""
         attn = self.self_attn
-        layer = build_on_meta(lambda: nn.TransformerEncoderLayer(
-            attn.embed_dim, attn.num_heads, self.linear1.out_features, dropout=self.dropout.p,
-            activation=self.activation, layer_norm_eps=self.norm1.eps, batch_first=attn.batch_first,
-            norm_first=self.norm_first, bias=self.linear1.bias is not None,
-        ))
+        layer = build_on_meta(
+            lambda: nn.TransformerEncoderLayer(
+                attn.embed_dim,
+                attn.num_heads,
+                self.linear1.out_features,
+                dropout=self.dropout.p,
+                activation=self.activation,
+                layer_norm_eps=self.norm1.eps,
+                batch_first=attn.batch_first,
+                norm_first=self.norm_first,
+                bias=self.linear1.bias is not None,
+            )
+        )
         for name in ("self_attn", "linear1", "dropout", "linear2", "norm1", "norm2", "dropout1", "dropout2"):
             setattr(layer, name, getattr(self, name))
         layer.activation = self.activation
@@ -172,8 +184,11 @@ class GatedTransformerEncoderLayer(nn.Module):
 
 
 GATED_BLOCKS = (GatedEncoderBlock, GatedTransformerEncoderLayer)
-_GATED_FOR = {EncoderBlock: GatedEncoderBlock, FastEncoderBlock: GatedEncoderBlock,
-              nn.TransformerEncoderLayer: GatedTransformerEncoderLayer}
+_GATED_FOR = {
+    EncoderBlock: GatedEncoderBlock,
+    FastEncoderBlock: GatedEncoderBlock,
+    nn.TransformerEncoderLayer: GatedTransformerEncoderLayer,
+}
 
 
 def _replace_blocks(module: nn.Module, convert: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
@@ -260,8 +275,9 @@ def gate_values(model: nn.Module) -> dict[str, Tensor]:
     return {key: torch.sigmoid(g) for key, g in gate_logits(model).items()}
 
 
-def gate_statistics(model: nn.Module, threshold: float = 0.1, init: Mapping[str, Tensor] | None = None
-                    ) -> dict[str, float]:
+def gate_statistics(
+    model: nn.Module, threshold: float = 0.1, init: Mapping[str, Tensor] | None = None
+) -> dict[str, float]:
     """Per layer and branch: mean, std and sparsity (share of gate values below ``threshold``), and with
     ``init`` (the :func:`gate_logits` at init) the shift: mean ``|g - g_init|`` over the vector's logits.
 

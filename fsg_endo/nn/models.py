@@ -59,8 +59,13 @@ class SizingModel(nn.Module):
     distance factor, so the head only has to read the factor from the crop, an additive term in log space.
     """
 
-    def __init__(self, vit: VisionTransformer, box_features: int, num_outputs: int = 1,
-                 size_range: tuple[float, float] | None = None) -> None:
+    def __init__(
+        self,
+        vit: VisionTransformer,
+        box_features: int,
+        num_outputs: int = 1,
+        size_range: tuple[float, float] | None = None,
+    ) -> None:
         super().__init__()
         if size_range is not None and (num_outputs != 1 or box_features < 2):
             raise ValueError("size_range needs one output and the log box width and height as box features")
@@ -182,9 +187,15 @@ def build_model(
             vit_with_fsg(vit)
     if weights is not None:
         report = load_local_weights(vit, weights)
-        logger.info("%s: loaded %d tensors (%d renamed from timm/release names), %d missing, %d skipped, "
-                    "%d unexpected", weights, len(report.loaded), len(report.mapped), len(report.missing),
-                    len(report.skipped), len(report.unexpected))
+        logger.info(
+            "%s: loaded %d tensors (%d renamed from timm/release names), %d missing, %d skipped, %d unexpected",
+            weights,
+            len(report.loaded),
+            len(report.mapped),
+            len(report.missing),
+            len(report.skipped),
+            len(report.unexpected),
+        )
     if box_features > 0:
         return SizingModel(vit, box_features, num_outputs, size_range)
     return vit

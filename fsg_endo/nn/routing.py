@@ -160,8 +160,9 @@ class GradientRouter:
         self.main_optimizer.zero_grad(set_to_none=True)
         self.gate_optimizer.zero_grad(set_to_none=True)
         gate = self._gate_pass(inputs, targets)
-        main = train_step(self.model, self.main_optimizer, self.main_loss, inputs, targets,
-                          clip=self.main_clip, amp=self.amp)
+        main = train_step(
+            self.model, self.main_optimizer, self.main_loss, inputs, targets, clip=self.main_clip, amp=self.amp
+        )
         return {
             "loss": main["loss"],
             "gate_loss": gate["loss"],

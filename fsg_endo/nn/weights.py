@@ -20,8 +20,14 @@ from torchvision.models.vision_transformer import VisionTransformer, interpolate
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.nn.gates import gated_blocks
 
-__all__ = ["LoadReport", "load_local_weights", "read_state_dict", "timm_to_torchvision", "to_release_state_dict",
-           "vit_shape"]
+__all__ = [
+    "LoadReport",
+    "load_local_weights",
+    "read_state_dict",
+    "timm_to_torchvision",
+    "to_release_state_dict",
+    "vit_shape",
+]
 
 _LAYER = "encoder.layers.encoder_layer_{i}"
 # (timm / release name, torchvision / our name); {i} is a block index, {p} "weight" or "bias"
@@ -104,8 +110,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises many types for foreign or corrupt files
-        raise FsgEndoError(f"{path}: not a tensor checkpoint readable with weights_only=True "
-                           f"({_load_error_reason(err)})") from err
+        raise FsgEndoError(
+            f"{path}: not a tensor checkpoint readable with weights_only=True ({_load_error_reason(err)})"
+        ) from err
     while isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in _NESTING_KEYS):
         obj = next(obj[k] for k in _NESTING_KEYS if isinstance(obj.get(k), dict))
     state = {k: v for k, v in obj.items() if isinstance(v, Tensor)} if isinstance(obj, dict) else {}
@@ -162,15 +169,18 @@ def load_local_weights(model_or_vit: nn.Module, path: str | os.PathLike) -> Load
             if key.startswith("heads."):
                 skipped.append(key)
                 continue
-            raise FsgEndoError(f"{path}: {key} has shape {tuple(value.shape)} but the model expects "
-                               f"{tuple(own[key].shape)} (check the model preset and patch size)")
+            raise FsgEndoError(
+                f"{path}: {key} has shape {tuple(value.shape)} but the model expects "
+                f"{tuple(own[key].shape)} (check the model preset and patch size)"
+            )
         compatible[key] = value
     result = vit.load_state_dict(compatible, strict=False)
     skipped += [k for k in result.unexpected_keys if k.startswith("heads.")]
     unexpected = [k for k in result.unexpected_keys if not k.startswith("heads.")]
     loaded = [k for k in compatible if k not in result.unexpected_keys]
-    return LoadReport(loaded=loaded, mapped=mapped, missing=list(result.missing_keys), skipped=skipped,
-                      unexpected=unexpected)
+    return LoadReport(
+        loaded=loaded, mapped=mapped, missing=list(result.missing_keys), skipped=skipped, unexpected=unexpected
+    )
 
 
 def vit_shape(path: str | os.PathLike) -> dict[str, int]:
@@ -186,6 +196,10 @@ def vit_shape(path: str | os.PathLike) -> dict[str, int]:
     hidden = state["class_token"].shape[-1]
     mlp = state.get("encoder.layers.encoder_layer_0.mlp.0.weight")
     blocks = {k.split(".")[2] for k in state if k.startswith("encoder.layers.")}
-    return {"hidden_dim": hidden, "depth": len(blocks), "heads": hidden // 64 if hidden % 64 == 0 else 1,
-            "mlp_dim": mlp.shape[0] if mlp is not None else 4 * hidden,
-            "patch_size": state["conv_proj.weight"].shape[-1]}
+    return {
+        "hidden_dim": hidden,
+        "depth": len(blocks),
+        "heads": hidden // 64 if hidden % 64 == 0 else 1,
+        "mlp_dim": mlp.shape[0] if mlp is not None else 4 * hidden,
+        "patch_size": state["conv_proj.weight"].shape[-1],
+    }

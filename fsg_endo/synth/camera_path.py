@@ -62,8 +62,9 @@ def _aim(rng: np.random.Generator, apex: np.ndarray, distance: float) -> np.ndar
     return apex + rng.normal(0.0, 0.25 * distance, 3)
 
 
-def _keyframes(rng: np.random.Generator, wall: Wall, polyps: list[Polyp], focal_px: float,
-               speed: float) -> tuple[list[float], list[np.ndarray], list[np.ndarray]]:
+def _keyframes(
+    rng: np.random.Generator, wall: Wall, polyps: list[Polyp], focal_px: float, speed: float
+) -> tuple[list[float], list[np.ndarray], list[np.ndarray]]:
     """Times (frames), positions and targets of the path's keyframes."""
     radius = wall.radius_mean
     start = _axis_point(rng, polyps[0].z - rng.uniform(30.0, 50.0), radius)
@@ -79,9 +80,11 @@ def _keyframes(rng: np.random.Generator, wall: Wall, polyps: list[Polyp], focal_
         apex = wall.surface(polyp.z, polyp.theta)[0]
         closest = closest_distance(rng, polyp, focal_px)
         tilt, azimuth = rng.uniform(0.2, 1.0), rng.normal(0.0, 0.4)
-        for distance, frames in ((closest * rng.uniform(2.5, 4.0), None),
-                                 (closest, rng.uniform(8, 20)),
-                                 (closest * rng.uniform(1.2, 2.0), rng.uniform(4, 10))):
+        for distance, frames in (
+            (closest * rng.uniform(2.5, 4.0), None),
+            (closest, rng.uniform(8, 20)),
+            (closest * rng.uniform(1.2, 2.0), rng.uniform(4, 10)),
+        ):
             add(_viewpoint(apex, distance, tilt, azimuth, radius), _aim(rng, apex, distance), frames)
         leave = _axis_point(rng, polyp.z + rng.uniform(5.0, 15.0), radius)
         add(leave, _axis_point(rng, leave[2] + LOOK_AHEAD_MM, radius, 0.5))
@@ -94,12 +97,13 @@ def _smooth_noise(rng: np.random.Generator, n: int, scale: float, smooth: float)
     """Gaussian-smoothed white noise of std about ``scale`` (hand tremor, slow roll)."""
     width = max(1, int(3 * smooth))
     kernel = np.exp(-0.5 * (np.arange(-width, width + 1) / smooth) ** 2)
-    noise = np.convolve(rng.standard_normal(n + 2 * width), kernel / np.sqrt((kernel ** 2).sum()), "valid")
+    noise = np.convolve(rng.standard_normal(n + 2 * width), kernel / np.sqrt((kernel**2).sum()), "valid")
     return scale * noise
 
 
-def plan_path(rng: np.random.Generator, wall: Wall, polyps: list[Polyp], focal_px: float,
-              frames: int | None = None) -> CameraPath:
+def plan_path(
+    rng: np.random.Generator, wall: Wall, polyps: list[Polyp], focal_px: float, frames: int | None = None
+) -> CameraPath:
     """The camera path of one video; ``frames`` resamples it to that many frames (else one per time step)."""
     speed = rng.uniform(6.0, 10.0)
     times, positions, targets = _keyframes(rng, wall, polyps, focal_px, speed)

@@ -23,8 +23,8 @@ from filelock import FileLock
 from tqdm import tqdm
 
 from fsg_endo.data.sizes import CLASS3_NAMES, size_class3
-from fsg_endo.synth.video import VideoSpec, render_video
 from fsg_endo.errors import FsgEndoError
+from fsg_endo.synth.video import VideoSpec, render_video
 
 GENERATOR_VERSION = 2
 DEFAULT_VIDEOS = 36
@@ -51,8 +51,12 @@ class SynthParams:
     version: int = GENERATOR_VERSION
 
 
-def resolve_params(n_videos: int | None = None, seed: int = 0, frames_per_video: int | None = None,
-                   image_size: int | tuple[int, int] | None = None) -> SynthParams:
+def resolve_params(
+    n_videos: int | None = None,
+    seed: int = 0,
+    frames_per_video: int | None = None,
+    image_size: int | tuple[int, int] | None = None,
+) -> SynthParams:
     """Check the user's parameters and fill in the defaults of the standard dataset."""
     n_videos = DEFAULT_VIDEOS if n_videos is None else n_videos
     if not isinstance(n_videos, (int, np.integer)) or n_videos < 1:
@@ -63,8 +67,9 @@ def resolve_params(n_videos: int | None = None, seed: int = 0, frames_per_video:
     width, height = (size, size) if np.isscalar(size) else tuple(size)
     if min(width, height) < 64:
         raise FsgEndoError(f"synthetic: image_size must be at least 64 pixels, got {image_size!r}")
-    return SynthParams(int(n_videos), int(seed), None if frames_per_video is None else int(frames_per_video),
-                       int(width), int(height))
+    return SynthParams(
+        int(n_videos), int(seed), None if frames_per_video is None else int(frames_per_video), int(width), int(height)
+    )
 
 
 def video_specs(params: SynthParams) -> list[VideoSpec]:
@@ -72,20 +77,38 @@ def video_specs(params: SynthParams) -> list[VideoSpec]:
     specs = []
     for i in range(params.n_videos):
         seed = int(np.random.SeedSequence([params.seed, i]).generate_state(1)[0])
-        lesions = int(np.random.default_rng(seed).integers(params.lesions_per_video[0],
-                                                           params.lesions_per_video[1] + 1))
+        lesions = int(
+            np.random.default_rng(seed).integers(params.lesions_per_video[0], params.lesions_per_video[1] + 1)
+        )
         if params.frames_per_video:
             lesions = int(np.clip(params.frames_per_video // FRAMES_PER_LESION_SLOT, 1, lesions))
         site = i % params.sites
-        specs.append(VideoSpec(name=f"{site + 1:03d}-{i // params.sites + 1:03d}", site=site, seed=seed,
-                               width=params.width, height=params.height, frames=params.frames_per_video,
-                               lesions=lesions, fps=params.fps, jpeg_quality=params.jpeg_quality))
+        specs.append(
+            VideoSpec(
+                name=f"{site + 1:03d}-{i // params.sites + 1:03d}",
+                site=site,
+                seed=seed,
+                width=params.width,
+                height=params.height,
+                frames=params.frames_per_video,
+                lesions=lesions,
+                fps=params.fps,
+                jpeg_quality=params.jpeg_quality,
+            )
+        )
     return specs
 
 
-def generate_dataset(out: str | os.PathLike, n_videos: int | None = None, seed: int = 0, *,
-                     frames_per_video: int | None = None, image_size: int | tuple[int, int] | None = None,
-                     progress: bool = True, workers: int | None = None) -> Path:
+def generate_dataset(
+    out: str | os.PathLike,
+    n_videos: int | None = None,
+    seed: int = 0,
+    *,
+    frames_per_video: int | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    progress: bool = True,
+    workers: int | None = None,
+) -> Path:
     """Write a synthetic dataset to ``out`` (replacing a previous synthetic dataset there); return ``out``.
 
     Same parameters and seed give byte-identical frames, annotations and tables. ``workers``
@@ -143,11 +166,18 @@ def summary(lesions: pd.DataFrame, videos: pd.DataFrame) -> dict:
     """Counts and size-class shares of a generated dataset (also recorded in ``synthetic.json``)."""
     classes = size_class3(lesions["size [mm]"].to_numpy())
     per_lesion = lesions["num_frames"].to_numpy()
-    return {"videos": int(len(videos)), "frames": int(videos["num_frames"].sum()),
-            "lesions": int(len(lesions)), "lesion_boxes": int(per_lesion.sum()),
-            "class_share": {name: round(float(np.mean(classes == k)), 4) for k, name in enumerate(CLASS3_NAMES)},
-            "frames_per_lesion": {"min": int(per_lesion.min()), "median": float(np.median(per_lesion)),
-                                  "max": int(per_lesion.max())}}
+    return {
+        "videos": int(len(videos)),
+        "frames": int(videos["num_frames"].sum()),
+        "lesions": int(len(lesions)),
+        "lesion_boxes": int(per_lesion.sum()),
+        "class_share": {name: round(float(np.mean(classes == k)), 4) for k, name in enumerate(CLASS3_NAMES)},
+        "frames_per_lesion": {
+            "min": int(per_lesion.min()),
+            "median": float(np.median(per_lesion)),
+            "max": int(per_lesion.max()),
+        },
+    }
 
 
 def _render_task(task: tuple[VideoSpec, Path]) -> dict:

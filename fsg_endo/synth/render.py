@@ -152,7 +152,7 @@ class Renderer:
     def __init__(self, camera: Camera, wall: Wall, optics: Optics, noise_seed: int = 0):
         self.camera, self.wall, self.optics = camera, wall, optics
         self._rays = camera.rays()
-        self._vignette = np.maximum(self._rays[2], 0.0) ** optics.vignetting * optics.reference_mm ** 2
+        self._vignette = np.maximum(self._rays[2], 0.0) ** optics.vignetting * optics.reference_mm**2
         self._mask = camera.fov_mask()
         self._mask3 = cv2.merge([self._mask * 255.0] * 3)
         noise_rng = np.random.default_rng(noise_seed)
@@ -200,8 +200,15 @@ class Renderer:
         hit = np.full(d[0].size, self.optics.max_depth_mm, np.float32)
         active = np.arange(d[0].size)
         # rows: dx, dy, dz in table rows per mm, t, t_prev, g_prev
-        state = np.concatenate([d[:2].reshape(2, -1), d[2].reshape(1, -1) * to_row, start.reshape(1, -1),
-                                start.reshape(1, -1), np.full((1, d[0].size), -1.0, np.float32)])
+        state = np.concatenate(
+            [
+                d[:2].reshape(2, -1),
+                d[2].reshape(1, -1) * to_row,
+                start.reshape(1, -1),
+                start.reshape(1, -1),
+                np.full((1, d[0].size), -1.0, np.float32),
+            ]
+        )
         for _ in range(iterations):
             dx, dy, dz, t, t_prev, g_prev = state
             g, theta = cv2.cartToPolar(o[0] + t * dx, o[1] + t * dy)
@@ -235,9 +242,11 @@ class Renderer:
         wall = self.wall
         hits = self.trace(pose)
         radius, slope_z, slope_s, coverage = cv2.split(
-            cv2.remap(wall.geometry, hits.map_x, hits.map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_WRAP))
-        surface = cv2.split(cv2.remap(wall.albedo, hits.map_x, hits.map_y, cv2.INTER_LINEAR,
-                                      borderMode=cv2.BORDER_WRAP))
+            cv2.remap(wall.geometry, hits.map_x, hits.map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_WRAP)
+        )
+        surface = cv2.split(
+            cv2.remap(wall.albedo, hits.map_x, hits.map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_WRAP)
+        )
         image = self._shade(hits, slope_z, slope_s, surface)
         image = self._defocus(image, hits.t)
         if motion_px is not None:
@@ -260,8 +269,9 @@ class Renderer:
         spec = (opt.specular * light) * np.exp(opt.shininess * (facing - 1.0)) * surface[3]
         exposure = self._auto_exposure(diffuse * surface[2])
         gains = np.asarray(opt.white_balance) * (-opt.gain * exposure / 255.0)
-        return cv2.merge([1.0 - np.exp((albedo * diffuse + spec) * np.float32(k))
-                          for albedo, k in zip(surface[:3], gains)])
+        return cv2.merge(
+            [1.0 - np.exp((albedo * diffuse + spec) * np.float32(k)) for albedo, k in zip(surface[:3], gains)]
+        )
 
     def _auto_exposure(self, red: np.ndarray) -> float:
         """Endoscope auto gain: partly compensates the mean (red) brightness, smoothed over frames."""
@@ -284,7 +294,7 @@ class Renderer:
         """Sensor noise (a random window of a fixed noise bank), display gamma, FOV mask, 8 bits."""
         h, w = self.camera.height, self.camera.width
         y, x = rng.integers(0, h), rng.integers(0, w)
-        image = np.clip(image + self._noise[y:y + h, x:x + w], 0.0, 1.0)
+        image = np.clip(image + self._noise[y : y + h, x : x + w], 0.0, 1.0)
         np.sqrt(image, out=image)
         image *= self._mask3
         image += 0.5

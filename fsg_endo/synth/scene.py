@@ -92,10 +92,16 @@ def sample_patient(rng: np.random.Generator) -> Patient:
     texture scale and vessel calibre)."""
     mucosa = np.array([0.12, 0.22, 0.85]) * rng.uniform(0.85, 1.15, 3)
     vessel = np.array([0.05, 0.04, 0.35]) * rng.uniform(0.7, 1.3, 3)
-    return Patient(radius_mm=float(rng.uniform(17.0, 24.0)), mucosa=tuple(mucosa), vessel=tuple(vessel),
-                   vessel_contrast=float(rng.uniform(0.6, 1.0)), fold_height_mm=float(rng.uniform(2.5, 6.0)),
-                   fold_spacing_mm=float(rng.uniform(20.0, 32.0)), texture_scale=log_uniform(rng, *SCALE_RANGE),
-                   vessel_calibre=log_uniform(rng, *SCALE_RANGE))
+    return Patient(
+        radius_mm=float(rng.uniform(17.0, 24.0)),
+        mucosa=tuple(mucosa),
+        vessel=tuple(vessel),
+        vessel_contrast=float(rng.uniform(0.6, 1.0)),
+        fold_height_mm=float(rng.uniform(2.5, 6.0)),
+        fold_spacing_mm=float(rng.uniform(20.0, 32.0)),
+        texture_scale=log_uniform(rng, *SCALE_RANGE),
+        vessel_calibre=log_uniform(rng, *SCALE_RANGE),
+    )
 
 
 def _divisor_near(n: int, target: float) -> int:
@@ -114,12 +120,13 @@ def periodic_noise(rng: np.random.Generator, shape: tuple[int, int], cell_mm: fl
         return coarse[:nz]
     coarse = np.concatenate([coarse[:, -2:], coarse, coarse[:, :2]], axis=1)
     fine = cv2.resize(coarse, (coarse.shape[1] * ct, coarse.shape[0] * cz), interpolation=cv2.INTER_CUBIC)
-    fine = fine[2 * cz:2 * cz + nz, 2 * ct:2 * ct + nt]
+    fine = fine[2 * cz : 2 * cz + nz, 2 * ct : 2 * ct + nt]
     return fine / max(float(fine.std()), 1e-6)
 
 
-def _fold_relief(rng: np.random.Generator, patient: Patient, z: np.ndarray, theta: np.ndarray,
-                 polyps: list[Polyp]) -> np.ndarray:
+def _fold_relief(
+    rng: np.random.Generator, patient: Patient, z: np.ndarray, theta: np.ndarray, polyps: list[Polyp]
+) -> np.ndarray:
     """Haustral folds: circumferential ridges between three taeniae, wavy, of varying height.
 
     No fold crosses a polyp (its dome would be cut), so every polyp sits in a haustrum.
@@ -166,7 +173,7 @@ def polyp_points(wall: Wall, polyp: Polyp, n: int = 12) -> np.ndarray:
 
 def _vessels(rng: np.random.Generator, shape: tuple[int, int], cell_mm: float, width: float) -> np.ndarray:
     """Vessel-like lines at the zero crossings of smooth noise, faded in and out by a second noise."""
-    lines = np.exp(-(periodic_noise(rng, shape, cell_mm) / width) ** 2)
+    lines = np.exp(-((periodic_noise(rng, shape, cell_mm) / width) ** 2))
     fade = np.clip(0.6 + 0.5 * periodic_noise(rng, shape, 4 * cell_mm), 0.0, 1.0)
     return lines * fade
 
@@ -174,12 +181,11 @@ def _vessels(rng: np.random.Generator, shape: tuple[int, int], cell_mm: float, w
 def _pit_pattern(rng: np.random.Generator, shape: tuple[int, int], polyp: Polyp) -> np.ndarray:
     """The dome's surface pattern: round pits (noise) blended with gyrus-like lines, zero mean, ~unit std."""
     spots = periodic_noise(rng, shape, polyp.pit_mm)
-    lines = 3.0 * (np.exp(-(periodic_noise(rng, shape, 2.0 * polyp.pit_mm) / 0.3) ** 2) - 0.2)
+    lines = 3.0 * (np.exp(-((periodic_noise(rng, shape, 2.0 * polyp.pit_mm) / 0.3) ** 2)) - 0.2)
     return np.float32(1.0 - polyp.pit_lines) * spots + np.float32(polyp.pit_lines) * lines
 
 
-def build_wall(rng: np.random.Generator, patient: Patient, z_start: float, z_end: float,
-               polyps: list[Polyp]) -> Wall:
+def build_wall(rng: np.random.Generator, patient: Patient, z_start: float, z_end: float, polyps: list[Polyp]) -> Wall:
     """Tables of the colon between ``z_start`` and ``z_end`` (mm), with the polyps on its wall."""
     n_theta = THETA_STEP * max(1, round(2 * np.pi * patient.radius_mm / TEXEL_MM / THETA_STEP))
     radius_mean = n_theta * TEXEL_MM / (2 * np.pi)
@@ -197,8 +203,9 @@ def build_wall(rng: np.random.Generator, patient: Patient, z_start: float, z_end
     shade = 1.0 + 0.10 * periodic_noise(rng, shape, 6.0 * k) + 0.06 * periodic_noise(rng, shape, 0.6 * k)
     veins = np.maximum(_vessels(rng, shape, 4.8 * k, 0.12 * w), 0.6 * _vessels(rng, shape, 1.2 * k, 0.15 * w))
     veins *= np.float32(patient.vessel_contrast)
-    planes = [np.float32(m) * shade * (1.0 - veins) + np.float32(v) * veins
-              for m, v in zip(patient.mucosa, patient.vessel)]
+    planes = [
+        np.float32(m) * shade * (1.0 - veins) + np.float32(v) * veins for m, v in zip(patient.mucosa, patient.vessel)
+    ]
     wetness = np.clip(0.75 + 0.25 * periodic_noise(rng, shape, 3.0), 0.3, 1.0)
 
     coverage = np.zeros(shape, np.float32)
@@ -218,5 +225,13 @@ def build_wall(rng: np.random.Generator, patient: Patient, z_start: float, z_end
     slope_z = np.gradient(radius, TEXEL_MM, axis=0).astype(np.float32)
     slope_s = (np.roll(radius, -1, axis=1) - np.roll(radius, 1, axis=1)) / np.float32(2 * TEXEL_MM)
     albedo = cv2.merge([cv2.convertScaleAbs(plane, alpha=255.0) for plane in (*planes, wetness)])
-    return Wall(float(z[0]), TEXEL_MM, n_theta, float(radius_mean), radius,
-                cv2.merge([radius, slope_z, slope_s, coverage]), albedo, radius.min(axis=1))
+    return Wall(
+        float(z[0]),
+        TEXEL_MM,
+        n_theta,
+        float(radius_mean),
+        radius,
+        cv2.merge([radius, slope_z, slope_s, coverage]),
+        albedo,
+        radius.min(axis=1),
+    )

@@ -44,8 +44,17 @@ def tensor_signature(example: Sequence[Any], output: Any) -> ModelSignature:
     return ModelSignature(inputs=inputs, outputs=Schema([_spec(output)]))
 
 
-def log_pt2_model(uri: str, run_id: str, model, example: Sequence[Any], metadata: Mapping[str, Any], *,
-                  name: str = "model", registered_model_name: str | None = None, step: int = 0):
+def log_pt2_model(
+    uri: str,
+    run_id: str,
+    model,
+    example: Sequence[Any],
+    metadata: Mapping[str, Any],
+    *,
+    name: str = "model",
+    registered_model_name: str | None = None,
+    step: int = 0,
+):
     """Export ``model`` (eval mode, CPU) on ``example`` and log it to run ``run_id`` as an MLflow LoggedModel.
 
     The run's metrics at ``step`` are linked to the model; ``registered_model_name`` also registers it in
@@ -60,11 +69,19 @@ def log_pt2_model(uri: str, run_id: str, model, example: Sequence[Any], metadata
     mlflow.set_tracking_uri(uri)  # Model.log talks to the global store ...
     client = mlflow.MlflowClient(uri)  # ... and its global experiment: the model is made in the run's own here
     logged = client.create_logged_model(client.get_run(run_id).info.experiment_id, name=name, source_run_id=run_id)
-    return mlflow.pytorch.log_model(model, name=name, run_id=run_id, model_id=logged.model_id,
-                                    serialization_format="pt2",
-                                    input_example=tuple(example), signature=tensor_signature(example, output),
-                                    metadata={METADATA_KEY: dict(metadata)}, pip_requirements=pip_requirements(),
-                                    registered_model_name=registered_model_name, step=step)
+    return mlflow.pytorch.log_model(
+        model,
+        name=name,
+        run_id=run_id,
+        model_id=logged.model_id,
+        serialization_format="pt2",
+        input_example=tuple(example),
+        signature=tensor_signature(example, output),
+        metadata={METADATA_KEY: dict(metadata)},
+        pip_requirements=pip_requirements(),
+        registered_model_name=registered_model_name,
+        step=step,
+    )
 
 
 class InferenceModule:

@@ -92,8 +92,9 @@ def report_figure(report: pd.DataFrame, metric: str):
         for k, (fraction, group) in enumerate(rows.groupby("train_fraction")):
             x = np.array([names.index(name) for name in labels[group.index]]) + 0.1 * (k - (len(fractions) - 1) / 2)
             err = np.abs(group[["diff_ci_low", "diff_ci_high"]].to_numpy().T - group["diff_mean"].to_numpy())
-            ax.errorbar(x, group["diff_mean"], yerr=np.nan_to_num(err), fmt="o", capsize=3,
-                        label=f"fraction {fraction:g}")
+            ax.errorbar(
+                x, group["diff_mean"], yerr=np.nan_to_num(err), fmt="o", capsize=3, label=f"fraction {fraction:g}"
+            )
         ax.axhline(0.0, color="grey", lw=1)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.set(title=f"arm - {reference}", ylabel=f"{metric} difference")

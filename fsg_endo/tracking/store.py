@@ -33,8 +33,9 @@ def _lost_insert_race(err: Exception) -> bool:
     return isinstance(err, MlflowException) and ("IntegrityError" in str(err) or "UniqueViolation" in str(err))
 
 
-def retry_store(fn: Callable[[], Any], uri: str, max_outage: float, first_backoff: float = 0.5,
-                max_backoff: float = 30.0) -> Any:
+def retry_store(
+    fn: Callable[[], Any], uri: str, max_outage: float, first_backoff: float = 0.5, max_backoff: float = 30.0
+) -> Any:
     """``fn()``, retried with exponential backoff while the store fails (unreachable, or SQLite's "database is
     locked") for less than ``max_outage`` seconds; a request the store rejects raises at once, except that one
     lost insert race (two sweep children logging one dataset) is repeated at once."""
@@ -47,12 +48,14 @@ def retry_store(fn: Callable[[], Any], uri: str, max_outage: float, first_backof
                 raced = True
                 continue
             if not _transient(err):
-                raise TrackingError(f"tracking store {uri} rejected a request: "
-                                    f"{str(err).splitlines()[0][:200]}") from err
+                raise TrackingError(
+                    f"tracking store {uri} rejected a request: {str(err).splitlines()[0][:200]}"
+                ) from err
             now = time.monotonic()
             first_failure = now if first_failure is None else first_failure
             if now - first_failure >= max_outage:
-                raise TrackingOutage(f"tracking store {uri} failed for {now - first_failure:.1f} s: "
-                                     f"{str(err).splitlines()[0][:200]}") from err
+                raise TrackingOutage(
+                    f"tracking store {uri} failed for {now - first_failure:.1f} s: {str(err).splitlines()[0][:200]}"
+                ) from err
             time.sleep(min(delay, max_backoff, max_outage - (now - first_failure)))
             delay *= 2

@@ -75,8 +75,9 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 def git_commit() -> str:
     """The repository's HEAD commit, or 'unknown' outside a git checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -120,8 +121,13 @@ class Tracker:
     first_backoff: float = 0.5  # seconds before the first retry, doubled after each failure
     max_backoff: float = 30.0
 
-    def __init__(self, client: mlflow.MlflowClient, run_id: str, logged: set[tuple[str, int]] | None = None,
-                 max_outage: float | None = None):
+    def __init__(
+        self,
+        client: mlflow.MlflowClient,
+        run_id: str,
+        logged: set[tuple[str, int]] | None = None,
+        max_outage: float | None = None,
+    ):
         self.client = client
         self.run_id = run_id
         self.seconds = 0.0
@@ -139,9 +145,17 @@ class Tracker:
 
     # -- lifecycle -------------------------------------------------------------------------
     @classmethod
-    def start(cls, uri: str, experiment: str, *, run_name: str | None = None, tags: Mapping[str, str] = (),
-              params: Mapping[str, Any] = (), parent_run_id: str | None = None,
-              resume_run_id: str | None = None) -> Tracker:
+    def start(
+        cls,
+        uri: str,
+        experiment: str,
+        *,
+        run_name: str | None = None,
+        tags: Mapping[str, str] = (),
+        params: Mapping[str, Any] = (),
+        parent_run_id: str | None = None,
+        resume_run_id: str | None = None,
+    ) -> Tracker:
         """Create (or reopen, for ``resume_run_id``) a run in ``experiment`` and log its params and tags."""
         client = mlflow.MlflowClient(tracking_uri=uri)
 
@@ -161,7 +175,7 @@ class Tracker:
         tracker = cls(client, run.info.run_id)
         items = [Param(k, str(v)[:6000]) for k, v in dict(params).items()]
         for i in range(0, len(items), _PARAM_BATCH):
-            tracker._call(lambda chunk=items[i:i + _PARAM_BATCH]: client.log_batch(tracker.run_id, params=chunk))
+            tracker._call(lambda chunk=items[i : i + _PARAM_BATCH]: client.log_batch(tracker.run_id, params=chunk))
         return tracker
 
     @property
@@ -197,8 +211,9 @@ class Tracker:
         """Log MLflow's system metrics (CPU, memory, disk, network; GPU through nvidia-ml-py) until :meth:`end`."""
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        self._system_monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval,
-                                                    tracking_uri=self.client.tracking_uri)
+        self._system_monitor = SystemMetricsMonitor(
+            self.run_id, sampling_interval=interval, tracking_uri=self.client.tracking_uri
+        )
         self._system_monitor.start()
 
     # -- metrics ---------------------------------------------------------------------------
@@ -217,8 +232,8 @@ class Tracker:
         for i in range(0, len(batch), _BATCH):
             with self._lock:
                 batch_id, self._next_batch = self._next_batch, self._next_batch + 1
-                self._unconfirmed[batch_id] = batch[i:i + _BATCH]
-            self._queue.put((batch_id, batch[i:i + _BATCH]))
+                self._unconfirmed[batch_id] = batch[i : i + _BATCH]
+            self._queue.put((batch_id, batch[i : i + _BATCH]))
         self.seconds += time.perf_counter() - t0
 
     def unconfirmed(self) -> list[MetricRecord]:
@@ -320,13 +335,23 @@ class Tracker:
         entry = DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
         self._timed(lambda: self.client.log_inputs(self.run_id, datasets=[entry]))
 
-    def log_model(self, model, example, metadata: Mapping[str, Any], registered_model_name: str | None = None,
-                  step: int = 0) -> None:
+    def log_model(
+        self, model, example, metadata: Mapping[str, Any], registered_model_name: str | None = None, step: int = 0
+    ) -> None:
         """Log ``model`` as a pickle-free pt2 program with its signature and ``metadata`` (see model_store),
         linked to the run's metrics at ``step``; registered as ``registered_model_name`` if given."""
         self.flush()  # the metrics to link must be stored first
-        self._timed(lambda: log_pt2_model(self.client.tracking_uri, self.run_id, model, example, metadata,
-                                          registered_model_name=registered_model_name, step=step))
+        self._timed(
+            lambda: log_pt2_model(
+                self.client.tracking_uri,
+                self.run_id,
+                model,
+                example,
+                metadata,
+                registered_model_name=registered_model_name,
+                step=step,
+            )
+        )
 
     def _timed(self, fn: Callable[[], Any]) -> Any:
         t0 = time.perf_counter()
