@@ -34,7 +34,7 @@ def unpatchify(patches: Tensor, patch_size: int, channels: int = 3) -> Tensor:
 
 
 def masked_patch_loss(pred: Tensor, target: Tensor, mask: Tensor, normalize: bool = True) -> Tensor:
-    """Mean over hidden patches (``mask`` 1) of the per-patch mean squared error.
+    """Per image (B,): the mean over its hidden patches (``mask`` 1) of the per-patch mean squared error.
 
     With ``normalize`` each target patch is standardised by its own mean and variance first (MAE's
     ``norm_pix_loss``); without it the loss keeps each patch's brightness and contrast.
@@ -43,14 +43,15 @@ def masked_patch_loss(pred: Tensor, target: Tensor, mask: Tensor, normalize: boo
         mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + 1.0e-6).sqrt()
     per_patch = (pred.float() - target.float()).square().mean(dim=-1)
-    return (per_patch * mask).sum() / mask.sum()
+    return (per_patch * mask).sum(dim=1) / mask.sum(dim=1)
 
 
 class MaskedAutoencoder(nn.Module):
-    """A ViT encoder trained to reconstruct its hidden patches. ``forward(images) -> (pred, mask)``.
+    """A ViT encoder trained to reconstruct its hidden patches. ``forward(images)`` is each image's loss (B,).
 
-    ``pred`` (B, N, p * p * C) holds the reconstruction of every patch and ``mask`` (B, N) is 1 where a patch
-    was hidden from the encoder. The masking draws from the global RNG (seeded by the run).
+    :meth:`reconstruct` gives ``pred`` (B, N, p * p * C), the reconstruction of every patch, and ``mask`` (B, N),
+    1 where a patch was hidden from the encoder. In training the masks draw from the global RNG (seeded by the
+    run); in eval mode from a generator seeded by ``eval_seed`` on every call, so validation losses compare.
     """
 
     def __init__(
@@ -60,7 +61,9 @@ class MaskedAutoencoder(nn.Module):
         decoder_dim: int = 128,
         decoder_depth: int = 2,
         decoder_heads: int = 4,
+        normalize: bool = True,
         channels: int = 3,
+        eval_seed: int = 0,
     ) -> None:
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
@@ -68,6 +71,8 @@ class MaskedAutoencoder(nn.Module):
         self.vit = vit
         self.mask_ratio = mask_ratio
         self.patch_size = vit.patch_size
+        self.normalize = normalize
+        self.eval_seed = eval_seed
         num_patches = (vit.image_size // vit.patch_size) ** 2
         self.decoder_embed = nn.Linear(vit.hidden_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
@@ -99,13 +104,20 @@ class MaskedAutoencoder(nn.Module):
         x = self.decoder(torch.cat([x[:, :1], patches], dim=1))
         return self.decoder_pred(x[:, 1:])
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def reconstruct(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(pred, mask)``: every patch's reconstruction from a random visible share of the patches."""
         b = images.shape[0]
         n = (images.shape[-1] // self.patch_size) * (images.shape[-2] // self.patch_size)
-        shuffle = torch.rand(b, n, device=images.device).argsort(dim=1)  # a random order of patches per image
+        generator = None if self.training else torch.Generator(images.device).manual_seed(self.eval_seed)
+        noise = torch.rand(b, n, device=images.device, generator=generator)
+        shuffle = noise.argsort(dim=1)  # a random order of patches per image, the first ``keep`` visible
         restore = shuffle.argsort(dim=1)
         keep = self.visible_count(n)
         mask = torch.ones(b, n, device=images.device)
         mask[:, :keep] = 0.0
         mask = torch.gather(mask, 1, restore)  # 1 = hidden, in patch order
         return self.decode(self.encode(images, shuffle[:, :keep]), restore), mask
+
+    def forward(self, images: Tensor) -> Tensor:
+        pred, mask = self.reconstruct(images)
+        return masked_patch_loss(pred, patchify(images, self.patch_size), mask, self.normalize)
