@@ -131,7 +131,7 @@ def test_plain_fast_model_folds_to_stock_and_can_be_gated_later():
     assert all(type(b) is ViTBlock and b.gate_attn is not None for b in gated.encoder.layers)
 
 
-def test_use_fast_attention_keeps_the_submodules_and_outputs():
+def test_swapping_in_the_fast_block_keeps_the_submodules_and_outputs():
     torch.manual_seed(0)
     vit = VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32)
     nn.init.normal_(vit.heads.head.weight)

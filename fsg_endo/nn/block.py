@@ -46,6 +46,11 @@ def check_materialised(module: nn.Module) -> nn.Module:
     return module
 
 
+def _mlp_dim(block: nn.Module) -> int:
+    """The hidden width of a block's MLP: the output width of its first Linear."""
+    return next(m for m in block.mlp.modules() if isinstance(m, nn.Linear)).out_features
+
+
 class ViTBlock(nn.Module):
     """Transformer encoder block: torchvision's ``EncoderBlock`` with per-channel branch factors and drop path.
 
@@ -90,7 +95,8 @@ class ViTBlock(nn.Module):
         self._init_branch_scales(gates, layer_scale)
 
     def _init_branch_scales(self, gates: bool, layer_scale: bool) -> None:
-        """Draw the gates (attention, then MLP) or the layer scales, as many draws either way."""
+        """Draw the gate logits (attention, then MLP); the layer scales are the sigmoid of logits drawn the same
+        way, so a layer-scaled and a gated block built from one RNG state start as the same function."""
         if gates and layer_scale:
             raise ValueError("ViTBlock takes FSG gates or a layer scale, not both")
         dim, like = self.self_attention.embed_dim, next(self.parameters())
@@ -109,9 +115,8 @@ class ViTBlock(nn.Module):
         """The block with the submodules of ``block`` (a torchvision ``EncoderBlock`` or a ``ViTBlock``), shared,
         not copied, and the given options; its gates or scales are drawn from the global RNG."""
         attn = check_fast_attention(block.self_attention)
-        mlp_dim = next(m for m in block.mlp.modules() if isinstance(m, nn.Linear)).out_features
         new = build_on_meta(
-            lambda: cls(block.num_heads, attn.embed_dim, mlp_dim, 0.0, attn.dropout, drop_path=drop_path)
+            lambda: cls(block.num_heads, attn.embed_dim, _mlp_dim(block), 0.0, attn.dropout, drop_path=drop_path)
         )
         for name in BLOCK_PARTS:
             setattr(new, name, getattr(block, name))
@@ -153,9 +158,7 @@ class ViTBlock(nn.Module):
     def unwrap(self) -> EncoderBlock:
         """A stock torchvision ``EncoderBlock`` sharing these submodules (gates, scales, drop path dropped)."""
         attn = self.self_attention
-        stock = build_on_meta(
-            lambda: EncoderBlock(self.num_heads, attn.embed_dim, self.mlp_output_layer().in_features, 0.0, attn.dropout)
-        )
+        stock = build_on_meta(lambda: EncoderBlock(self.num_heads, attn.embed_dim, _mlp_dim(self), 0.0, attn.dropout))
         for name in BLOCK_PARTS:
             setattr(stock, name, getattr(self, name))
         return check_materialised(stock)

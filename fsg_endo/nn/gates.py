@@ -3,7 +3,7 @@
 The ViT blocks are gated by :class:`~fsg_endo.nn.block.ViTBlock` (``gates=True``), the blocks of
 ``torch.nn.TransformerEncoder`` by :class:`GatedTransformerEncoderLayer`. Both reuse the original block's
 submodules (no copy, no ViT surgery) and add only the two gate vectors, so a torchvision or PyTorch
-transformer is gated, unwrapped or folded without touching its code. See docs/ for the method.
+transformer is gated, unwrapped or folded without touching its code.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ class GatedTransformerEncoderLayer(nn.Module):
         return check_materialised(layer)
 
 
-BLOCKS = (ViTBlock, GatedTransformerEncoderLayer)  # the blocks that carry gates (or, ViTBlock, layer scales)
+BLOCKS = (ViTBlock, GatedTransformerEncoderLayer)  # blocks with branch factors: gates, or a ViTBlock's layer scales
 
 
 def _gate_block(module: nn.Module) -> nn.Module | None:
