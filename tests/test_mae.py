@@ -74,6 +74,22 @@ def test_masking_hides_the_ratio_and_the_encoder_never_sees_hidden_patches():
     torch.testing.assert_close(mae(images), masked_patch_loss(pred, patchify(images, 8), mask))
 
 
+def test_pictures_keep_visible_patches_and_put_predictions_back_in_pixel_units():
+    mae = MaskedAutoencoder(tiny_vit(), mask_ratio=0.5).eval()
+    images = torch.rand(2, 3, 32, 32)
+    visible, reconstructed = mae.pictures(images)
+    with torch.no_grad():
+        pred, mask = mae.reconstruct(images)
+    hidden = unpatchify(mask.unsqueeze(-1).expand(-1, -1, 8 * 8 * 3), 8).bool()
+    torch.testing.assert_close(visible, torch.where(hidden, 0.0, images))
+    torch.testing.assert_close(reconstructed[~hidden], images[~hidden])
+    target = patchify(images, 8).numpy()
+    by_hand = pred.numpy() * np.sqrt(target.var(-1, ddof=1, keepdims=True) + 1e-6) + target.mean(-1, keepdims=True)
+    np.testing.assert_allclose(
+        patchify(reconstructed, 8).numpy()[mask.numpy() == 1], by_hand[mask.numpy() == 1], rtol=1e-5, atol=1e-6
+    )
+
+
 def test_a_few_steps_lower_the_reconstruction_loss():
     mae = MaskedAutoencoder(tiny_vit(), mask_ratio=0.5, decoder_dim=32, decoder_depth=1, decoder_heads=2)
     images = torch.rand(8, 3, 32, 32)

@@ -118,6 +118,20 @@ class MaskedAutoencoder(nn.Module):
         mask = torch.gather(mask, 1, restore)  # 1 = hidden, in patch order
         return self.decode(self.encode(images, shuffle[:, :keep]), restore), mask
 
+    @torch.no_grad()
+    def pictures(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(visible, reconstructed)`` images for a figure, in the units of ``images``: the visible patches with
+        the hidden ones zero, and the visible patches with the predictions in the hidden places (predictions of
+        normalised patches are put back in each patch's own mean and spread)."""
+        pred, mask = self.reconstruct(images)
+        target, hidden = patchify(images, self.patch_size), mask.unsqueeze(-1).bool()
+        if self.normalize:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            pred = pred * (var + 1.0e-6).sqrt() + mean
+        channels = images.shape[1]
+        visible = unpatchify(target.masked_fill(hidden, 0.0), self.patch_size, channels)
+        return visible, unpatchify(torch.where(hidden, pred.to(target.dtype), target), self.patch_size, channels)
+
     def forward(self, images: Tensor) -> Tensor:
         pred, mask = self.reconstruct(images)
         return masked_patch_loss(pred, patchify(images, self.patch_size), mask, self.normalize)
