@@ -203,17 +203,35 @@ def _replace_blocks(module: nn.Module, convert: Callable[[nn.Module], nn.Module 
     return module
 
 
+def _library_blocks(module: nn.Module):
+    """The module that gates the blocks of ``module``'s library (Hugging Face transformers), else None.
+
+    A new block family of an optional library plugs in here; its module is imported on first use, so
+    the library stays optional.
+    """
+    if not type(module).__module__.startswith("transformers."):
+        return None
+    from fsg_endo.nn import hf_blocks
+
+    return hf_blocks
+
+
 def _gate_block(module: nn.Module) -> nn.Module | None:
     if isinstance(module, GATED_BLOCKS):
         return module
     gated_type = _GATED_FOR.get(type(module))
-    return gated_type(module) if gated_type is not None else None
+    if gated_type is not None:
+        return gated_type(module)
+    library = _library_blocks(module)
+    return library.gate_block(module, _new_gate) if library is not None else None
 
 
 def inject_fsg(module: nn.Module) -> nn.Module:
     """Gate every known transformer block inside ``module`` in place; already gated ones are kept.
 
-    Known blocks: torchvision ``EncoderBlock`` and ``torch.nn.TransformerEncoderLayer``. Returns
+    Known blocks: torchvision ``EncoderBlock``, ``torch.nn.TransformerEncoderLayer``, and the BERT,
+    RoBERTa, DistilBERT, GPT-2 and ViT layers of Hugging Face transformers (gated in place, see
+    :mod:`fsg_endo.nn.hf_blocks`; another transformers layer raises FsgEndoError). Returns
     ``module`` (or the gated block when ``module`` itself is a block). An ``nn.TransformerEncoder``
     holding gated layers no longer converts padded batches to nested tensors (a speed path that
     assumes stock layers); folding keeps that setting.
@@ -247,7 +265,12 @@ def vit_with_fsg(vit_backbone: VisionTransformer, num_outputs: int | None = None
 
 def gated_blocks(model: nn.Module) -> list[nn.Module]:
     """The gated blocks of ``model``, in layer (module traversal) order."""
-    return [m for m in model.modules() if isinstance(m, GATED_BLOCKS)]
+    return [m for m in model.modules() if isinstance(m, GATED_BLOCKS) or _is_library_gated(m)]
+
+
+def _is_library_gated(module: nn.Module) -> bool:
+    library = _library_blocks(module)
+    return library is not None and library.is_gated(module)
 
 
 def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -320,6 +343,9 @@ def gate_statistics(
 
 
 def _fold_block(module: nn.Module) -> nn.Module | None:
+    library = _library_blocks(module)
+    if library is not None:
+        return library.fold_block(module)
     if isinstance(module, FastEncoderBlock):
         return module.unwrap()
     if not isinstance(module, GATED_BLOCKS):
@@ -334,7 +360,8 @@ def fold_gates(model: nn.Module) -> nn.Module:
     """A new plain model with each sigmoid(g) multiplied into the last linear of its branch.
 
     The input is left untouched; the result holds stock ``EncoderBlock`` /
-    ``TransformerEncoderLayer`` blocks (fast-attention blocks become stock ones too), costs what the
+    ``TransformerEncoderLayer`` blocks (fast-attention blocks become stock ones too; a transformers
+    model is a stock model of its class, its gate hooks and parameters gone), costs what the
     plain model costs, and matches the gated model's outputs in eval mode (dropout commutes with the
     per-channel scaling).
     """
