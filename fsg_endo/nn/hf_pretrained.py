@@ -34,7 +34,7 @@ def read_saved_gates(folder: str | os.PathLike) -> dict[str, Tensor]:
         raise FsgEndoError(f"{folder}: no *.safetensors or *.bin weights (expected a save_pretrained folder)")
     gates: dict[str, Tensor] = {}
     for file in files:
-        gates.update({k: v for k, v in load_state_dict(file).items() if k.endswith(_GATE_SUFFIXES)})
+        gates.update({k: v for k, v in load_state_dict(str(file)).items() if k.endswith(_GATE_SUFFIXES)})
     return gates
 
 
