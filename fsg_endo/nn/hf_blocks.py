@@ -14,6 +14,15 @@ The repeated layer of a transformers model subclasses transformers' ``GradientCh
 Such a layer whose type is not known here, or a known one built with cross-attention (a third branch),
 is refused with one line naming its type, never skipped. ``transformers`` is imported on first use:
 ``fsg_endo.nn.gates`` reaches this module only for modules of a transformers class.
+
+The rest of the API takes a gated transformers model as it is. ``GradientRouter`` calls
+``model(*inputs)`` and ``loss(output, targets)``: pass the model's leading positional arguments and
+read the ``ModelOutput`` in the loss, e.g. for BERT (whose first two arguments are ``input_ids`` and
+``attention_mask``; GPT-2's second is its cache, so wrap it in a module whose forward takes the mask)::
+
+    model = inject_fsg(BertForSequenceClassification.from_pretrained(name))
+    router = GradientRouter(model, main_opt, gate_opt, lambda out, y: F.cross_entropy(out.logits, y))
+    router.step((batch["input_ids"], batch["attention_mask"]), batch["labels"])
 """
 
 from __future__ import annotations
