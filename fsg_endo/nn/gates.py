@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -203,7 +204,7 @@ def _replace_blocks(module: nn.Module, convert: Callable[[nn.Module], nn.Module 
     return module
 
 
-def _library_blocks(module: nn.Module):
+def _library_blocks(module: nn.Module) -> ModuleType | None:
     """The module that gates the blocks of ``module``'s library (Hugging Face transformers), else None.
 
     A new block family of an optional library plugs in here; its module is imported on first use, so
