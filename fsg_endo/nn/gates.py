@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from collections.abc import Mapping
+from types import ModuleType
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +31,11 @@ __all__ = [
     "non_gate_parameters",
     "vit_with_fsg",
 ]
+
+
+def new_gate(dim: int, like: Tensor) -> nn.Parameter:
+    """One gate vector at its init (:func:`~fsg_endo.nn.block.draw_gate_logits`), a parameter on ``like``'s device."""
+    return nn.Parameter(draw_gate_logits(dim, like))
 
 
 class GatedTransformerEncoderLayer(nn.Module):
@@ -55,8 +61,8 @@ class GatedTransformerEncoderLayer(nn.Module):
         self.activation = layer.activation
 
         dim, like = layer.self_attn.embed_dim, next(layer.parameters())
-        self.gate_attn = nn.Parameter(draw_gate_logits(dim, like))
-        self.gate_mlp = nn.Parameter(draw_gate_logits(dim, like))
+        self.gate_attn = new_gate(dim, like)
+        self.gate_mlp = new_gate(dim, like)
 
     def forward(
         self,
@@ -127,6 +133,19 @@ class GatedTransformerEncoderLayer(nn.Module):
 BLOCKS = (ViTBlock, GatedTransformerEncoderLayer)  # blocks with branch factors: gates, or a ViTBlock's layer scales
 
 
+def _library_blocks(module: nn.Module) -> ModuleType | None:
+    """The module that gates the blocks of ``module``'s library (Hugging Face transformers), else None.
+
+    A new block family of an optional library plugs in here; its module is imported on first use, so
+    the library stays optional.
+    """
+    if not type(module).__module__.startswith("transformers."):
+        return None
+    from fsg_endo.nn import hf_blocks
+
+    return hf_blocks
+
+
 def _gate_block(module: nn.Module) -> nn.Module | None:
     """The gated block in place of a known block (None for other modules); gated blocks are kept."""
     if isinstance(module, BLOCKS) and module.gate_attn is not None:
@@ -139,16 +158,18 @@ def _gate_block(module: nn.Module) -> nn.Module | None:
         return ViTBlock.from_block(module, gates=True)
     if type(module) is nn.TransformerEncoderLayer:
         return GatedTransformerEncoderLayer(module)
-    return None
+    library = _library_blocks(module)
+    return library.gate_block(module, new_gate) if library is not None else None
 
 
 def inject_fsg(module: nn.Module) -> nn.Module:
     """Gate every known transformer block inside ``module`` in place; already gated ones are kept.
 
-    Known blocks: torchvision ``EncoderBlock`` (and the study's ``ViTBlock``) and
-    ``torch.nn.TransformerEncoderLayer``. Returns ``module`` (or the gated block when ``module`` itself
-    is a block). An ``nn.TransformerEncoder`` holding gated layers no longer converts padded batches to
-    nested tensors (a speed path that assumes stock layers); folding keeps that setting.
+    Known blocks: torchvision ``EncoderBlock`` (and the study's ``ViTBlock``), ``torch.nn.TransformerEncoderLayer``,
+    and the BERT, RoBERTa, DistilBERT, GPT-2 and ViT layers of Hugging Face transformers (gated in place, see
+    :mod:`fsg_endo.nn.hf_blocks`; another transformers layer raises FsgEndoError). Returns ``module`` (or the
+    gated block when ``module`` itself is a block). An ``nn.TransformerEncoder`` holding gated layers no longer
+    converts padded batches to nested tensors (a speed path that assumes stock layers); folding keeps that setting.
     """
     module = replace_blocks(module, _gate_block)
     for encoder in module.modules():
@@ -179,7 +200,12 @@ def vit_with_fsg(vit_backbone: VisionTransformer, num_outputs: int | None = None
 
 def gated_blocks(model: nn.Module) -> list[nn.Module]:
     """The gated blocks of ``model``, in layer (module traversal) order."""
-    return [m for m in model.modules() if isinstance(m, BLOCKS) and m.gate_attn is not None]
+    return [m for m in model.modules() if (isinstance(m, BLOCKS) and m.gate_attn is not None) or _is_library_gated(m)]
+
+
+def _is_library_gated(module: nn.Module) -> bool:
+    library = _library_blocks(module)
+    return library is not None and library.is_gated(module)
 
 
 def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -261,6 +287,9 @@ def _scale_rows_(linear: nn.Linear, scale: Tensor) -> None:
 
 def _fold_block(module: nn.Module) -> nn.Module | None:
     """The stock block of a gated, layer-scaled or plain block, its branch factors multiplied into its weights."""
+    library = _library_blocks(module)
+    if library is not None:
+        return library.fold_block(module)
     if not isinstance(module, BLOCKS):
         return None
     # The deep copy's block and its unwrapped block share submodules: scaling one scales both.
@@ -275,8 +304,9 @@ def fold_gates(model: nn.Module) -> nn.Module:
     """A new plain model with each sigmoid(g) (or layer scale) multiplied into the last linear of its branch.
 
     The input is left untouched; the result holds stock ``EncoderBlock`` /
-    ``TransformerEncoderLayer`` blocks (plain fast-attention blocks become stock ones too), costs what
-    the plain model costs, and matches the input model's outputs in eval mode (dropout and drop path
-    commute with the per-channel scaling).
+    ``TransformerEncoderLayer`` blocks (plain fast-attention blocks become stock ones too; a transformers
+    model is a stock model of its class, its gate hooks and parameters gone), costs what the plain model
+    costs, and matches the input model's outputs in eval mode (dropout and drop path commute with the
+    per-channel scaling).
     """
     return replace_blocks(copy.deepcopy(model), _fold_block)
