@@ -3,7 +3,7 @@
 The gated blocks reuse the original block's submodules (no copy, no ViT surgery) and add only
 the two gate vectors, so a torchvision or PyTorch transformer is gated, unwrapped or folded
 without touching its code. The gated ViT block runs its attention through
-:func:`~fsg_endo.nn.attention.self_attention`, as the plain blocks do. See SPEC §1 and §5.
+:func:`~fsg_endo.nn.attention.self_attention`, as the plain blocks do. See docs/interfaces.md#python-api.
 """
 
 from __future__ import annotations
