@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import re
+import typing
 from pathlib import Path
 
 import pytest
 
 from fsg_endo.cli import build_parser
-from fsg_endo.experiment.schema import DEFAULTS
+from fsg_endo.experiment.schema import DEFAULTS, Config
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", REPO / "ARCHITECTURE.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -92,3 +93,12 @@ def test_interfaces_page_names_every_command_and_flag():
         flags = [f for action in sub._actions for f in action.option_strings if f.startswith("--") and f != "--help"]
         missing += [f"{name} {flag}" for flag in flags if f"{flag}" not in sections.get(name, "")]
     assert not missing, f"docs/interfaces.md does not document {sorted(set(missing))}"
+
+
+def test_study_page_names_every_arm():
+    text = (REPO / "docs" / "study.md").read_text(encoding="utf-8")
+    choices = Config.model_fields["regularizer"].annotation
+    arms = [getattr(arm, "value", arm) for arm in (typing.get_args(choices) or list(choices))]
+    assert {"none", "fsg", "fsg_gr", "fsg_frozen"} <= set(arms)
+    missing = [arm for arm in arms if f"`{arm}`" not in text]
+    assert not missing, f"docs/study.md does not describe the arms {missing}"
