@@ -91,7 +91,7 @@ def compiled(cfg: Mapping[str, Any], model: torch.nn.Module, device: torch.devic
     """``torch.compile(model)`` when ``optim.compile`` is set and the run is on CUDA, else ``model`` itself.
 
     CUDA only by design: the ``paper`` profile (a GPU setting) turns it on, and on CPU a compile costs
-    minutes for little gain (benchmarks/README.md). Parameters stay shared with ``model``.
+    minutes for little gain (docs/benchmarks.md). Parameters stay shared with ``model``.
     """
     return torch.compile(model) if cfg["optim"]["compile"] and device.type == "cuda" else model
 

@@ -56,11 +56,14 @@ def gate_movement_line(results: Mapping[str, float]) -> str:
     )
 
 
-def ui_hint(uri: str) -> str:
+def ui_hint(uri: str, experiment_id: str) -> str:
+    """How to open the experiment's training runs: MLflow 3's UI otherwise lands in its GenAI traces view."""
+    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    if uri.startswith("http"):
+        return f"open {uri.rstrip('/')}/{page} in a browser"
     if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///") :]).resolve()
-        return f"mlflow ui --backend-store-uri sqlite:///{path} --host 127.0.0.1 --port 5000"
-    return f"open {uri} in a browser" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
+        uri = f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open http://127.0.0.1:5000/{page}"
 
 
 def find_run(uri: str, exp_name: str, run_id: str):
@@ -201,4 +204,7 @@ def _run(args: argparse.Namespace, cfg: dict[str, Any], uri: str, ctx: DistConte
             if "gates/all/shift" in results:
                 print(gate_movement_line(results))
     if ctx.is_main:
-        print(f"\nMLflow UI: {ui_hint(uri)}")
+        import mlflow
+
+        experiment = mlflow.MlflowClient(uri).get_experiment_by_name(cfg["name"])
+        print(f"\nMLflow UI: {ui_hint(uri, experiment.experiment_id)}")
