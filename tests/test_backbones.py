@@ -114,14 +114,14 @@ def put_torchvision(root: Path, state: dict[str, torch.Tensor]) -> Path:
 
 
 def put_hub(root: Path, state: dict[str, torch.Tensor]) -> Path:
-    """``state`` as timm's ``model.safetensors`` of the paper's hub repo, in the hub cache layout."""
+    """``state`` (timm names) as ``model.safetensors`` of the paper's hub repo, in the hub cache layout."""
     safetensors = pytest.importorskip("safetensors.torch")
     repo = root / "hf" / "hub" / HUB_REPO
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(COMMIT)
     path = repo / "snapshots" / COMMIT / "model.safetensors"
     path.parent.mkdir(parents=True)
-    safetensors.save_file({k: v.contiguous() for k, v in to_timm(state).items()}, str(path))
+    safetensors.save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path
 
 
@@ -139,7 +139,7 @@ def test_a_torchvision_name_loads_the_cached_file_and_the_vit_takes_its_shape(ca
 def test_a_timm_name_loads_the_hub_cache_file(caches):
     pytest.importorskip("timm")
     state = tiny_vit_state(image=32, patch=16, dim=24, depth=2, mlp=40, seed=1)
-    path = put_hub(caches, state)
+    path = put_hub(caches, to_timm(state))
     cfg = config(TIMM_SPEC, "model.patch_size=16", "data.image_size=32")
     backbone = fetch_backbone(TIMM_SPEC, "unused")
     assert backbone.path.resolve() == path.resolve() and COMMIT in backbone.source and PAPER in backbone.source
@@ -161,6 +161,32 @@ def test_a_config_that_contradicts_the_weights_is_one_line_naming_both(caches, o
         message = str(err.value)
         assert "\n" not in message and TV_SPEC in message and override.split("=")[0] in message
         assert all(part in message for part in named)
+
+
+def test_tensors_a_torchvision_vit_cannot_hold_are_refused_not_dropped(caches):
+    pytest.importorskip("timm")
+    state = to_timm(tiny_vit_state(image=32, patch=16, dim=24, depth=2, mlp=40))
+    state["blocks.1.ls1.gamma"] = torch.ones(24)  # a timm layer scale: no such tensor in a torchvision ViT
+    put_hub(caches, state)
+    with pytest.raises(FsgEndoError, match=r"1 tensors have no place .*blocks\.1\.ls1\.gamma"):
+        fetch_backbones([config(TIMM_SPEC, "model.patch_size=16", "data.image_size=32")], "unused")
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        ("torchvision:ViT_B_16_Weights.NOPE", "not a torchvision weights enum"),
+        ("torchvision:ResNet50_Weights.IMAGENET1K_V2", "ResNet50, not of a ViT"),
+        ("timm:vit_tiny_patch16_384.nope", "Invalid pretrained tag"),
+        ("no/such/file.pt", "weight file not found"),
+    ],
+)
+def test_names_that_name_no_vit_weights_are_one_line(caches, spec, problem):
+    if spec.startswith("timm:"):
+        pytest.importorskip("timm")
+    with pytest.raises(FsgEndoError) as err:
+        fetch_backbone(spec, "unused")
+    assert "\n" not in str(err.value) and spec in str(err.value) and problem in str(err.value)
 
 
 def test_position_embeddings_are_interpolated_bicubic_to_the_image_size(caches):
@@ -268,12 +294,7 @@ def test_the_paper_profile_names_the_papers_backbone_and_timms_vit_ti_loads_whol
     cfg = load_config("polyp_size_fsg", ["regularizer=none"], profile="paper")
     assert cfg["model"]["weights"] == TIMM_SPEC
     reference = timm.create_model(PAPER, pretrained=False).state_dict()  # timm's own ViT-Ti, random init
-    safetensors = pytest.importorskip("safetensors.torch")
-    path = caches / "hf" / "hub" / HUB_REPO / "snapshots" / COMMIT / "model.safetensors"
-    path.parent.mkdir(parents=True)
-    (path.parents[2] / "refs").mkdir()
-    (path.parents[2] / "refs" / "main").write_text(COMMIT)
-    safetensors.save_file(reference, str(path))
+    put_hub(caches, reference)
     fetch_backbones([cfg], "unused")
     shape = {k: v for k, v in vit_size(cfg["model"]).items() if k != "weights"}
     assert shape == {**VIT_PRESETS["ti"], "patch_size": cfg["model"]["patch_size"]}

@@ -27,7 +27,7 @@ import torch
 
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.io import atomic_path
-from fsg_endo.nn.weights import vit_shape
+from fsg_endo.nn.weights import foreign_keys, vit_shape
 
 SHAPE_KEYS = ("patch_size", "hidden_dim", "depth", "heads", "mlp_dim")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -82,6 +82,8 @@ def _torchvision(spec: str, name: str, download: bool) -> Backbone:
         raise FsgEndoError(
             f"model.weights {spec}: not a torchvision weights enum (e.g. torchvision:ViT_B_16_Weights.IMAGENET1K_V1)"
         ) from None
+    if not type(weights).__name__.startswith("ViT_"):
+        raise FsgEndoError(f"model.weights {spec}: the weights of a {type(weights).__name__[:-8]}, not of a ViT")
     folder = Path(torch.hub.get_dir()) / "checkpoints"
     path = folder / os.path.basename(urllib.parse.urlparse(weights.url).path)
     if not path.is_file():
@@ -232,8 +234,8 @@ def checked_shape(model: Mapping[str, Any], backbone: Backbone, weights: Mapping
 
 
 def fetch_backbones(configs: Iterable[Mapping[str, Any]], tracking_uri: str) -> dict[str, Backbone]:
-    """Fetch the weights of every config (a run, or each child of a sweep) and check their shapes against
-    the configs, before any run opens: a missing file or a contradicting key writes nothing."""
+    """Fetch the weights of every config (a run, or each child of a sweep) and check them against the configs,
+    before any run opens: a missing file, a tensor the ViT cannot hold or a contradicting key writes nothing."""
     fetched: dict[str, Backbone] = {}
     shapes: dict[str, dict[str, int]] = {}
     for cfg in configs:
@@ -243,6 +245,12 @@ def fetch_backbones(configs: Iterable[Mapping[str, Any]], tracking_uri: str) -> 
         if spec not in fetched:
             fetched[spec] = fetch_backbone(spec, tracking_uri)
             shapes[spec] = vit_shape(fetched[spec].path)
+            foreign = foreign_keys(fetched[spec].path)
+            if foreign:
+                raise FsgEndoError(
+                    f"model.weights {spec}: {len(foreign)} tensors have no place in a torchvision ViT "
+                    f"({', '.join(foreign[:3])}): not a plain ViT (e.g. layer scale, register tokens)"
+                )
         checked_shape(cfg["model"], fetched[spec], shapes[spec])
     return fetched
 

@@ -160,7 +160,7 @@ def _run(args: argparse.Namespace, cfg: dict[str, Any], uri: str, ctx: DistConte
     if args.resume:
         resume = ctx.broadcast(resume_target(uri, cfg["name"], args.resume) if ctx.is_main else None)
         cfg = resume.cfg
-    configs = child_configs(cfg) if cfg["sweep"]["enabled"] else [cfg]
+    configs = list(child_configs(cfg)) if cfg["sweep"]["enabled"] else [cfg]
     ctx.main_first(lambda: fetch_backbones(configs, uri))  # before a run opens: missing weights write nothing
     if cfg["sweep"]["enabled"]:
         summary = run_sweep(

@@ -27,6 +27,7 @@ from fsg_endo.nn.gates import gated_blocks
 
 __all__ = [
     "LoadReport",
+    "foreign_keys",
     "load_local_weights",
     "read_safetensors",
     "read_state_dict",
@@ -229,6 +230,15 @@ def load_local_weights(model_or_vit: nn.Module, path: str | os.PathLike) -> Load
     return LoadReport(
         loaded=loaded, mapped=mapped, missing=list(result.missing_keys), skipped=skipped, unexpected=unexpected
     )
+
+
+def foreign_keys(path: str | os.PathLike) -> list[str]:
+    """Tensors of a local ViT weight file that a torchvision ViT (with FSG gates) has no place for, e.g. timm's
+    layer scales (``blocks.0.ls1.gamma``), register tokens or ``fc_norm``: loading would drop them."""
+    state = read_state_dict(path)
+    if "cls_token" in state or "patch_embed.proj.weight" in state:
+        state = timm_to_torchvision(state)
+    return [key for key in state if _rename(key, _TO_TIMM) == key]
 
 
 def vit_shape(path: str | os.PathLike) -> dict[str, int]:
