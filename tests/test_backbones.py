@@ -268,7 +268,7 @@ def test_a_models_uri_of_a_sizing_model_yields_its_vit_backbone(caches, store):
     log_pt2_model(uri, run_id, sizing, example, {"task": "size_regression"}, registered_model_name="bb")
     client.set_registered_model_alias("bb", "champion", "1")
     state = {k: v.clone() for k, v in sizing.vit.state_dict().items()}
-    for spec in ("models:/bb/1", "models:/bb/champion", "models:/bb@champion"):
+    for spec in ("models:/bb/1", "models:/bb/champion", "models:/bb@champion", f"runs:/{run_id}/model"):
         fetched = fetch_backbone(spec, uri)
         assert run_id in fetched.source
         vit = built_vit(config(spec))

@@ -135,11 +135,10 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
                 continue
             begin, end = (8 + size + offset for offset in info["data_offsets"])
             dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-            count = (end - begin) // dtype.itemsize
-            flat = (
-                torch.frombuffer(data, dtype=dtype, count=count, offset=begin) if count else torch.empty(0, dtype=dtype)
-            )
-            state[name] = flat.reshape(info["shape"])
+            tensor = torch.empty(0, dtype=dtype)
+            if end > begin:
+                tensor = torch.frombuffer(data, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin)
+            state[name] = tensor.reshape(info["shape"])
     except (ValueError, KeyError, TypeError, RuntimeError) as err:
         raise FsgEndoError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
     return state
@@ -232,13 +231,16 @@ def load_local_weights(model_or_vit: nn.Module, path: str | os.PathLike) -> Load
     )
 
 
+def _torchvision_state(path: str | os.PathLike) -> dict[str, Tensor]:
+    """A local file's tensors under torchvision names (timm and release names renamed)."""
+    state = read_state_dict(path)
+    return timm_to_torchvision(state) if "cls_token" in state or "patch_embed.proj.weight" in state else state
+
+
 def foreign_keys(path: str | os.PathLike) -> list[str]:
     """Tensors of a local ViT weight file that a torchvision ViT (with FSG gates) has no place for, e.g. timm's
     layer scales (``blocks.0.ls1.gamma``), register tokens or ``fc_norm``: loading would drop them."""
-    state = read_state_dict(path)
-    if "cls_token" in state or "patch_embed.proj.weight" in state:
-        state = timm_to_torchvision(state)
-    return [key for key in state if _rename(key, _TO_TIMM) == key]
+    return [key for key in _torchvision_state(path) if _rename(key, _TO_TIMM) == key]
 
 
 def vit_shape(path: str | os.PathLike) -> dict[str, int]:
@@ -246,9 +248,7 @@ def vit_shape(path: str | os.PathLike) -> dict[str, int]:
 
     Heads are not stored in a checkpoint; standard ViTs use 64 channels per head (Ti 3, S 6, B 12, L 16).
     """
-    state = read_state_dict(path)
-    if "cls_token" in state or "patch_embed.proj.weight" in state:
-        state = timm_to_torchvision(state)
+    state = _torchvision_state(path)
     if "conv_proj.weight" not in state or "class_token" not in state:
         raise FsgEndoError(f"{path}: not a ViT checkpoint (no patch projection / class token)")
     hidden = state["class_token"].shape[-1]
