@@ -32,7 +32,7 @@ from fsg_endo.nn.weights import foreign_keys, vit_shape
 SHAPE_KEYS = ("patch_size", "hidden_dim", "depth", "heads", "mlp_dim")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm looks for in a hub repo, in that order
-MODEL_FILE = "backbone.pt"  # a logged model's tensors, saved once per model id
+MODEL_FILE = "backbone.pt"  # a logged model's tensors, saved again only when the name points at another model
 SOURCE_FILE = "source.txt"
 
 
