@@ -14,6 +14,7 @@ import torch
 
 from fsg_endo.data.pipeline import box_features
 from fsg_endo.data.sizes import SIZE_MAX_MM, SIZE_MIN_MM
+from fsg_endo.engine.backbones import vit_size
 from fsg_endo.engine.distributed import DistContext
 from fsg_endo.engine.evaluation import metric_mode
 from fsg_endo.engine.tasks import Task, get_task
@@ -58,16 +59,11 @@ def build_for(cfg: Mapping[str, Any], task: Task, train_rows: pd.DataFrame | Non
     model = build_model(
         m["preset"],
         cfg["data"]["image_size"],
-        m["patch_size"],
-        task.num_outputs,
-        hidden_dim=m["hidden_dim"],
-        depth=m["depth"],
-        heads=m["heads"],
-        mlp_dim=m["mlp_dim"],
+        num_outputs=task.num_outputs,
+        **vit_size(m),  # the shape of model.weights when given, and their local file
         fsg=uses_gates(reg),
         box_features=BOX_FEATURES if m["box_features"] else 0,
         size_range=(SIZE_MIN_MM, SIZE_MAX_MM) if log_box else None,
-        weights=m["weights"],
         gate_seed=gate_seed(cfg["seed"]),
         **extra,
     )

@@ -153,15 +153,18 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, cfg: dict[str, Any], uri: str, ctx: DistContext, stop: StopSignals) -> None:
+    from fsg_endo.engine.backbones import fetch_backbones
     from fsg_endo.engine.baselines import baseline_metrics, baseline_of
     from fsg_endo.experiment.runs import execute, open_run, run_dir_for, run_name, start_run
-    from fsg_endo.experiment.sweep import main_test_metric, run_sweep
+    from fsg_endo.experiment.sweep import child_configs, main_test_metric, run_sweep
     from fsg_endo.tracking.tracker import Tracker
 
     resume = None
     if args.resume:
         resume = ctx.broadcast(resume_target(uri, cfg["name"], args.resume) if ctx.is_main else None)
         cfg = resume.cfg
+    configs = list(child_configs(cfg)) if cfg["sweep"]["enabled"] else [cfg]
+    ctx.main_first(lambda: fetch_backbones(configs, uri))  # before a run opens: missing weights write nothing
     if cfg["sweep"]["enabled"]:
         summary = run_sweep(
             cfg, uri, resume_run_id=resume.run_id if resume else None, ctx=ctx, stop=stop, ray_address=args.ray_address

@@ -72,7 +72,10 @@ class Model(Section):
     mlp_dim: Count | None = None
     box_features: bool = True  # log box width/height joined to the class token before the head
     size_head: Literal["linear", "log_box"] = "linear"  # size_regression: log_box predicts log(size / box side)
-    weights: str | None = None  # local weight file (torchvision, timm ViT, or the paper's release with its gates)
+    # pretrained ViT (docs/backbones.md): a local file (torchvision, timm, the paper's release with its gates),
+    # torchvision:<weights enum>, timm:<model name>, runs:/<run id>/<path>, models:/<name>/<version or alias>;
+    # the ViT's shape follows the weights (set shape keys must agree), position embeddings fit data.image_size
+    weights: str | None = None
     dropout: Rate = 0.1  # used by regularizer=dropout only
     attention_dropout: Rate = 0.1  # used by regularizer=dropout only
     stochastic_depth: Rate = 0.1  # used by regularizer=dropout only
@@ -249,7 +252,12 @@ SMOKE: dict[str, Any] = {
 PROFILES: dict[str, dict[str, Any]] = {
     "paper": {  # the paper's setting, for a GPU: ViT-Ti at 384 px, its optimisers, clips and loss weights
         "data": {"image_size": 384, "frames_per_lesion": 40},
-        "model": {"preset": "ti", "patch_size": 16, "size_head": "linear"},
+        "model": {
+            "preset": "ti",
+            "patch_size": 16,
+            "size_head": "linear",
+            "weights": "timm:vit_tiny_patch16_384.augreg_in21k_ft_in1k",  # the paper's ImageNet-21k ViT-Ti
+        },
         "optim": {"epochs": 40, "lr": 5.0e-5, "weight_decay": 1.0e-5, "clip": 10.0, "compile": True},
         "gr": {"gate_lr": 1.0e-4, "gate_clip": 32.0},
         "loss": {"main_weights": [1.0, 3.0, 5.0], "gate_weights": [1.0, 5.0, 10.0]},
