@@ -20,6 +20,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from fsg_endo.data.crop_features import CUES, crop_features
+from fsg_endo.engine.arms import ARMS
 from fsg_endo.engine.evaluation import lesion_counts, lesion_test_ci
 from fsg_endo.engine.prepare import Splits, prepare_splits
 from fsg_endo.engine.tasks import ClassificationTask, Task, get_task
@@ -30,7 +31,6 @@ BASELINES: dict[str, tuple[str, ...]] = {"box": ("box",), "appearance": ("box", 
 # The baselines read one fixed crop whatever the model is given, so tuning a model never weakens them.
 CROP = {"image_size": 64, "context": 0.5, "fov_mask": True}
 TRICLASS = get_task("size_class3")
-ARM_PREFIX = "baseline_"  # regularizer value of a baseline arm: baseline_box, baseline_appearance
 
 
 def columns_of(cues: Sequence[str]) -> list[str]:
@@ -141,6 +141,6 @@ def fit_baseline(cfg: Mapping[str, Any], tracker: Tracker) -> dict[str, float]:
 
 
 def baseline_of(regularizer: str) -> str | None:
-    """The baseline a ``regularizer`` value names (``baseline_box`` -> ``box``), else None."""
-    name = regularizer[len(ARM_PREFIX) :] if regularizer.startswith(ARM_PREFIX) else None
-    return name if name in BASELINES else None
+    """The baseline of an arm (``baseline_box`` -> ``box``, :data:`fsg_endo.engine.arms.ARMS`), else None."""
+    arm = ARMS.get(regularizer)
+    return arm.baseline if arm else None

@@ -14,6 +14,7 @@ import torch
 
 from fsg_endo.data.pipeline import box_features
 from fsg_endo.data.sizes import SIZE_MAX_MM, SIZE_MIN_MM
+from fsg_endo.engine.arms import ARMS
 from fsg_endo.engine.distributed import DistContext
 from fsg_endo.engine.evaluation import metric_mode
 from fsg_endo.engine.tasks import Task, get_task
@@ -26,24 +27,20 @@ GATE_STREAM = 1  # the gates' generator is the SeedSequence of (seed, GATE_STREA
 
 
 def uses_gates(regularizer: str) -> bool:
-    """Whether the arm's model carries FSG gates (logged as the param ``fsg.enabled``)."""
-    return regularizer in ("fsg", "fsg_gr", "fsg_frozen", "fsg_gr_release")
+    """Whether the arm's model carries FSG gates (logged as the param ``fsg.enabled``); False for a name
+    that is no arm (e.g. a run without the tag)."""
+    return regularizer in ARMS and ARMS[regularizer].gated
 
 
 def uses_routing(regularizer: str) -> bool:
     """Whether the arm trains with Gradient Routing (logged as the param ``gr.enabled``)."""
-    return regularizer in ("fsg_gr", "fsg_gr_release")
-
-
-def frozen_gates(regularizer: str) -> bool:
-    """Whether the arm keeps its gates at init: ``fsg_frozen``, the control for what the gates learn."""
-    return regularizer == "fsg_frozen"
+    return regularizer in ARMS and ARMS[regularizer].routed
 
 
 def accumulates_gate_pass(cfg: Mapping[str, Any]) -> bool:
-    """Whether GR carries the gate pass's gradients into the main step: ``fsg_gr_release`` (as the paper's
-    released code does) or ``gr.accumulate_gate_pass_grads``."""
-    return cfg["regularizer"] == "fsg_gr_release" or cfg["gr"]["accumulate_gate_pass_grads"]
+    """Whether GR carries the gate pass's gradients into the main step: the arm's row says so (the paper's
+    released code) or ``gr.accumulate_gate_pass_grads`` is set."""
+    return ARMS[cfg["regularizer"]].accumulates_gate_pass or cfg["gr"]["accumulate_gate_pass_grads"]
 
 
 def build_for(cfg: Mapping[str, Any], task: Task, train_rows: pd.DataFrame | None = None) -> torch.nn.Module:
@@ -52,8 +49,8 @@ def build_for(cfg: Mapping[str, Any], task: Task, train_rows: pd.DataFrame | Non
     Every arm of one seed starts from the same backbone and head weights: the gates come from their own
     generator, seeded by ``seed``, and leave the global RNG where it was. A log-box head starts at the
     median log(size / box side) of ``train_rows`` (when given; a checkpoint or saved model brings its own)."""
-    m, reg = cfg["model"], cfg["regularizer"]
-    extra = {k: m[k] for k in ("dropout", "attention_dropout", "stochastic_depth")} if reg == "dropout" else {}
+    m, arm = cfg["model"], ARMS[cfg["regularizer"]]
+    extra = {k: m[k] for k in ("dropout", "attention_dropout", "stochastic_depth")} if arm.dropout else {}
     log_box = m["size_head"] == "log_box"
     model = build_model(
         m["preset"],
@@ -64,12 +61,13 @@ def build_for(cfg: Mapping[str, Any], task: Task, train_rows: pd.DataFrame | Non
         depth=m["depth"],
         heads=m["heads"],
         mlp_dim=m["mlp_dim"],
-        fsg=uses_gates(reg),
+        fsg=arm.gated,
         box_features=BOX_FEATURES if m["box_features"] else 0,
         size_range=(SIZE_MIN_MM, SIZE_MAX_MM) if log_box else None,
         weights=m["weights"],
         gate_seed=gate_seed(cfg["seed"]),
         **extra,
+        **arm.model_options,
     )
     if log_box and train_rows is not None:
         model.init_log_ratio(log_size_per_side(train_rows))
@@ -105,17 +103,17 @@ def adam(params: Any, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
 def build_optimizers(cfg: Mapping[str, Any], model: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
     """GR: two optimisers over disjoint sets. Joint FSG: one optimiser, gates in their own group.
     Frozen FSG: the gates keep their init (``requires_grad=False``, in no optimiser)."""
-    o, gr = cfg["optim"], cfg["gr"]
-    if frozen_gates(cfg["regularizer"]):
+    o, gr, arm = cfg["optim"], cfg["gr"], ARMS[cfg["regularizer"]]
+    if arm.frozen_gates:
         for gate in gate_parameters(model):
             gate.requires_grad_(False)
-    if uses_routing(cfg["regularizer"]):
+    if arm.routed:
         return {
             "main": adam(non_gate_parameters(model), o["lr"], o["weight_decay"]),
             "gate": adam(gate_parameters(model), gr["gate_lr"]),
         }
     groups = [{"params": non_gate_parameters(model)}]
-    if uses_gates(cfg["regularizer"]) and not frozen_gates(cfg["regularizer"]):
+    if arm.gated and not arm.frozen_gates:
         groups.append({"params": gate_parameters(model), "lr": gr["gate_lr"], "weight_decay": 0.0})
     return {"main": adam(groups, o["lr"], o["weight_decay"])}
 
@@ -175,7 +173,7 @@ def build_recipe(
     schedulers = {k: warmup_cosine(o, warmup, epochs * steps_per_epoch) for k, o in optimizers.items()}
     clip, gr = cfg["optim"]["clip"], cfg["gr"]
     fast = compiled(cfg, model, device)  # both GR passes and the plain step run this module
-    if uses_routing(cfg["regularizer"]):
+    if ARMS[cfg["regularizer"]].routed:
         trained = ctx.wrap(fast, device, ignore=gate_parameters(model))  # the router all-reduces the gates
         step = GradientRouter(
             trained,

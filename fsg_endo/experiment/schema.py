@@ -11,15 +11,20 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
-# baseline_*: the scikit-learn baselines of fsg_endo.engine.baselines, run as arms (no network);
-# fsg_frozen: the gated model with its gates fixed at init (the control that shows what the gates learn);
-# fsg_gr_release: Gradient Routing as the paper's released code does it (gate-pass gradients accumulate)
-Regularizer = Literal[
-    "none", "dropout", "fsg", "fsg_gr", "baseline_box", "baseline_appearance", "fsg_frozen", "fsg_gr_release"
-]
-REGULARIZERS: tuple[str, ...] = Regularizer.__args__
-DataSource = Literal["synthetic", "realcolon", "sun", "mnist", "imagenette", "cifar100"]
-IMAGE_SOURCES: tuple[str, ...] = DataSource.__args__[3:]  # the data sources of task image_class, the rest polyps
+from fsg_endo.engine.arms import ARM_NAMES, ARMS, arms_where
+
+Regularizer = Literal[ARM_NAMES]  # the arms of the study: one row each in fsg_endo.engine.arms.ARMS
+REGULARIZERS: tuple[str, ...] = ARM_NAMES
+POLYP_SOURCES = ("synthetic", "realcolon", "sun")
+IMAGE_SOURCES = ("mnist", "imagenette", "cifar100")
+SOURCES_OF_TASK: dict[str, tuple[str, ...]] = {  # the data sources each task reads
+    "size_regression": POLYP_SOURCES,
+    "size_class3": POLYP_SOURCES,
+    "size_class2": POLYP_SOURCES,
+    "image_class": IMAGE_SOURCES,
+}
+TaskName = Literal[tuple(SOURCES_OF_TASK)]
+DataSource = Literal[tuple(dict.fromkeys(s for sources in SOURCES_OF_TASK.values() for s in sources))]
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -157,7 +162,7 @@ class Config(Section):
     ``regularizer`` (see :func:`fsg_endo.engine.recipe.uses_gates`) and are logged as params."""
 
     name: str = "polyp_size_fsg"
-    task: Literal["size_regression", "size_class3", "size_class2", "image_class"] = "size_regression"
+    task: TaskName = "size_regression"
     regularizer: Regularizer = "fsg_gr"
     seed: NonNegativeInt = 0  # fixes data generation (synthetic), low-data split, init, sampling, augmentation
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -194,16 +199,16 @@ class Config(Section):
             raise ValueError(
                 f"'model.hidden_dim' = {model.hidden_dim} is not divisible by 'model.heads' = {model.heads}"
             )
-        if (self.task == "image_class") != (data.source in IMAGE_SOURCES):
+        if data.source not in SOURCES_OF_TASK[self.task]:
             raise ValueError(
-                f"task {self.task} does not read 'data.source' = {data.source}: task image_class reads "
-                f"{', '.join(IMAGE_SOURCES)}, the polyp tasks the other sources"
+                f"task {self.task} does not read 'data.source' = {data.source}: it reads "
+                f"{', '.join(SOURCES_OF_TASK[self.task])}"
             )
         if self.task == "image_class" and model.box_features:
             raise ValueError("'model.box_features' must be false for task image_class (images have no box)")
         if model.size_head == "log_box" and not (self.task == "size_regression" and model.box_features):
             raise ValueError("'model.size_head' = log_box needs task size_regression and 'model.box_features' = true")
-        if self.task == "image_class" and self.regularizer.startswith("baseline_"):
+        if self.task == "image_class" and not ARMS[self.regularizer].trained:
             raise ValueError(f"regularizer {self.regularizer} is a polyp sizing baseline; task image_class has none")
         if optim.warmup_epochs > optim.epochs:
             raise ValueError(f"'optim.warmup_epochs' = {optim.warmup_epochs} exceeds 'optim.epochs' = {optim.epochs}")
@@ -214,8 +219,8 @@ DEFAULTS: dict[str, Any] = Config().model_dump()
 
 # keys that follow from another key: asked for by users, so setting one says where it comes from
 DERIVED = {
-    "fsg.enabled": "regularizer in {fsg, fsg_gr, fsg_frozen, fsg_gr_release}",
-    "gr.enabled": "regularizer in {fsg_gr, fsg_gr_release}",
+    "fsg.enabled": f"regularizer in {{{', '.join(arms_where('gated'))}}}",
+    "gr.enabled": f"regularizer in {{{', '.join(arms_where('routed'))}}}",
 }
 # keys a sweep varies by its own axes (sweep.regularizers, train_fractions, folds, seeds): no grid axis
 SWEEP_AXES = ("regularizer", "seed", "data.train_fraction", "data.test_fold", "data.val_fold", "name")
