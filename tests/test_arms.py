@@ -15,10 +15,10 @@ from fsg_endo.engine.arms import ARMS as TABLE
 from fsg_endo.engine.baselines import BASELINES
 from fsg_endo.engine.distributed import SINGLE
 from fsg_endo.engine.recipe import build_recipe
+from fsg_endo.engine.schema import Config
 from fsg_endo.experiment.analysis import gate_shift
 from fsg_endo.experiment.config import load_config
 from fsg_endo.experiment.runs import run_params
-from fsg_endo.experiment.schema import Config
 from fsg_endo.nn.gates import gate_logits, gate_parameters, gate_statistics, gate_values
 
 ARMS = ("none", "dropout", "fsg", "fsg_frozen", "fsg_gr")
@@ -35,7 +35,7 @@ def non_gate_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def batch(r, n: int = 6):
-    size = r.cfg["data"]["image_size"]
+    size = r.cfg.data.image_size
     g = torch.Generator().manual_seed(1)
     inputs = (torch.randn(n, 3, size, size, generator=g), torch.randn(n, 4, generator=g))
     sizes = torch.linspace(2.0, 14.0, n)

@@ -1,7 +1,7 @@
 """The arms of the study, one row per ``regularizer`` value: what each arm's model and training are.
 
 Every other place that asks about an arm reads this table: the config's ``regularizer`` choices
-(:mod:`fsg_endo.experiment.schema`), the recipe's model and optimisers (:mod:`fsg_endo.engine.recipe`), the
+(:mod:`fsg_endo.engine.schema`), the recipe's model and optimisers (:mod:`fsg_endo.engine.recipe`), the
 logged params ``fsg.enabled`` / ``gr.enabled`` (:func:`fsg_endo.experiment.runs.run_params`) and the order of
 arms in reports. A new arm is one row here plus what its row asks of the model builder. Plain data: importing
 it loads neither torch nor scikit-learn, so the config is checked before either.

@@ -23,6 +23,7 @@ from fsg_endo.data.crop_features import CUES, crop_features
 from fsg_endo.engine.arms import ARMS
 from fsg_endo.engine.evaluation import lesion_counts, lesion_test_ci
 from fsg_endo.engine.prepare import Splits, prepare_splits
+from fsg_endo.engine.schema import Config
 from fsg_endo.engine.tasks import ClassificationTask, Task, get_task
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.tracking.tracker import Tracker
@@ -114,25 +115,25 @@ def split_features(
 
 
 def baseline_metrics(
-    cfg: Mapping[str, Any], name: str, rows: Splits | None = None
+    cfg: Config, name: str, rows: Splits | None = None
 ) -> tuple[dict[str, float], dict[str, pd.DataFrame]]:
     """Baseline ``name`` fit on the training rows of a config's split, scored on its val and test rows."""
     rows = rows or prepare_splits(cfg)
-    task = get_task(cfg["task"], cfg["loss"]["main_weights"], cfg["loss"]["gate_weights"])
-    features = split_features(rows.splits, rows.root, cfg["data"]["source_media"], max(cfg["data"]["workers"], 1))
-    return evaluate_baseline(task, rows.splits, features, BASELINES[name], cfg["seed"])
+    task = get_task(cfg.task, cfg.loss.main_weights, cfg.loss.gate_weights)
+    features = split_features(rows.splits, rows.root, cfg.data.source_media, max(cfg.data.workers, 1))
+    return evaluate_baseline(task, rows.splits, features, BASELINES[name], cfg.seed)
 
 
-def fit_baseline(cfg: Mapping[str, Any], tracker: Tracker) -> dict[str, float]:
+def fit_baseline(cfg: Config, tracker: Tracker) -> dict[str, float]:
     """A baseline arm's run (``regularizer: baseline_box|baseline_appearance``): seconds, no network.
 
     Logs the same metric names as a trained model's run, and its prediction tables.
     """
     rows = prepare_splits(cfg)
     tracker.set_tags({"data.manifest_sha256": rows.manifest_sha256})
-    metrics, tables = baseline_metrics(cfg, baseline_of(cfg["regularizer"]), rows)
-    task = get_task(cfg["task"], cfg["loss"]["main_weights"], cfg["loss"]["gate_weights"])
-    metrics |= lesion_test_ci(task, tables["test"], cfg["seed"]) | lesion_counts(rows.splits)
+    metrics, tables = baseline_metrics(cfg, baseline_of(cfg.regularizer), rows)
+    task = get_task(cfg.task, cfg.loss.main_weights, cfg.loss.gate_weights)
+    metrics |= lesion_test_ci(task, tables["test"], cfg.seed) | lesion_counts(rows.splits)
     tracker.log_metrics(metrics, 0)
     for split, frames in tables.items():
         tracker.log_text(frames.to_csv(index=False), f"predictions/{split}.csv")

@@ -1,8 +1,10 @@
 """The config schema, declared once as typed pydantic models: every key, its type, default and constraint.
 
-:mod:`fsg_endo.experiment.config` validates every experiment YAML, profile and ``--set`` override against
-:class:`Config`, so a new config key is one typed field here. The built-in ``--smoke`` overrides and
-profiles are partial configs, validated like a YAML.
+The defaults are the main job's recipe (``polyp_size_fsg``: size regression on the synthetic videos, a log-box
+head on 16 px patches, 26 epochs); an experiment YAML states only what differs. :mod:`fsg_endo.experiment.config`
+validates every YAML, profile and ``--set`` override against :class:`Config` and hands the typed, frozen
+:class:`Config` to the engine, which reads it by attribute (``cfg.optim.epochs``). The built-in ``--smoke``
+overrides and profiles are partial configs, validated like a YAML.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ NonEmpty = Field(min_length=1)
 class Section(BaseModel):
     """A config section: unknown keys are errors, and values keep their YAML type (no '3' for 3)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, frozen=True)
 
 
 class Data(Section):
@@ -62,21 +64,22 @@ class Data(Section):
     workers: NonNegativeInt = 0
     augment: bool = True
     photometric: bool = True  # polyp tasks: the augmentation's colour jitter and noise (false: rotation and flips)
-    train_limit: Count | None = None  # image_class: at most this many training images read (after train_fraction)
-    test_limit: Count | None = None  # image_class: at most this many held-out (test) images
-    shift: NonNegativeInt = 4  # image_class augmentation: random translation by up to this many pixels
-    flip: bool = True  # image_class augmentation: random left-right mirror
+    # task image_class only (TASK_KEYS: refused for the other tasks)
+    train_limit: Count | None = None  # at most this many training images read (after train_fraction)
+    test_limit: Count | None = None  # at most this many held-out (test) images
+    shift: NonNegativeInt = 4  # augmentation: random translation by up to this many pixels
+    flip: bool = True  # augmentation: random left-right mirror
 
 
 class Model(Section):
     preset: Literal["micro", "ti", "s", "b"] = "micro"
-    patch_size: Count = 8
+    patch_size: Count = 16
     hidden_dim: Count | None = None  # None = the preset's
     depth: Count | None = None
     heads: Count | None = None
     mlp_dim: Count | None = None
     box_features: bool = True  # log box width/height joined to the class token before the head
-    size_head: Literal["linear", "log_box"] = "linear"  # size_regression: log_box predicts log(size / box side)
+    size_head: Literal["linear", "log_box"] = "log_box"  # log_box (size_regression): predicts log(size / box side)
     weights: str | None = None  # local weight file (torchvision, timm ViT, or the paper's release with its gates)
     dropout: Rate = 0.1  # used by regularizer=dropout only
     attention_dropout: Rate = 0.1  # used by regularizer=dropout only
@@ -84,7 +87,7 @@ class Model(Section):
 
 
 class Optim(Section):
-    epochs: Count = 15
+    epochs: Count = 26
     batch_size: Count = 32
     lr: PositiveFloat = 5.0e-4
     weight_decay: Annotated[float, Field(ge=0)] = 1.0e-5
@@ -207,7 +210,10 @@ class Config(Section):
         if self.task == "image_class" and model.box_features:
             raise ValueError("'model.box_features' must be false for task image_class (images have no box)")
         if model.size_head == "log_box" and not (self.task == "size_regression" and model.box_features):
-            raise ValueError("'model.size_head' = log_box needs task size_regression and 'model.box_features' = true")
+            raise ValueError(
+                "'model.size_head' = log_box needs task size_regression and 'model.box_features' = true "
+                "(set model.size_head: linear)"
+            )
         if self.task == "image_class" and not ARMS[self.regularizer].trained:
             raise ValueError(f"regularizer {self.regularizer} is a polyp sizing baseline; task image_class has none")
         if optim.warmup_epochs > optim.epochs:
@@ -215,7 +221,13 @@ class Config(Section):
         return self
 
 
-DEFAULTS: dict[str, Any] = Config().model_dump()
+# keys only some tasks read: setting one for another task is an error naming the key
+TASK_KEYS: dict[str, tuple[str, ...]] = {
+    "data.train_limit": ("image_class",),
+    "data.test_limit": ("image_class",),
+    "data.shift": ("image_class",),
+    "data.flip": ("image_class",),
+}
 
 # keys that follow from another key: asked for by users, so setting one says where it comes from
 DERIVED = {
@@ -234,8 +246,6 @@ SMOKE: dict[str, Any] = {
     "data.folds": 3,
     "data.test_fold": 0,
     "data.val_fold": 1,
-    "data.train_limit": 48,
-    "data.test_limit": 24,
     "model.hidden_dim": 32,
     "model.depth": 2,
     "model.heads": 2,
@@ -249,6 +259,7 @@ SMOKE: dict[str, Any] = {
     "sweep.folds": [0],
     "sweep.seeds": [0],
 }
+SMOKE_OF_TASK: dict[str, dict[str, Any]] = {"image_class": {"data.train_limit": 48, "data.test_limit": 24}}
 
 # built-in profiles (--profile NAME); a YAML's profile of the same name extends its built-in one
 PROFILES: dict[str, dict[str, Any]] = {
