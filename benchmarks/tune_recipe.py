@@ -104,7 +104,7 @@ def training_seed(seed: int) -> list[str]:
     from fsg_endo.engine.prepare import dataset_root, manifest_path
     from fsg_endo.experiment.config import load_config
 
-    data = load_config("polyp_size_fsg")["data"]
+    data = load_config("polyp_size_fsg").data
     manifest = manifest_path(data, dataset_root(data, 0), 0)
     return [f"seed={seed}", "data.synthetic_seed=0", f"data.manifest={manifest.resolve()}"]
 

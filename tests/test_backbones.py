@@ -21,6 +21,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 from fsg_endo.cli import main
 from fsg_endo.engine.backbones import fetch_backbone, fetch_backbones, local_backbone, vit_size
 from fsg_endo.engine.recipe import build_for
+from fsg_endo.engine.schema import Config
 from fsg_endo.engine.tasks import get_task
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.experiment.config import load_config
@@ -71,13 +72,13 @@ def to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def config(weights: str, *overrides: str) -> dict:
+def config(weights: str, *overrides: str) -> Config:
     base = [f"model.weights={weights}", "regularizer=none", "model.patch_size=8", "data.image_size=16", *UNSET_SHAPE]
     return load_config("polyp_size_fsg", [*base, *overrides], smoke=True)
 
 
-def built_vit(cfg: dict) -> VisionTransformer:
-    task = get_task(cfg["task"], cfg["loss"]["main_weights"], cfg["loss"]["gate_weights"])
+def built_vit(cfg: Config) -> VisionTransformer:
+    task = get_task(cfg.task, cfg.loss.main_weights, cfg.loss.gate_weights)
     return build_for(cfg, task).vit
 
 
@@ -155,7 +156,7 @@ def test_a_timm_name_loads_the_hub_cache_file(caches):
 def test_a_config_that_contradicts_the_weights_is_one_line_naming_both(caches, override, named):
     put_torchvision(caches, tiny_vit_state(dim=32))
     cfg = config(TV_WEIGHTS, override, "data.image_size=32")
-    for check in (lambda: fetch_backbones([cfg], "unused"), lambda: vit_size(cfg["model"])):
+    for check in (lambda: fetch_backbones([cfg], "unused"), lambda: vit_size(cfg.model)):
         with pytest.raises(FsgEndoError) as err:
             check()
         message = str(err.value)
@@ -292,12 +293,12 @@ def test_the_run_logs_where_its_weights_came_from_and_their_sha256(caches, store
 def test_the_paper_profile_names_the_papers_backbone_and_timms_vit_ti_loads_whole(caches):
     timm = pytest.importorskip("timm")
     cfg = load_config("polyp_size_fsg", ["regularizer=none"], profile="paper")
-    assert cfg["model"]["weights"] == TIMM_WEIGHTS
+    assert cfg.model.weights == TIMM_WEIGHTS
     reference = timm.create_model(PAPER, pretrained=False).state_dict()  # timm's own ViT-Ti, random init
     put_hub(caches, reference)
     fetch_backbones([cfg], "unused")
-    shape = {k: v for k, v in vit_size(cfg["model"]).items() if k != "weights"}
-    assert shape == {**VIT_PRESETS["ti"], "patch_size": cfg["model"]["patch_size"]}
+    shape = {k: v for k, v in vit_size(cfg.model).items() if k != "weights"}
+    assert shape == {**VIT_PRESETS["ti"], "patch_size": cfg.model.patch_size}
     own = to_timm(built_vit(cfg).state_dict())
     assert set(own) == {k for k in reference if not k.startswith("head.")}  # every tensor mapped, none left over
     for key, value in own.items():

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fsg_endo.cli import build_parser
-from fsg_endo.experiment.schema import DEFAULTS, Config
+from fsg_endo.engine.schema import Config
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", REPO / "ARCHITECTURE.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -76,7 +76,7 @@ def test_no_reference_to_an_outside_specification():
 
 def test_interfaces_page_names_every_config_key():
     text = (REPO / "docs" / "interfaces.md").read_text(encoding="utf-8")
-    keys = flat_keys(DEFAULTS)
+    keys = flat_keys(Config().model_dump())
     assert "sweep.resources.gpus" in keys and "data.source" in keys  # the flattening reaches nested sections
     missing = [key for key in keys if f"`{key}`" not in text]
     assert not missing, f"docs/interfaces.md does not document {missing}"

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from fsg_endo.engine.schema import Config, Model
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.io import atomic_path
 from fsg_endo.nn.weights import foreign_keys, vit_shape
@@ -204,24 +205,24 @@ def local_backbone(spec: str) -> Backbone:
     return _resolve(spec, None, download=False)
 
 
-def vit_size(model: Mapping[str, Any]) -> dict[str, Any]:
+def vit_size(model: Model) -> dict[str, Any]:
     """``build_model``'s shape keywords and ``weights`` (a local file) for a ``model`` config section.
 
     Without weights the section's keys as they are (null: the preset's). With weights every shape key
     follows them; a key the section sets to another value is a :class:`FsgEndoError` naming both. Heads
     are not stored in a checkpoint: a set ``heads`` is kept, an unset one is 64 channels per head.
     """
-    if model["weights"] is None:
-        return {key: model[key] for key in SHAPE_KEYS} | {"weights": None}
-    backbone = local_backbone(model["weights"])
+    if model.weights is None:
+        return {key: getattr(model, key) for key in SHAPE_KEYS} | {"weights": None}
+    backbone = local_backbone(model.weights)
     return checked_shape(model, backbone, vit_shape(backbone.path)) | {"weights": str(backbone.path)}
 
 
-def checked_shape(model: Mapping[str, Any], backbone: Backbone, weights: Mapping[str, int]) -> dict[str, int]:
+def checked_shape(model: Model, backbone: Backbone, weights: Mapping[str, int]) -> dict[str, int]:
     """The shape of ``weights`` (``vit_shape``), ``heads`` as the section sets it; a contradiction is an error."""
     shape = dict(weights)
     for key in SHAPE_KEYS:
-        value = model[key]
+        value = getattr(model, key)
         if key == "heads" and value is not None:
             shape[key] = value
         elif value is not None and value != weights[key]:
@@ -233,13 +234,13 @@ def checked_shape(model: Mapping[str, Any], backbone: Backbone, weights: Mapping
     return shape
 
 
-def fetch_backbones(configs: Iterable[Mapping[str, Any]], tracking_uri: str) -> dict[str, Backbone]:
+def fetch_backbones(configs: Iterable[Config], tracking_uri: str) -> dict[str, Backbone]:
     """Fetch the weights of every config (a run, or each child of a sweep) and check them against the configs,
     before any run opens: a missing file, a tensor the ViT cannot hold or a contradicting key writes nothing."""
     fetched: dict[str, Backbone] = {}
     shapes: dict[str, dict[str, int]] = {}
     for cfg in configs:
-        spec = cfg["model"]["weights"]
+        spec = cfg.model.weights
         if spec is None:
             continue
         if spec not in fetched:
@@ -251,7 +252,7 @@ def fetch_backbones(configs: Iterable[Mapping[str, Any]], tracking_uri: str) -> 
                     f"model.weights {spec}: {len(foreign)} tensors have no place in a torchvision ViT "
                     f"({', '.join(foreign[:3])}): not a plain ViT (e.g. layer scale, register tokens)"
                 )
-        checked_shape(cfg["model"], fetched[spec], shapes[spec])
+        checked_shape(cfg.model, fetched[spec], shapes[spec])
     return fetched
 
 

@@ -22,8 +22,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from fsg_endo.data.sizes import CLASS3_NAMES, size_class3
 from fsg_endo.engine.recipe import uses_gates
+from fsg_endo.engine.schema import REGULARIZERS
 from fsg_endo.errors import FsgEndoError
-from fsg_endo.experiment.schema import REGULARIZERS
 from fsg_endo.tracking.tracker import GATE_INIT_ARTIFACT, GRID_POINT_TAG, check_tracking_uri
 
 STORE_FILE = "mlflow.db"
