@@ -26,6 +26,7 @@ REPORT_METRICS = {
     "size_class3": ["accuracy", "balanced_accuracy", "macro_f1"],
     "size_class2": ["accuracy", "balanced_accuracy", "macro_f1", "auroc"],
     "image_class": ["accuracy", "balanced_accuracy", "macro_f1"],
+    "pretrain_mae": ["loss"],
 }
 
 
@@ -201,7 +202,7 @@ def _run(args: argparse.Namespace, cfg: Config, uri: str, ctx: DistContext, stop
         if ctx.is_main:
             trained = not baseline_of(cfg.regularizer)
             # the same rows, so the model's lesion/test column and the baseline's compare directly
-            polyps = trained and cfg.task != "image_class"
+            polyps = trained and cfg.task not in ("image_class", "pretrain_mae")
             baseline = baseline_metrics(cfg, "appearance")[0] if polyps else None
             best = f"; best epoch {results['best_epoch']:.0f}; checkpoints in {run_dir}" if trained else ""
             print(f"\n{cfg.name} ({run_name(cfg)}), run {tracker.run_id}{best}")
