@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+from pathlib import Path
+
 import pytest
 import torch
 from fixtures_runs import in_process, only_run
@@ -12,16 +16,32 @@ from fsg_endo.engine.tasks import get_task
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.experiment.config import load_config
 
+FINE_TUNE = ["--exp", "polyp_size_fsg", "--smoke", "--set", "model.weights=models:/fsg_endo_mae_backbone/latest"]
+
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, data_cache) -> dict:
-    """One smoke pretraining run (pictures every epoch) in its own store."""
+    """A smoke sizing run naming the project's backbone in an empty store: it pretrains it first, then fine-tunes."""
     work = tmp_path_factory.mktemp("pretrain")
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    args = ["--exp", "pretrain_mae", "--smoke", "--set", "pretrain.picture_every=1", "--set", f"checkpoint.dir={work}"]
-    assert in_process(args, work, data_cache, uri) == 0
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        assert in_process([*FINE_TUNE, "--set", f"checkpoint.dir={work}"], work, data_cache, uri) == 0
     client, run = only_run(uri, "pretrain_mae")
-    return {"uri": uri, "work": work, "client": client, "run": run}
+    return {"uri": uri, "work": work, "client": client, "run": run, "said": said.getvalue(), "cache": data_cache}
+
+
+def test_a_run_naming_the_projects_backbone_pretrains_it_once_and_reuses_it(pretrained):
+    line = [x for x in pretrained["said"].splitlines() if "pretraining it first" in x]
+    assert len(line) == 1 and "fsg_endo_mae_backbone" in line[0] and "experiment pretrain_mae" in line[0]
+    client, uri, work = pretrained["client"], pretrained["uri"], pretrained["work"]
+    (sizing,) = client.search_runs([client.get_experiment_by_name("polyp_size_fsg").experiment_id])
+    assert sizing.info.status == "FINISHED" and sizing.data.params["model.weights_source"]
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        assert in_process([*FINE_TUNE, "--set", "optim.epochs=1"], work, pretrained["cache"], uri) == 0
+    assert "pretraining it first" not in said.getvalue()
+    only_run(uri, "pretrain_mae")  # still the one pretraining run
 
 
 def test_pretraining_logs_its_loss_pictures_and_the_registered_encoder(pretrained):
@@ -38,7 +58,7 @@ def test_pretraining_logs_its_loss_pictures_and_the_registered_encoder(pretraine
 
 
 def test_a_sizing_run_fine_tunes_from_the_logged_encoder_tensor_for_tensor(pretrained):
-    best = pretrained["work"] / pretrained["run"].info.run_id / "best.pt"
+    best = Path(pretrained["run"].data.tags["checkpoint_dir"]) / "best.pt"
     encoder = {
         k[len("vit.") :]: v for k, v in torch.load(best, weights_only=True)["model"].items() if k.startswith("vit.")
     }

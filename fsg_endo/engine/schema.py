@@ -292,7 +292,10 @@ SMOKE: dict[str, Any] = {
     "sweep.folds": [0],
     "sweep.seeds": [0],
 }
-SMOKE_OF_TASK: dict[str, dict[str, Any]] = {"image_class": {"data.train_limit": 48, "data.test_limit": 24}}
+SMOKE_OF_TASK: dict[str, dict[str, Any]] = {
+    "image_class": {"data.train_limit": 48, "data.test_limit": 24},
+    "pretrain_mae": {"pretrain.picture_every": 1},
+}
 
 # built-in profiles (--profile NAME); a YAML's profile of the same name extends its built-in one
 PROFILES: dict[str, dict[str, Any]] = {

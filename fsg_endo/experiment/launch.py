@@ -159,9 +159,18 @@ def run_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain(exp: str, profile: str | None, args: argparse.Namespace, uri: str, stop: StopSignals) -> None:
+    """Run the pretraining experiment ``exp`` with ``profile`` (one process) into ``uri``, smoke if the run is."""
+    from fsg_endo.engine.distributed import SINGLE
+
+    cfg = load_config(exp, [], profile=profile, smoke=args.smoke)
+    _run(argparse.Namespace(resume=None, ray_address=None), cfg, uri, SINGLE, stop)
+
+
 def _run(args: argparse.Namespace, cfg: Config, uri: str, ctx: DistContext, stop: StopSignals) -> None:
     from fsg_endo.engine.backbones import fetch_backbones
     from fsg_endo.engine.baselines import baseline_metrics, baseline_of
+    from fsg_endo.experiment.own_backbones import pretrain_missing
     from fsg_endo.experiment.runs import execute, open_run, run_dir_for, run_name, start_run
     from fsg_endo.experiment.sweep import child_configs, main_test_metric, run_sweep
     from fsg_endo.tracking.tracker import Tracker
@@ -171,6 +180,9 @@ def _run(args: argparse.Namespace, cfg: Config, uri: str, ctx: DistContext, stop
         resume = ctx.broadcast(resume_target(uri, cfg.name, args.resume) if ctx.is_main else None)
         cfg = resume.cfg
     configs = list(child_configs(cfg)) if cfg.sweep.enabled else [cfg]
+    ctx.main_first(
+        lambda: pretrain_missing(configs, uri, lambda exp, profile: _pretrain(exp, profile, args, uri, stop))
+    )
     ctx.main_first(lambda: fetch_backbones(configs, uri))  # before a run opens: missing weights write nothing
     if cfg.sweep.enabled:
         summary = run_sweep(

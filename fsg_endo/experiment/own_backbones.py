@@ -1,0 +1,69 @@
+"""The project's own pretrained backbones, made on first use like the synthetic data cache.
+
+A shipped pretraining experiment (task ``pretrain_mae``) registers its encoder under ``tracking.register_model``
+(``fsg_endo_mae_backbone``). A run whose ``model.weights`` names that model (``models:/fsg_endo_mae_backbone/1``,
+``.../latest`` or ``...@alias``) in a tracking store that does not hold it yet first runs that experiment into
+the same store (with the profile that registers that name, and the run's ``--smoke``), said in one line; later
+runs find it registered and reuse it.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable, Iterable
+
+from fsg_endo.engine.schema import PROFILES, Config
+from fsg_endo.experiment.config import list_experiments, load_config
+
+PRETRAINING_MINUTES = 15  # the shipped CPU default on 2 cores (docs/benchmarks.md)
+
+
+def producers() -> dict[str, tuple[str, str | None]]:
+    """Registered model name -> the shipped pretraining experiment and profile (None: none) that register it."""
+    made = {}
+    for exp in list_experiments():
+        for profile in (None, *PROFILES):
+            cfg = load_config(exp, [], profile=profile)
+            if cfg.task == "pretrain_mae" and cfg.tracking.register_model:
+                made.setdefault(cfg.tracking.register_model, (exp, profile))
+    return made
+
+
+def named_model(weights: str | None) -> str | None:
+    """The registered model a ``models:/`` value names (``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``)."""
+    match = re.fullmatch(r"models:/([^/@]+)(?:/[^/]+|@.+)", weights or "")
+    return match.group(1) if match else None
+
+
+def registered(name: str, tracking_uri: str) -> bool:
+    import mlflow
+
+    return bool(mlflow.MlflowClient(tracking_uri=tracking_uri).search_model_versions(f"name = '{name}'"))
+
+
+def pretrain_missing(
+    configs: Iterable[Config], tracking_uri: str, pretrain: Callable[[str, str | None], None]
+) -> list[str]:
+    """Run ``pretrain(experiment, profile)`` for every project backbone the configs name that the store lacks;
+    returns the names pretrained."""
+    wanted = {named_model(cfg.model.weights) for cfg in configs} - {None}
+    if not wanted:
+        return []
+    made = producers()
+    runs = []
+    for name in sorted(wanted & set(made)):
+        if registered(name, tracking_uri):
+            continue
+        exp, profile = made[name]
+        how = f"experiment {exp}" + (
+            f", profile {profile}" if profile else f"; about {PRETRAINING_MINUTES} min on 2 CPU cores"
+        )
+        print(
+            f"fsg-endo: model.weights names {name}, which {tracking_uri} does not hold yet: pretraining it first "
+            f"({how}, once)",
+            file=sys.stderr,
+        )
+        pretrain(exp, profile)
+        runs.append(name)
+    return runs
