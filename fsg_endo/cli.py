@@ -84,6 +84,7 @@ def _report(args: argparse.Namespace) -> int:
         metric=args.metric,
         reference=args.reference,
         parent_run_id=args.parent,
+        axis=args.axis,
     )
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
@@ -153,7 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="paired statistics of a sweep's arms against reference arms, per train fraction")
     p.add_argument("--exp", required=True)
     p.add_argument("--metric", default=None, help="metric to test (default: the task's main test metric)")
-    p.add_argument("--reference", default=None, help="compare against this arm only (default: fsg_gr and none)")
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="compare against this arm only (default: fsg_gr and none); with --axis, this value of the axis",
+    )
+    p.add_argument(
+        "--axis",
+        default=None,
+        metavar="KEY",
+        help="compare the values of this sweep.grid key for the same arm (e.g. model.weights: pretrained vs scratch)",
+    )
     p.add_argument("--parent", default=None, metavar="RUN_ID", help="the sweep's parent run (default: the latest)")
     p.add_argument("--tracking-uri", default=None)
     p.set_defaults(func=_report)

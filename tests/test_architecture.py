@@ -24,8 +24,8 @@ ALLOWED = {
     "__main__": {"cli"},
     "__init__": {"nn"},
 }
-# third-party packages the torch-only layer may use, besides the standard library
-NN_THIRD_PARTY = {"torch", "torchvision"}
+# third-party packages the torch-only layer may use, besides the standard library (transformers: lazily)
+NN_THIRD_PARTY = {"torch", "torchvision", "transformers"}
 
 
 def module_name(path: Path) -> str:
@@ -81,6 +81,19 @@ def test_imports_point_down(module):
 def test_nn_needs_torch_only(module):
     third = {name.split(".")[0] for name in imports_of(MODULES[module])} - {"fsg_endo", "__future__"}
     assert third - NN_THIRD_PARTY - set(sys.stdlib_module_names) == set()
+
+
+# optional third-party packages nn/ may import inside functions only, so that importing fsg_endo never needs them
+NN_LAZY_THIRD_PARTY = {"transformers"}
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if room(m) == "nn"))
+def test_nn_imports_optional_packages_lazily(module):
+    tree = ast.parse(MODULES[module].read_text())
+    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    names = {a.name for n in top if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module for n in top if isinstance(n, ast.ImportFrom) and n.module}
+    assert not {name.split(".")[0] for name in names} & NN_LAZY_THIRD_PARTY
 
 
 def test_no_import_cycle():

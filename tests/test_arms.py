@@ -31,7 +31,8 @@ def recipe(regularizer: str, seed: int = 0):
 
 
 def non_gate_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items() if not k.rsplit(".", 1)[-1].startswith("gate_")}
+    """The backbone and head: every tensor but the branch factors (gates, layer scales)."""
+    return {k: v for k, v in model.state_dict().items() if not k.rsplit(".", 1)[-1].startswith(("gate_", "scale_"))}
 
 
 def batch(r, n: int = 6):
@@ -109,6 +110,25 @@ def test_fsg_frozen_keeps_its_gates_and_trains_the_rest():
     assert any(not torch.equal(v, before[k]) for k, v in non_gate_state(r.model).items())
     stats = gate_statistics(r.model, init=init)
     assert stats["gates/all/shift"] == 0.0 and stats["gates/all/shift_max"] == 0.0
+
+
+def test_layerscale_starts_as_fsg_and_its_unbounded_scales_train_in_the_main_optimiser():
+    r, fsg = recipe("layerscale"), recipe("fsg")
+    scales = [p for n, p in r.model.named_parameters() if n.rsplit(".", 1)[-1].startswith("scale_")]
+    assert scales and len(scales) == len(gate_parameters(fsg.model)) and not gate_parameters(r.model)
+    for scale, gate in zip(scales, gate_parameters(fsg.model)):  # both in block order, attention branch first
+        assert torch.equal(scale, torch.sigmoid(gate))
+    r.model.eval(), fsg.model.eval()
+    inputs, _ = batch(r)
+    torch.testing.assert_close(r.model(*inputs), fsg.model(*inputs), rtol=0, atol=0)  # the same function at init
+    assert set(r.optimizers) == {"main"}
+    main = {id(p) for group in r.optimizers["main"].param_groups for p in group["params"]}
+    assert all(id(s) in main for s in scales) and r.optimizers["main"].param_groups[0]["initial_lr"] == r.cfg.optim.lr
+    before = [s.detach().clone() for s in scales]
+    r.model.train()
+    for _ in range(3):
+        assert not r.step(*batch(r))["skipped"]
+    assert all(not torch.equal(s, b) for s, b in zip(scales, before))
 
 
 def test_fsg_gr_release_is_gradient_routing_with_accumulated_gate_pass():

@@ -7,9 +7,10 @@ import torch
 from torch import nn
 from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
 
-from fsg_endo.nn.attention import FastEncoderBlock, self_attention, use_fast_attention
-from fsg_endo.nn.gates import GatedEncoderBlock, fold_gates, gate_parameters, vit_with_fsg
-from fsg_endo.nn.models import StochasticDepthBlock, build_model
+from fsg_endo.nn.attention import self_attention
+from fsg_endo.nn.block import ViTBlock, replace_blocks
+from fsg_endo.nn.gates import fold_gates, gate_parameters, vit_with_fsg
+from fsg_endo.nn.models import build_model
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 SMALL = {"image_size": 16, "patch_size": 8, "hidden_dim": 16, "depth": 2, "heads": 2, "mlp_dim": 32}
@@ -34,7 +35,7 @@ def forward_and_grads(block: nn.Module, x: torch.Tensor, seed: int = 3) -> tuple
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_fast_block_equals_torchvision_block_forward_and_gradients(mode):
     stock = stock_block()
-    fast = FastEncoderBlock(copy.deepcopy(stock))
+    fast = ViTBlock.from_block(copy.deepcopy(stock))
     getattr(stock, mode)(), getattr(fast, mode)()
     x = torch.randn(3, 7, 32)
     out_stock, grads_stock = forward_and_grads(stock, x)
@@ -47,7 +48,7 @@ def test_fast_block_equals_torchvision_block_forward_and_gradients(mode):
 
 def test_attention_dropout_acts_in_training_only_and_draws_as_torch_does():
     stock = stock_block(attention_dropout=0.5).train()
-    fast = FastEncoderBlock(copy.deepcopy(stock)).train()
+    fast = ViTBlock.from_block(copy.deepcopy(stock)).train()
     x = torch.randn(2, 9, 32)
     out_fast, grads_fast = forward_and_grads(fast, x)
     out_stock, grads_stock = forward_and_grads(stock, x)
@@ -63,7 +64,7 @@ def test_attention_dropout_acts_in_training_only_and_draws_as_torch_does():
 
 def test_gated_block_equals_gates_on_torchvision_attention_with_gradients():
     stock = stock_block()
-    gated = GatedEncoderBlock(copy.deepcopy(stock))
+    gated = ViTBlock.from_block(copy.deepcopy(stock), gates=True)
     with torch.no_grad():
         for g in gate_parameters(gated):
             g.normal_(0, 2)
@@ -106,8 +107,7 @@ def test_no_arm_calls_the_multihead_attention_module(monkeypatch, arm):
     }[arm]
     model = build_model(**SMALL, **kwargs).train()
     blocks = list(model.encoder.layers)
-    expected = {"none": FastEncoderBlock, "dropout": StochasticDepthBlock, "fsg": GatedEncoderBlock}[arm]
-    assert all(type(b) is expected for b in blocks)
+    assert all(type(b) is ViTBlock and (b.gate_attn is not None) == (arm == "fsg") for b in blocks)
 
     def refuse(*args, **kwargs):
         raise AssertionError("nn.MultiheadAttention.forward was called")
@@ -128,10 +128,10 @@ def test_plain_fast_model_folds_to_stock_and_can_be_gated_later():
     with torch.no_grad():
         torch.testing.assert_close(stock(x), expected, **TOL)
     gated = vit_with_fsg(plain)
-    assert all(type(b) is GatedEncoderBlock for b in gated.encoder.layers)
+    assert all(type(b) is ViTBlock and b.gate_attn is not None for b in gated.encoder.layers)
 
 
-def test_use_fast_attention_keeps_the_submodules_and_outputs():
+def test_swapping_in_the_fast_block_keeps_the_submodules_and_outputs():
     torch.manual_seed(0)
     vit = VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32)
     nn.init.normal_(vit.heads.head.weight)
@@ -139,7 +139,7 @@ def test_use_fast_attention_keeps_the_submodules_and_outputs():
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         expected = vit.eval()(x)
-        use_fast_attention(vit)
+        replace_blocks(vit, lambda b: ViTBlock.from_block(b) if type(b) is EncoderBlock else None)
         torch.testing.assert_close(vit(x), expected, **TOL)
     assert [b.self_attention for b in vit.encoder.layers] == attention
 
@@ -149,9 +149,9 @@ def test_self_attention_refuses_a_layout_it_does_not_compute():
     block = stock_block()
     block.self_attention = seq_first
     with pytest.raises(ValueError, match="batch-first"):
-        FastEncoderBlock(block)
+        ViTBlock.from_block(block)
     with pytest.raises(ValueError, match="batch-first"):
-        GatedEncoderBlock(block)
+        ViTBlock.from_block(block, gates=True)
     attn = nn.MultiheadAttention(16, 2, batch_first=True)
     x = torch.randn(2, 3, 16)
     torch.testing.assert_close(self_attention(attn, x), attn(x, x, x, need_weights=False)[0], **TOL)

@@ -10,8 +10,8 @@ from torch import nn
 from torchvision.models import vit_b_16
 from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
 
+from fsg_endo.nn.block import ViTBlock
 from fsg_endo.nn.gates import (
-    GatedEncoderBlock,
     GatedTransformerEncoderLayer,
     fold_gates,
     gate_parameters,
@@ -22,7 +22,7 @@ from fsg_endo.nn.gates import (
     vit_with_fsg,
 )
 
-GATED = (GatedEncoderBlock, GatedTransformerEncoderLayer)
+GATED = (ViTBlock, GatedTransformerEncoderLayer)
 
 
 def small_vit(seed: int = 0, layers: int = 3) -> VisionTransformer:
@@ -67,7 +67,7 @@ def hand_encoder_block(x: torch.Tensor, blk: nn.Module, s_attn: torch.Tensor, s_
 def test_gated_block_matches_the_paper_formula():
     torch.manual_seed(0)
     block = EncoderBlock(num_heads=2, hidden_dim=16, mlp_dim=32, dropout=0.0, attention_dropout=0.0)
-    gated = GatedEncoderBlock(block)
+    gated = ViTBlock.from_block(block, gates=True)
     randomise_gates(gated)
     x = torch.randn(3, 5, 16)
     expected = hand_encoder_block(x, block, torch.sigmoid(gated.gate_attn), torch.sigmoid(gated.gate_mlp))
@@ -80,7 +80,7 @@ def test_gates_switch_branches_off_and_on():
     block = EncoderBlock(num_heads=2, hidden_dim=16, mlp_dim=32, dropout=0.0, attention_dropout=0.0)
     x = torch.randn(2, 4, 16)
     plain_out = block(x)
-    gated = GatedEncoderBlock(block)
+    gated = ViTBlock.from_block(block, gates=True)
     gated.gate_attn.fill_(-1e4)
     gated.gate_mlp.fill_(-1e4)
     torch.testing.assert_close(gated(x), x, atol=0, rtol=0)
@@ -91,7 +91,7 @@ def test_gates_switch_branches_off_and_on():
 
 def test_gated_block_reuses_the_original_submodules():
     block = EncoderBlock(num_heads=2, hidden_dim=16, mlp_dim=32, dropout=0.1, attention_dropout=0.0)
-    gated = GatedEncoderBlock(block)
+    gated = ViTBlock.from_block(block, gates=True)
     for name in ("ln_1", "self_attention", "dropout", "ln_2", "mlp"):
         assert getattr(gated, name) is getattr(block, name)
     extra = sum(p.numel() for p in gated.parameters()) - sum(p.numel() for p in block.parameters())
@@ -124,7 +124,7 @@ def test_vit_with_fsg_keeps_the_backbone_weights_of_vit_b16():
         if not name.startswith("heads"):
             assert after[name] is p
             assert torch.equal(p, values[name])
-    assert sum(isinstance(m, GatedEncoderBlock) for m in gated.modules()) == 12
+    assert sum(isinstance(m, ViTBlock) and m.gate_attn is not None for m in gated.modules()) == 12
     assert not any(type(m) is EncoderBlock for m in gated.modules())
     assert gated.heads.head.out_features == 1 and gated.heads.head.in_features == 768
     with torch.no_grad():
@@ -221,7 +221,7 @@ def test_fold_gates_gives_a_stock_vit_with_equal_outputs():
     # the input model is untouched
     for k, v in gated.state_dict().items():
         assert torch.equal(v, state_before[k]), k
-    assert all(isinstance(m, GatedEncoderBlock) for m in gated.encoder.layers)
+    assert all(isinstance(m, ViTBlock) and m.gate_attn is not None for m in gated.encoder.layers)
 
 
 def test_folded_vit_exports_and_traces():

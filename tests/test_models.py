@@ -12,14 +12,9 @@ from torchvision.models.vision_transformer import EncoderBlock, VisionTransforme
 
 from fsg_endo.data.sizes import scale_size, unscale_size
 from fsg_endo.errors import FsgEndoError
-from fsg_endo.nn.gates import GatedEncoderBlock, fold_gates, gate_parameters, non_gate_parameters
-from fsg_endo.nn.models import (
-    VIT_PRESETS,
-    SizingModel,
-    StochasticDepthBlock,
-    build_model,
-    load_local_weights,
-)
+from fsg_endo.nn.block import ViTBlock
+from fsg_endo.nn.gates import fold_gates, gate_parameters, non_gate_parameters
+from fsg_endo.nn.models import VIT_PRESETS, SizingModel, build_model, load_local_weights
 from fsg_endo.nn.routing import GradientRouter
 
 SMALL = {"hidden_dim": 16, "depth": 2, "heads": 2, "mlp_dim": 32}
@@ -79,7 +74,7 @@ def test_sizing_model_joins_class_token_features_and_box():
 
 def test_gates_routing_and_folding_work_on_the_sizing_model():
     model = sizing_model()
-    assert sum(isinstance(m, GatedEncoderBlock) for m in model.modules()) == 2
+    assert sum(isinstance(m, ViTBlock) and m.gate_attn is not None for m in model.modules()) == 2
     gates = gate_parameters(model)
     assert len(gates) == 4
     assert {id(p) for p in gates} | {id(p) for p in non_gate_parameters(model)} == {id(p) for p in model.parameters()}
@@ -117,7 +112,7 @@ def test_log_box_head_scales_the_box_side_by_exp_of_the_head():
     with torch.no_grad():
         head = model.head(torch.cat([model.vit(x), box], dim=1)).reshape(-1).numpy()
         out = model(x, box).reshape(-1).numpy()
-    # by hand, in numpy: size = exp(head) x sqrt(w_rel * h_rel), then SPEC's linear [0.5, 20] -> [-1, 1]
+    # by hand, in numpy: size = exp(head) x sqrt(w_rel * h_rel), then the documented linear [0.5, 20] -> [-1, 1]
     side = np.sqrt(np.exp(box[:, 0].numpy()) * np.exp(box[:, 1].numpy()))
     np.testing.assert_allclose(out, scale_size(np.exp(head) * side), rtol=1e-5, atol=1e-6)
 
@@ -144,7 +139,7 @@ def test_stochastic_depth_rises_linearly_and_is_identity_in_eval():
         image_size=16, patch_size=8, hidden_dim=16, depth=5, heads=2, mlp_dim=32, stochastic_depth=0.2
     )
     blocks = list(regularised.encoder.layers)
-    assert all(isinstance(b, StochasticDepthBlock) for b in blocks)
+    assert all(isinstance(b, ViTBlock) for b in blocks)
     assert [b.drop_path.p for b in blocks] == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
     assert blocks[0].mlp is regularised.encoder.layers[0].mlp
     x = torch.randn(2, 3, 16, 16)
@@ -159,10 +154,10 @@ def test_stochastic_depth_drops_whole_branches_in_training():
     block = EncoderBlock(2, 16, 32, 0.0, 0.0)
     x = torch.randn(64, 5, 16)
     with torch.no_grad():
-        kept = StochasticDepthBlock(block, 0.0).train()(x)
+        kept = ViTBlock.from_block(block, drop_path=0.0).train()(x)
         torch.testing.assert_close(kept, block(x))
-        torch.testing.assert_close(StochasticDepthBlock(block, 1.0).train()(x), x)
-        out = StochasticDepthBlock(block, 0.5).train()(x)
+        torch.testing.assert_close(ViTBlock.from_block(block, drop_path=1.0).train()(x), x)
+        out = ViTBlock.from_block(block, drop_path=0.5).train()(x)
     # per sample, each branch is either dropped or kept (rescaled); the attention branch alone
     # decides whether the sample differs from the input at all
     changed = (out - x).abs().flatten(1).amax(1) > 0

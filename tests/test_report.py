@@ -14,7 +14,7 @@ from fsg_endo.engine.evaluation import lesion_bootstrap_ci, pooled_metric, video
 from fsg_endo.engine.tasks import get_task
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.experiment.analysis import summarize, wilcoxon_min_p
-from fsg_endo.experiment.report import COLUMNS, corrected_t, holm, sweep_report
+from fsg_endo.experiment.report import COLUMNS, axis_report, corrected_t, holm, sweep_report
 
 METRIC = "lesion/test/mae"
 
@@ -126,6 +126,27 @@ def test_report_pairs_within_train_fraction_and_grid_point_only():
     by_arm = cell.pivot_table(index=["fold", "seed"], columns="regularizer", values=METRIC)
     assert row["n"].item() == 4
     assert row["diff_mean"].item() == pytest.approx((by_arm["fsg"] - by_arm["fsg_gr"]).mean())
+
+
+def test_axis_report_pairs_values_of_one_key_within_each_arm():
+    points = [f"gr.gate_lr={lr},model.weights={w}" for lr in ("0.1", "1") for w in ("none", "runs:/abc/backbone.pt")]
+    rng = np.random.default_rng(1)
+    runs = sweep_rows({arm: list(rng.normal(5, 1, 24)) for arm in ("fsg_gr", "fsg_frozen")}, grid_points=points)
+    report = axis_report(runs, METRIC, "model.weights", "none")
+    assert set(zip(report["arm"], report["reference"])) == {
+        (f"{a} @ model.weights=runs:/abc/backbone.pt", f"{a} @ model.weights=none") for a in ("fsg_gr", "fsg_frozen")
+    }
+    assert sorted(report["grid_point"]) == ["gr.gate_lr=0.1", "gr.gate_lr=0.1", "gr.gate_lr=1", "gr.gate_lr=1"]
+    row = report[report["arm"].str.startswith("fsg_frozen") & (report["grid_point"] == "gr.gate_lr=1")].iloc[0]
+    frozen = runs[runs["regularizer"] == "fsg_frozen"].set_index(["grid_point", "fold", "seed"])[METRIC]
+    diff = frozen.loc[points[3]] - frozen.loc[points[2]]  # pretrained minus scratch, same lr, per (fold, seed)
+    assert row["n"] == 6 and row["diff_mean"] == pytest.approx(diff.mean())
+    assert row["mean"] == pytest.approx(frozen.loc[points[3]].mean())
+    np.testing.assert_allclose(report["p_holm"], holm(report["p_corrected_t"]))
+    with pytest.raises(FsgEndoError, match="--axis optim.lr: not a grid key"):
+        axis_report(runs, METRIC, "optim.lr")
+    with pytest.raises(FsgEndoError, match="no run has model.weights=x"):
+        axis_report(runs, METRIC, "model.weights", "x")
 
 
 def test_report_needs_a_reference():

@@ -58,6 +58,12 @@ ARMS: dict[str, Arm] = {
             routed=True,
             accumulates_gate_pass=True,
         ),
+        Arm(
+            "layerscale",
+            "a learnable per-channel scale on each residual branch (CaiT's LayerScale): unbounded, starting where "
+            "the gates' sigmoid starts, trained by the main optimiser",
+            model_options=MappingProxyType({"layer_scale": True}),
+        ),
     )
 }
 ARM_NAMES: tuple[str, ...] = tuple(ARMS)

@@ -58,6 +58,9 @@ class DistContext:
             return model
         ignored = {id(p) for p in ignore}
         names = [name for name, p in model.named_parameters() if id(p) in ignored]
+        # Private DDP API, kept because DDP has no public option to leave parameters out of its gradient
+        # hooks: the gates are in the forward graph, so find_unused_parameters would still wait for their
+        # gradients, which the main pass never computes (pytorch/pytorch#43690 tracks a public API).
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
         with torch.no_grad():
             for param in ignore:

@@ -58,7 +58,7 @@ def log_trained_model(
     model = model.cpu().eval()
     metadata = model_metadata(cfg, task, preprocess)
     tracker.log_model(
-        fold_gates(model),
+        fold_gates(task.exported(model)),
         example_inputs(metadata),
         metadata,
         registered_model_name=cfg.tracking.register_model,

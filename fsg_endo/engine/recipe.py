@@ -15,12 +15,14 @@ import torch
 from fsg_endo.data.pipeline import box_features
 from fsg_endo.data.sizes import SIZE_MAX_MM, SIZE_MIN_MM
 from fsg_endo.engine.arms import ARMS
+from fsg_endo.engine.backbones import vit_size
 from fsg_endo.engine.distributed import DistContext
 from fsg_endo.engine.evaluation import metric_mode, validation_metrics
 from fsg_endo.engine.schema import Config
 from fsg_endo.engine.tasks import Task, get_task
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.nn.gates import gate_parameters, non_gate_parameters
+from fsg_endo.nn.mae import MaskedAutoencoder
 from fsg_endo.nn.models import build_model
 from fsg_endo.nn.routing import GradientRouter, train_step
 
@@ -46,7 +48,8 @@ def accumulates_gate_pass(cfg: Config) -> bool:
 
 
 def build_for(cfg: Config, task: Task, train_rows: pd.DataFrame | None = None) -> torch.nn.Module:
-    """The model of the config's regulariser: gated for the FSG arms, dropout only for ``dropout``.
+    """The model of the config's regulariser: gated for the FSG arms, dropout only for ``dropout``; for task
+    ``pretrain_mae`` the plain ViT inside a masked autoencoder.
 
     Every arm of one seed starts from the same backbone and head weights: the gates come from their own
     generator, seeded by ``seed``, and leave the global RNG where it was. A log-box head starts at the
@@ -57,22 +60,22 @@ def build_for(cfg: Config, task: Task, train_rows: pd.DataFrame | None = None) -
     model = build_model(
         m.preset,
         cfg.data.image_size,
-        m.patch_size,
-        task.num_outputs,
-        hidden_dim=m.hidden_dim,
-        depth=m.depth,
-        heads=m.heads,
-        mlp_dim=m.mlp_dim,
+        num_outputs=task.num_outputs,
+        **vit_size(m),  # the shape of model.weights when given, and their local file
         fsg=arm.gated,
         box_features=BOX_FEATURES if m.box_features else 0,
         size_range=(SIZE_MIN_MM, SIZE_MAX_MM) if log_box else None,
-        weights=m.weights,
         gate_seed=gate_seed(cfg.seed),
         **(extra if arm.dropout else {}),
         **arm.model_options,
     )
     if log_box and train_rows is not None:
         model.init_log_ratio(log_size_per_side(train_rows))
+    if cfg.task == "pretrain_mae":
+        p = cfg.pretrain
+        return MaskedAutoencoder(
+            model, p.mask_ratio, p.decoder_dim, p.decoder_depth, p.decoder_heads, normalize=p.normalize_patches
+        )
     return model
 
 
@@ -91,7 +94,7 @@ def compiled(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch
     """``torch.compile(model)`` when ``optim.compile`` is set and the run is on CUDA, else ``model`` itself.
 
     CUDA only by design: the ``paper`` profile (a GPU setting) turns it on, and on CPU a compile costs
-    minutes for little gain (benchmarks/README.md). Parameters stay shared with ``model``.
+    minutes for little gain (docs/benchmarks.md). Parameters stay shared with ``model``.
     """
     return torch.compile(model) if cfg.optim.compile and device.type == "cuda" else model
 
@@ -190,7 +193,7 @@ def build_recipe(
     device = ctx.device(cfg.device)
     amp = cfg.optim.amp and device.type == "cuda"
     loss = cfg.loss
-    task = get_task(cfg.task, loss.main_weights, loss.gate_weights, class_names, loss.beta)
+    task = get_task(cfg.task, loss.main_weights, loss.gate_weights, class_names, loss.beta, cfg.pretrain.picture_every)
     model = build_for(cfg, task, train_rows).to(device)
     optimizers = build_optimizers(cfg, model)
     epochs, warmup = cfg.optim.epochs, cfg.optim.warmup_epochs * steps_per_epoch

@@ -24,6 +24,7 @@ SOURCES_OF_TASK: dict[str, tuple[str, ...]] = {  # the data sources each task re
     "size_class3": POLYP_SOURCES,
     "size_class2": POLYP_SOURCES,
     "image_class": IMAGE_SOURCES,
+    "pretrain_mae": ("synthetic",),  # a pool of unlabelled videos of its own generator seed
 }
 TaskName = Literal[tuple(SOURCES_OF_TASK)]
 DataSource = Literal[tuple(dict.fromkeys(s for sources in SOURCES_OF_TASK.values() for s in sources))]
@@ -80,10 +81,25 @@ class Model(Section):
     mlp_dim: Count | None = None
     box_features: bool = True  # log box width/height joined to the class token before the head
     size_head: Literal["linear", "log_box"] = "log_box"  # log_box (size_regression): predicts log(size / box side)
-    weights: str | None = None  # local weight file (torchvision, timm ViT, or the paper's release with its gates)
+    # pretrained ViT (docs/backbones.md): a local file (torchvision, timm, the paper's release with its gates),
+    # torchvision:<weights enum>, timm:<model name>, runs:/<run id>/<path>, models:/<name>/<version or alias>;
+    # the ViT's shape follows the weights (set shape keys must agree), position embeddings fit data.image_size
+    weights: str | None = None
     dropout: Rate = 0.1  # used by regularizer=dropout only
     attention_dropout: Rate = 0.1  # used by regularizer=dropout only
     stochastic_depth: Rate = 0.1  # used by regularizer=dropout only
+
+
+class Pretrain(Section):
+    """Task pretrain_mae only: the masked autoencoder (He et al. 2022) and its corpus of crops."""
+
+    mask_ratio: Rate = 0.75  # share of each crop's patches hidden from the encoder
+    decoder_dim: Count = 128  # the light decoder's width
+    decoder_depth: Count = 2  # ... its blocks
+    decoder_heads: Count = 4  # ... its attention heads
+    normalize_patches: bool = False  # true: MAE's per-patch normalised pixel loss (drops each patch's brightness)
+    crops_per_frame: Count = 2  # crop boxes drawn per frame, sized and placed like the sizing task's
+    picture_every: Count = 5  # epochs between pictures of the reconstructions of a fixed validation batch
 
 
 class Optim(Section):
@@ -179,6 +195,7 @@ class Config(Section):
     tracking: Tracking = Tracking()
     checkpoint: Checkpoint = Checkpoint()
     sweep: Sweep = Sweep()
+    pretrain: Pretrain = Pretrain()
 
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> Config:
@@ -216,13 +233,29 @@ class Config(Section):
             )
         if self.task == "image_class" and not ARMS[self.regularizer].trained:
             raise ValueError(f"regularizer {self.regularizer} is a polyp sizing baseline; task image_class has none")
+        if self.task == "pretrain_mae":
+            _check_pretraining(self)
         if optim.warmup_epochs > optim.epochs:
             raise ValueError(f"'optim.warmup_epochs' = {optim.warmup_epochs} exceeds 'optim.epochs' = {optim.epochs}")
         return self
 
 
+def _check_pretraining(cfg: Config) -> None:
+    """What a pretraining config must say: the plain ViT, no box, and a pool of videos of its own seed."""
+    if cfg.regularizer != "none":
+        raise ValueError(f"task pretrain_mae trains the plain ViT: set regularizer: none, not {cfg.regularizer}")
+    if cfg.model.box_features:
+        raise ValueError("'model.box_features' must be false for task pretrain_mae (the encoder sees crops only)")
+    if cfg.data.synthetic_seed is None:
+        raise ValueError(
+            "task pretrain_mae needs 'data.synthetic_seed': the generator seed of its pool of unlabelled videos, "
+            "one that no sizing dataset uses (the shipped pretrain_mae sets 1000)"
+        )
+
+
 # keys only some tasks read: setting one for another task is an error naming the key
 TASK_KEYS: dict[str, tuple[str, ...]] = {
+    **{f"pretrain.{key}": ("pretrain_mae",) for key in Pretrain.model_fields},
     "data.train_limit": ("image_class",),
     "data.test_limit": ("image_class",),
     "data.shift": ("image_class",),
@@ -265,7 +298,12 @@ SMOKE_OF_TASK: dict[str, dict[str, Any]] = {"image_class": {"data.train_limit": 
 PROFILES: dict[str, dict[str, Any]] = {
     "paper": {  # the paper's setting, for a GPU: ViT-Ti at 384 px, its optimisers, clips and loss weights
         "data": {"image_size": 384, "frames_per_lesion": 40},
-        "model": {"preset": "ti", "patch_size": 16, "size_head": "linear"},
+        "model": {
+            "preset": "ti",
+            "patch_size": 16,
+            "size_head": "linear",
+            "weights": "timm:vit_tiny_patch16_384.augreg_in21k_ft_in1k",  # the paper's ImageNet-21k ViT-Ti
+        },
         "optim": {"epochs": 40, "lr": 5.0e-5, "weight_decay": 1.0e-5, "clip": 10.0, "compile": True},
         "gr": {"gate_lr": 1.0e-4, "gate_clip": 32.0},
         "loss": {"main_weights": [1.0, 3.0, 5.0], "gate_weights": [1.0, 5.0, 10.0]},

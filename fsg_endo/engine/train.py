@@ -188,6 +188,9 @@ def end_epoch(loop: Loop) -> None:
         if is_better(val_metrics.get(r.metric, math.nan), progress.best, r.mode):
             progress.best, progress.best_epoch = val_metrics[r.metric], epoch
             save_checkpoint(loop.run_dir / BEST, {"model": r.model.state_dict(), "epoch": epoch})
+    if loop.ctx.is_main and cfg.tracking.plots:
+        for path, figure in r.task.figures(r.model, loop.data.loaders["val"], epoch, r.device).items():
+            loop.tracker.log_figure(figure, path)
     row.update(loop.clock.lap())
     if loop.ctx.is_main:
         report_epoch(row, cfg.optim.epochs, r.metric)
@@ -280,7 +283,7 @@ def finish(loop: Loop) -> dict[str, float]:
     )
     if r.gated:
         results |= gate_movement(r, progress)
-    if cfg.tracking.plots:
+    if cfg.tracking.plots and r.task.class_names:
         tracker.log_figure(
             plots.confusion_figure(r.task.confusion(frames), r.task.class_names, "test, per frame"),
             "plots/confusion_test.png",

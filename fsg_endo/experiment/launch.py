@@ -26,6 +26,7 @@ REPORT_METRICS = {
     "size_class3": ["accuracy", "balanced_accuracy", "macro_f1"],
     "size_class2": ["accuracy", "balanced_accuracy", "macro_f1", "auroc"],
     "image_class": ["accuracy", "balanced_accuracy", "macro_f1"],
+    "pretrain_mae": ["loss"],
 }
 
 
@@ -57,11 +58,14 @@ def gate_movement_line(results: Mapping[str, float]) -> str:
     )
 
 
-def ui_hint(uri: str) -> str:
+def ui_hint(uri: str, experiment_id: str) -> str:
+    """How to open the experiment's training runs: MLflow 3's UI otherwise lands in its GenAI traces view."""
+    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    if uri.startswith("http"):
+        return f"open {uri.rstrip('/')}/{page} in a browser"
     if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///") :]).resolve()
-        return f"mlflow ui --backend-store-uri sqlite:///{path} --host 127.0.0.1 --port 5000"
-    return f"open {uri} in a browser" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
+        uri = f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open http://127.0.0.1:5000/{page}"
 
 
 def find_run(uri: str, exp_name: str, run_id: str):
@@ -156,15 +160,18 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, cfg: Config, uri: str, ctx: DistContext, stop: StopSignals) -> None:
+    from fsg_endo.engine.backbones import fetch_backbones
     from fsg_endo.engine.baselines import baseline_metrics, baseline_of
     from fsg_endo.experiment.runs import execute, open_run, run_dir_for, run_name, start_run
-    from fsg_endo.experiment.sweep import main_test_metric, run_sweep
+    from fsg_endo.experiment.sweep import child_configs, main_test_metric, run_sweep
     from fsg_endo.tracking.tracker import Tracker
 
     resume = None
     if args.resume:
         resume = ctx.broadcast(resume_target(uri, cfg.name, args.resume) if ctx.is_main else None)
         cfg = resume.cfg
+    configs = list(child_configs(cfg)) if cfg.sweep.enabled else [cfg]
+    ctx.main_first(lambda: fetch_backbones(configs, uri))  # before a run opens: missing weights write nothing
     if cfg.sweep.enabled:
         summary = run_sweep(
             cfg, uri, resume_run_id=resume.run_id if resume else None, ctx=ctx, stop=stop, ray_address=args.ray_address
@@ -195,7 +202,7 @@ def _run(args: argparse.Namespace, cfg: Config, uri: str, ctx: DistContext, stop
         if ctx.is_main:
             trained = not baseline_of(cfg.regularizer)
             # the same rows, so the model's lesion/test column and the baseline's compare directly
-            polyps = trained and cfg.task != "image_class"
+            polyps = trained and cfg.task not in ("image_class", "pretrain_mae")
             baseline = baseline_metrics(cfg, "appearance")[0] if polyps else None
             best = f"; best epoch {results['best_epoch']:.0f}; checkpoints in {run_dir}" if trained else ""
             print(f"\n{cfg.name} ({run_name(cfg)}), run {tracker.run_id}{best}")
@@ -205,4 +212,7 @@ def _run(args: argparse.Namespace, cfg: Config, uri: str, ctx: DistContext, stop
             if "gates/all/shift" in results:
                 print(gate_movement_line(results))
     if ctx.is_main:
-        print(f"\nMLflow UI: {ui_hint(uri)}")
+        import mlflow
+
+        experiment = mlflow.MlflowClient(uri).get_experiment_by_name(cfg.name)
+        print(f"\nMLflow UI: {ui_hint(uri, experiment.experiment_id)}")

@@ -6,6 +6,10 @@ so the differences of one sweep are correlated and a plain paired t-test is too 
 corrected resampled t-test inflates the variance of the mean by ``1/n + n_test/n_train`` instead of ``1/n``
 (Nadeau & Bengio 2003, Bouckaert & Frank 2004). The diff CI is that test's 95% interval. ``p_holm`` is
 ``p_corrected_t`` Holm-adjusted over every row of the report.
+
+With an axis (``--axis KEY``, a ``sweep.grid`` key), the report compares instead each value of that axis with a
+reference value of it for the same arm (e.g. ``model.weights``: a pretrained backbone against scratch), paired
+on the cells that agree in every other grid key; the arm column then reads ``fsg_gr @ KEY=VALUE``.
 """
 
 from __future__ import annotations
@@ -116,6 +120,39 @@ def sweep_report(runs: pd.DataFrame, metric: str, references: Sequence[str] = RE
     return report[COLUMNS[:1] + grid + COLUMNS[1:]]
 
 
+def split_grid_point(point: str) -> dict[str, str]:
+    """``"gr.gate_lr=0.01,optim.lr=0.0005"`` -> ``{"gr.gate_lr": "0.01", "optim.lr": "0.0005"}``."""
+    return dict(item.split("=", 1) for item in point.split(",") if item)
+
+
+def axis_report(runs: pd.DataFrame, metric: str, axis: str, reference_value: str | None = None) -> pd.DataFrame:
+    """Each value of the grid axis ``axis`` against ``reference_value`` (default: its first value in sort order)
+    for the same arm, paired on (train fraction, the other grid keys, fold, seed); the columns of
+    :func:`sweep_report`, with ``arm`` and ``reference`` reading ``ARM @ AXIS=VALUE``."""
+    points = runs.get("grid_point", pd.Series("", index=runs.index)).fillna("").map(split_grid_point)
+    if not points.map(lambda p: axis in p).all():
+        raise FsgEndoError(f"--axis {axis}: not a grid key of every run of this sweep")
+    values = points.map(lambda p: p[axis])
+    reference_value = sorted(values.unique())[0] if reference_value is None else reference_value
+    if reference_value not in set(values):
+        raise FsgEndoError(
+            f"--axis {axis}: no run has {axis}={reference_value} (values: {', '.join(sorted(values.unique()))})"
+        )
+    rest = points.map(lambda p: ",".join(f"{k}={v}" for k, v in p.items() if k != axis))
+    label = runs["regularizer"] + f" @ {axis}=" + values
+    relabelled = runs.assign(regularizer=label, grid_point=rest)
+    reports = []
+    for arm in regularizer_order(runs["regularizer"].unique()):
+        own = relabelled[runs["regularizer"] == arm]
+        if (values[own.index] != reference_value).any():
+            reports.append(sweep_report(own, metric, [f"{arm} @ {axis}={reference_value}"]))
+    if not reports:
+        raise FsgEndoError(f"--axis {axis}: no arm ran a value other than {reference_value}")
+    report = pd.concat(reports, ignore_index=True)
+    report["p_holm"] = holm(report["p_corrected_t"])
+    return report
+
+
 def report_markdown(report: pd.DataFrame, metric: str) -> str:
     """The report as a Markdown table, with what the columns mean."""
     return (
@@ -147,12 +184,16 @@ def report_table(
     metric: str | None = None,
     reference: str | None = None,
     parent_run_id: str | None = None,
+    axis: str | None = None,
 ) -> pd.DataFrame:
-    """``fsg-endo report``: the report of the latest sweep of ``exp`` (or of ``parent_run_id``) from MLflow."""
+    """``fsg-endo report``: the report of the latest sweep of ``exp`` (or of ``parent_run_id``) from MLflow; with
+    ``axis``, the values of that grid key against ``reference`` (a value of it) per arm."""
     client = open_client(resolve_tracking_uri(tracking_uri))
     _, children = sweep_runs(client, exp, parent_run_id)
     runs = latest_per_cell(children)
     metric = metric or default_metric(runs, exp)
+    if axis is not None:
+        return axis_report(runs, metric, axis, reference)
     if reference is not None and reference not in set(runs["regularizer"]):
         raise FsgEndoError(
             f"experiment {exp!r}: --reference {reference!r} has no finished runs "

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fsg_endo.engine.backbones import backbone_params
 from fsg_endo.engine.distributed import SINGLE, DistContext
 from fsg_endo.engine.evaluation import lesion_counts
 from fsg_endo.engine.interrupt import StopSignals
@@ -68,7 +69,12 @@ def start_run(cfg: Config, uri: str, parent_run_id: str | None = None, extra_tag
     if grid_point(cfg):
         tags[GRID_POINT_TAG] = grid_point(cfg)
     return Tracker.start(
-        uri, cfg.name, run_name=run_name(cfg), tags=tags, params=run_params(cfg), parent_run_id=parent_run_id
+        uri,
+        cfg.name,
+        run_name=run_name(cfg),
+        tags=tags,
+        params=run_params(cfg) | backbone_params(cfg.model.weights),
+        parent_run_id=parent_run_id,
     )
 
 

@@ -1,33 +1,25 @@
 """Feature Selection Gates (FSG): per-channel sigmoid gates on the two residual branches of a block.
 
-The gated blocks reuse the original block's submodules (no copy, no ViT surgery) and add only
-the two gate vectors, so a torchvision or PyTorch transformer is gated, unwrapped or folded
-without touching its code. The gated ViT block runs its attention through
-:func:`~fsg_endo.nn.attention.self_attention`, as the plain blocks do. See SPEC §1 and §5.
+The ViT blocks are gated by :class:`~fsg_endo.nn.block.ViTBlock` (``gates=True``), the blocks of
+``torch.nn.TransformerEncoder`` by :class:`GatedTransformerEncoderLayer`. Both reuse the original block's
+submodules (no copy, no ViT surgery) and add only the two gate vectors, so a torchvision or PyTorch
+transformer is gated, unwrapped or folded without touching its code. See docs/interfaces.md#python-api.
 """
 
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
 
-from fsg_endo.nn.attention import (
-    FastEncoderBlock,
-    build_on_meta,
-    check_materialised,
-    self_attention,
-    share_submodules,
-    stock_encoder_block,
-)
+from fsg_endo.nn.block import ViTBlock, build_on_meta, check_materialised, draw_gate_logits, replace_blocks
 
 __all__ = [
-    "GatedEncoderBlock",
     "GatedTransformerEncoderLayer",
     "fold_gates",
     "gate_logits",
@@ -41,53 +33,9 @@ __all__ = [
 ]
 
 
-def _new_gate(dim: int, like: Tensor) -> nn.Parameter:
-    """A (dim,) gate: Xavier-normal on a (1, dim) tensor with the sigmoid gain, as in the paper."""
-    gate = torch.empty(1, dim, device=like.device, dtype=like.dtype)
-    nn.init.xavier_normal_(gate, gain=nn.init.calculate_gain("sigmoid"))
-    return nn.Parameter(gate.flatten())
-
-
-def _scale_rows_(linear: nn.Linear, scale: Tensor) -> None:
-    """Multiply the output rows of ``linear`` (weight and bias) by ``scale`` in place."""
-    with torch.no_grad():
-        linear.weight.mul_(scale.to(linear.weight.dtype).unsqueeze(1))
-        if linear.bias is not None:
-            linear.bias.mul_(scale.to(linear.bias.dtype))
-
-
-class GatedEncoderBlock(nn.Module):
-    """torchvision ``EncoderBlock`` with an FSG gate on its attention and its MLP branch."""
-
-    def __init__(self, block: EncoderBlock | FastEncoderBlock) -> None:
-        super().__init__()
-        share_submodules(self, block)  # the original submodules, shared
-
-        dim, like = block.self_attention.embed_dim, next(block.parameters())
-        self.gate_attn = _new_gate(dim, like)
-        self.gate_mlp = _new_gate(dim, like)
-
-    def forward(self, input: Tensor) -> Tensor:
-        torch._assert(input.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {input.shape}")
-        x = self.ln_1(input)
-        x = self_attention(self.self_attention, x)
-        x = torch.addcmul(input, torch.sigmoid(self.gate_attn), self.dropout(x))
-
-        y = self.ln_2(x)
-        y = self.mlp(y)
-        return torch.addcmul(x, torch.sigmoid(self.gate_mlp), y)
-
-    def attn_output_layer(self) -> nn.Linear:
-        """The attention out-projection, the layer ``gate_attn`` folds into."""
-        return self.self_attention.out_proj
-
-    def mlp_output_layer(self) -> nn.Linear:
-        """The last Linear of the MLP branch, the layer ``gate_mlp`` folds into."""
-        return [m for m in self.mlp.modules() if isinstance(m, nn.Linear)][-1]
-
-    def unwrap(self) -> EncoderBlock:
-        """A plain ``EncoderBlock`` sharing this block's submodules (gates dropped, not folded)."""
-        return stock_encoder_block(self)
+def new_gate(dim: int, like: Tensor) -> nn.Parameter:
+    """One gate vector at its init (:func:`~fsg_endo.nn.block.draw_gate_logits`), a parameter on ``like``'s device."""
+    return nn.Parameter(draw_gate_logits(dim, like))
 
 
 class GatedTransformerEncoderLayer(nn.Module):
@@ -97,10 +45,6 @@ class GatedTransformerEncoderLayer(nn.Module):
     ``nn.TransformerEncoder`` reads from its first layer. Never takes PyTorch's fused fast path,
     which would bypass the gates.
     """
-
-    # The branch code of torch's own layer, so the gates multiply exactly its branch outputs.
-    _sa_block = nn.TransformerEncoderLayer._sa_block
-    _ff_block = nn.TransformerEncoderLayer._ff_block
 
     def __init__(self, layer: nn.TransformerEncoderLayer) -> None:
         super().__init__()
@@ -117,8 +61,8 @@ class GatedTransformerEncoderLayer(nn.Module):
         self.activation = layer.activation
 
         dim, like = layer.self_attn.embed_dim, next(layer.parameters())
-        self.gate_attn = _new_gate(dim, like)
-        self.gate_mlp = _new_gate(dim, like)
+        self.gate_attn = new_gate(dim, like)
+        self.gate_mlp = new_gate(dim, like)
 
     def forward(
         self,
@@ -127,30 +71,33 @@ class GatedTransformerEncoderLayer(nn.Module):
         src_key_padding_mask: Tensor | None = None,
         is_causal: bool = False,
     ) -> Tensor:
-        src_key_padding_mask = F._canonical_mask(
-            mask=src_key_padding_mask,
-            mask_name="src_key_padding_mask",
-            other_type=F._none_or_dtype(src_mask),
-            other_name="src_mask",
-            target_type=src.dtype,
-        )
-        src_mask = F._canonical_mask(
-            mask=src_mask,
-            mask_name="src_mask",
-            other_type=None,
-            other_name="",
-            target_type=src.dtype,
-            check_other=False,
-        )
-        g_attn, g_mlp = torch.sigmoid(self.gate_attn), torch.sigmoid(self.gate_mlp)
+        g_attn, g_mlp = self.branch_scales()
         x = src
         if self.norm_first:
-            x = torch.addcmul(x, g_attn, self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal))
-            x = torch.addcmul(x, g_mlp, self._ff_block(self.norm2(x)))
+            x = torch.addcmul(x, g_attn, self._attention(self.norm1(x), src_mask, src_key_padding_mask, is_causal))
+            x = torch.addcmul(x, g_mlp, self._feed_forward(self.norm2(x)))
         else:
-            x = self.norm1(torch.addcmul(x, g_attn, self._sa_block(x, src_mask, src_key_padding_mask, is_causal)))
-            x = self.norm2(torch.addcmul(x, g_mlp, self._ff_block(x)))
+            x = self.norm1(torch.addcmul(x, g_attn, self._attention(x, src_mask, src_key_padding_mask, is_causal)))
+            x = self.norm2(torch.addcmul(x, g_mlp, self._feed_forward(x)))
         return x
+
+    def _attention(
+        self, x: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None, is_causal: bool
+    ) -> Tensor:
+        """The self-attention branch of torch's layer (``nn.MultiheadAttention`` brings the masks to its dtype)."""
+        x = self.self_attn(
+            x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False, is_causal=is_causal
+        )[0]
+        return self.dropout1(x)
+
+    def _feed_forward(self, x: Tensor) -> Tensor:
+        """The feed-forward branch of torch's layer."""
+        x = self.linear2(self.dropout(self.activation(self.linear1(x))))
+        return self.dropout2(x)
+
+    def branch_scales(self) -> tuple[Tensor, Tensor]:
+        """The per-channel factors of the attention and feed-forward branches: sigmoid(gates)."""
+        return torch.sigmoid(self.gate_attn), torch.sigmoid(self.gate_mlp)
 
     def attn_output_layer(self) -> nn.Linear:
         """The attention out-projection, the layer ``gate_attn`` folds into."""
@@ -183,45 +130,51 @@ class GatedTransformerEncoderLayer(nn.Module):
         return check_materialised(layer)
 
 
-GATED_BLOCKS = (GatedEncoderBlock, GatedTransformerEncoderLayer)
-_GATED_FOR = {
-    EncoderBlock: GatedEncoderBlock,
-    FastEncoderBlock: GatedEncoderBlock,
-    nn.TransformerEncoderLayer: GatedTransformerEncoderLayer,
-}
+BLOCKS = (ViTBlock, GatedTransformerEncoderLayer)  # blocks with branch factors: gates, or a ViTBlock's layer scales
 
 
-def _replace_blocks(module: nn.Module, convert: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
-    """Walk ``module`` and put ``convert(m)`` in place of every submodule where it is not None."""
-    new = convert(module)
-    if new is not None:
-        return new
-    for name, child in module.named_children():
-        replaced = _replace_blocks(child, convert)
-        if replaced is not child:
-            setattr(module, name, replaced)
-    return module
+def _library_blocks(module: nn.Module) -> ModuleType | None:
+    """The module that gates the blocks of ``module``'s library (Hugging Face transformers), else None.
+
+    A new block family of an optional library plugs in here; its module is imported on first use, so
+    the library stays optional.
+    """
+    if not type(module).__module__.startswith("transformers."):
+        return None
+    from fsg_endo.nn import hf_blocks
+
+    return hf_blocks
 
 
 def _gate_block(module: nn.Module) -> nn.Module | None:
-    if isinstance(module, GATED_BLOCKS):
+    """The gated block in place of a known block (None for other modules); gated blocks are kept."""
+    if isinstance(module, BLOCKS) and module.gate_attn is not None:
         return module
-    gated_type = _GATED_FOR.get(type(module))
-    return gated_type(module) if gated_type is not None else None
+    if isinstance(module, ViTBlock) and module.scale_attn is not None:
+        raise ValueError("inject_fsg: a block with a layer scale takes no gates (layer scale and FSG are two arms)")
+    if isinstance(module, ViTBlock):
+        return ViTBlock.from_block(module, gates=True, drop_path=module.drop_path.p)
+    if type(module) is EncoderBlock:
+        return ViTBlock.from_block(module, gates=True)
+    if type(module) is nn.TransformerEncoderLayer:
+        return GatedTransformerEncoderLayer(module)
+    library = _library_blocks(module)
+    return library.gate_block(module, new_gate) if library is not None else None
 
 
 def inject_fsg(module: nn.Module) -> nn.Module:
     """Gate every known transformer block inside ``module`` in place; already gated ones are kept.
 
-    Known blocks: torchvision ``EncoderBlock`` and ``torch.nn.TransformerEncoderLayer``. Returns
-    ``module`` (or the gated block when ``module`` itself is a block). An ``nn.TransformerEncoder``
-    holding gated layers no longer converts padded batches to nested tensors (a speed path that
-    assumes stock layers); folding keeps that setting.
+    Known blocks: torchvision ``EncoderBlock`` (and the study's ``ViTBlock``), ``torch.nn.TransformerEncoderLayer``,
+    and the BERT, RoBERTa, DistilBERT, GPT-2 and ViT layers of Hugging Face transformers (gated in place, see
+    :mod:`fsg_endo.nn.hf_blocks`; another transformers layer raises FsgEndoError). Returns ``module`` (or the
+    gated block when ``module`` itself is a block). An ``nn.TransformerEncoder`` holding gated layers no longer
+    converts padded batches to nested tensors (a speed path that assumes stock layers); folding keeps that setting.
     """
-    module = _replace_blocks(module, _gate_block)
+    module = replace_blocks(module, _gate_block)
     for encoder in module.modules():
         # The encoder's nested-tensor path assumes stock layers; gated ones take the regular path.
-        if isinstance(encoder, nn.TransformerEncoder) and any(isinstance(m, GATED_BLOCKS) for m in encoder.layers):
+        if isinstance(encoder, nn.TransformerEncoder) and gated_blocks(encoder.layers):
             encoder.use_nested_tensor = False
     return module
 
@@ -247,7 +200,12 @@ def vit_with_fsg(vit_backbone: VisionTransformer, num_outputs: int | None = None
 
 def gated_blocks(model: nn.Module) -> list[nn.Module]:
     """The gated blocks of ``model``, in layer (module traversal) order."""
-    return [m for m in model.modules() if isinstance(m, GATED_BLOCKS)]
+    return [m for m in model.modules() if (isinstance(m, BLOCKS) and m.gate_attn is not None) or _is_library_gated(m)]
+
+
+def _is_library_gated(module: nn.Module) -> bool:
+    library = _library_blocks(module)
+    return library is not None and library.is_gated(module)
 
 
 def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -256,7 +214,7 @@ def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def non_gate_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Every other parameter of ``model`` (the backbone and heads), disjoint from the gates."""
+    """Every other parameter of ``model`` (the backbone, heads and layer scales), disjoint from the gates."""
     gate_ids = {id(g) for g in gate_parameters(model)}
     return [p for p in model.parameters() if id(p) not in gate_ids]
 
@@ -319,23 +277,36 @@ def gate_statistics(
     return stats
 
 
+def _scale_rows_(linear: nn.Linear, scale: Tensor) -> None:
+    """Multiply the output rows of ``linear`` (weight and bias) by ``scale`` in place."""
+    with torch.no_grad():
+        linear.weight.mul_(scale.to(linear.weight.dtype).unsqueeze(1))
+        if linear.bias is not None:
+            linear.bias.mul_(scale.to(linear.bias.dtype))
+
+
 def _fold_block(module: nn.Module) -> nn.Module | None:
-    if isinstance(module, FastEncoderBlock):
-        return module.unwrap()
-    if not isinstance(module, GATED_BLOCKS):
+    """The stock block of a gated, layer-scaled or plain block, its branch factors multiplied into its weights."""
+    library = _library_blocks(module)
+    if library is not None:
+        return library.fold_block(module)
+    if not isinstance(module, BLOCKS):
         return None
-    # The deep copy's gated block and its unwrapped block share submodules: scaling one scales both.
-    _scale_rows_(module.attn_output_layer(), torch.sigmoid(module.gate_attn.detach()))
-    _scale_rows_(module.mlp_output_layer(), torch.sigmoid(module.gate_mlp.detach()))
+    # The deep copy's block and its unwrapped block share submodules: scaling one scales both.
+    s_attn, s_mlp = module.branch_scales()
+    if s_attn is not None:
+        _scale_rows_(module.attn_output_layer(), s_attn.detach())
+        _scale_rows_(module.mlp_output_layer(), s_mlp.detach())
     return module.unwrap()
 
 
 def fold_gates(model: nn.Module) -> nn.Module:
-    """A new plain model with each sigmoid(g) multiplied into the last linear of its branch.
+    """A new plain model with each sigmoid(g) (or layer scale) multiplied into the last linear of its branch.
 
     The input is left untouched; the result holds stock ``EncoderBlock`` /
-    ``TransformerEncoderLayer`` blocks (fast-attention blocks become stock ones too), costs what the
-    plain model costs, and matches the gated model's outputs in eval mode (dropout commutes with the
+    ``TransformerEncoderLayer`` blocks (plain fast-attention blocks become stock ones too; a transformers
+    model is a stock model of its class, its gate hooks and parameters gone), costs what the plain model
+    costs, and matches the input model's outputs in eval mode (dropout and drop path commute with the
     per-channel scaling).
     """
-    return _replace_blocks(copy.deepcopy(model), _fold_block)
+    return replace_blocks(copy.deepcopy(model), _fold_block)

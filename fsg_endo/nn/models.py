@@ -1,34 +1,34 @@
-"""Model factory: torchvision ViTs by preset, the polyp-sizing wrapper, stochastic depth, local weights.
+"""Model factory: torchvision ViTs by preset with the study's block, the polyp-sizing wrapper, local weights.
 
 Nothing is downloaded: torchvision constructors get no weights, and pretrained weights come from
 a local file (a torchvision ViT state dict, a timm ViT checkpoint, or a checkpoint of the paper's
-released FSG ViT with its gates; see ``load_local_weights``). Every block attends through
-:func:`~fsg_endo.nn.attention.self_attention`, so no arm of the study runs a slower attention.
+released FSG ViT with its gates; see ``load_local_weights``). Every encoder block is a
+:class:`~fsg_endo.nn.block.ViTBlock` (plain, gated, layer-scaled, with or without drop path), so every
+arm of the study runs the same block forward and the same attention.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.vision_transformer import EncoderBlock, VisionTransformer
-from torchvision.ops import StochasticDepth
 
 from fsg_endo.errors import FsgEndoError
-from fsg_endo.nn.attention import self_attention, share_submodules, use_fast_attention
-from fsg_endo.nn.gates import vit_with_fsg
+from fsg_endo.nn.block import ViTBlock, replace_blocks
 from fsg_endo.nn.weights import LoadReport, load_local_weights, read_state_dict, timm_to_torchvision, vit_shape
 
 __all__ = [
     "VIT_PRESETS",
     "LoadReport",
     "SizingModel",
-    "StochasticDepthBlock",
-    "add_stochastic_depth",
     "build_model",
+    "drop_path_rates",
     "load_local_weights",
     "read_state_dict",
     "timm_to_torchvision",
@@ -51,7 +51,7 @@ class SizingModel(nn.Module):
     """A ViT's class-token features joined with the box geometry, then a small MLP head.
 
     The box vector (log relative box width/height, relative centre) restores the absolute scale
-    that cropping around the polyp erases (SPEC §3). ``forward(x, box)``.
+    that cropping around the polyp erases (docs/interfaces.md#tasks-and-metrics). ``forward(x, box)``.
 
     With ``size_range=(lo, hi)`` (regression) the head predicts log(size / box side) instead: size in mm
     = exp(head + log side), side = the geometric mean of the box's relative width and height, returned
@@ -83,6 +83,7 @@ class SizingModel(nn.Module):
             self.head[-1].bias.fill_(value)
 
     def forward(self, x: Tensor, box: Tensor) -> Tensor:
+        # torch._assert, as torchvision's models use it: a check that torch.fx symbolic tracing can follow.
         torch._assert(box.shape[-1] == self.box_features, f"Expected {self.box_features} box features")
         features = self.vit(x)
         box = box.to(features.dtype)
@@ -95,33 +96,20 @@ class SizingModel(nn.Module):
         return 2.0 * (size - lo) / (hi - lo) - 1.0
 
 
-class StochasticDepthBlock(nn.Module):
-    """torchvision ``EncoderBlock`` whose two residual branches are dropped per sample in training."""
-
-    def __init__(self, block: EncoderBlock, p: float) -> None:
-        super().__init__()
-        share_submodules(self, block)
-        self.drop_path = StochasticDepth(p, mode="row")
-
-    def forward(self, input: Tensor) -> Tensor:
-        torch._assert(input.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {input.shape}")
-        x = self.ln_1(input)
-        x = self_attention(self.self_attention, x)
-        x = input + self.drop_path(self.dropout(x))
-
-        y = self.ln_2(x)
-        y = self.mlp(y)
-        return x + self.drop_path(y)
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """Stochastic depth rising linearly from 0 (first block) to ``rate`` (last block)."""
+    return [rate * i / (depth - 1) if depth > 1 else rate for i in range(depth)]
 
 
-def add_stochastic_depth(vit: VisionTransformer, rate: float) -> VisionTransformer:
-    """Wrap the encoder blocks with stochastic depth, rising linearly from 0 (first) to ``rate`` (last)."""
-    layers = vit.encoder.layers
-    depth = len(layers)
-    for i, (name, block) in enumerate(layers.named_children()):
-        p = rate * i / (depth - 1) if depth > 1 else rate
-        setattr(layers, name, StochasticDepthBlock(block, p))
-    return vit
+@contextlib.contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """The global RNG seeded by ``seed`` inside the block and restored after it (left alone when None)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _resolve_size(preset: str, overrides: dict[str, int | None]) -> dict[str, int]:
@@ -151,20 +139,26 @@ def build_model(
     stochastic_depth: float = 0.0,
     weights: str | os.PathLike | None = None,
     gate_seed: int | None = None,
+    layer_scale: bool = False,
 ) -> nn.Module:
-    """A torchvision ViT of the given preset (explicit sizes override it), optionally gated (FSG).
+    """A torchvision ViT of the given preset (explicit sizes override it) with ``ViTBlock`` blocks:
+    gated (``fsg``, FSG), layer-scaled (``layer_scale``, CaiT's LayerScale) or plain.
 
     ``weights`` (a local file) is loaded into the gated (or plain) ViT, so a release checkpoint brings
     its gates. ``box_features > 0`` returns a :class:`SizingModel` (``forward(x, box)``, its log-box head
     with ``size_range``); otherwise the ``VisionTransformer`` itself.
     With ``gate_seed``, the gates are drawn from their own generator seeded by it and the global RNG is
-    left as it was, so the backbone and head weights equal those of the same model without gates.
+    left as it was, so the backbone and head weights equal those of the same model without gates. The layer
+    scales start at the sigmoid of the gates that ``fsg`` would draw: the two models compute the same
+    function at init. ``stochastic_depth`` (drop path) rises linearly over the blocks to its value.
     """
     size = _resolve_size(preset, {"hidden_dim": hidden_dim, "depth": depth, "heads": heads, "mlp_dim": mlp_dim})
     if image_size % patch_size:
         raise FsgEndoError(f"model: image_size {image_size} is not a multiple of patch_size {patch_size}")
     if fsg and stochastic_depth > 0:
         raise FsgEndoError("model: stochastic_depth is for the plain 'dropout' arm and does not combine with fsg")
+    if fsg and layer_scale:
+        raise FsgEndoError("model: layer_scale and fsg are two arms (a plain scale or a sigmoid gate); choose one")
     vit = VisionTransformer(
         image_size=image_size,
         patch_size=patch_size,
@@ -176,15 +170,15 @@ def build_model(
         attention_dropout=attention_dropout,
         num_classes=num_outputs,
     )
-    use_fast_attention(vit)
-    if stochastic_depth > 0:
-        add_stochastic_depth(vit, stochastic_depth)
-    if fsg and gate_seed is None:
-        vit_with_fsg(vit)
-    elif fsg:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(gate_seed)
-            vit_with_fsg(vit)
+    rates = iter(drop_path_rates(stochastic_depth, size["depth"]))
+
+    def study_block(block: nn.Module) -> ViTBlock | None:
+        if type(block) is not EncoderBlock:
+            return None
+        return ViTBlock.from_block(block, gates=fsg, layer_scale=layer_scale, drop_path=next(rates))
+
+    with seeded(gate_seed):
+        replace_blocks(vit.encoder, study_block)
     if weights is not None:
         report = load_local_weights(vit, weights)
         logger.info(

@@ -101,3 +101,20 @@ def report_figure(report: pd.DataFrame, metric: str):
         ax.legend(fontsize="small")
     fig.tight_layout()
     return fig
+
+
+def reconstruction_figure(images: np.ndarray, masked: np.ndarray, reconstructed: np.ndarray, title: str = ""):
+    """A masked autoencoder's fixed batch: per row one crop, what the encoder saw, and the reconstruction.
+
+    Each argument is (N, H, W, 3) in [0, 1]; hidden patches of ``masked`` are drawn grey."""
+    rows = len(images)
+    fig, axes = plt.subplots(rows, 3, figsize=(4.5, 1.5 * rows), squeeze=False)
+    for row, pictures in enumerate(zip(images, masked, reconstructed)):
+        for ax, picture, name in zip(axes[row], pictures, ("crop", "visible", "reconstruction")):
+            ax.imshow(np.clip(picture, 0.0, 1.0), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(name, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    return fig
