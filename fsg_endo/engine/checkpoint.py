@@ -1,15 +1,16 @@
 """Atomic training checkpoints, loaded back with ``weights_only=True``, and the progress they carry.
 
 A checkpoint holds everything a resumed run needs to continue exactly where it stopped: model,
-optimisers, schedulers, RNG states and :class:`Progress` (position in the epoch, running sums,
-history, and the metrics and gate vectors not yet confirmed by MLflow).
+optimisers, schedulers, RNG states, :class:`Progress` (position in the epoch, running sums, history) and
+:class:`Unpublished` (the metrics and gate vectors not yet confirmed by MLflow), the last two in its
+``progress`` entry.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,7 @@ from fsg_endo.tracking.tracker import MetricRecord
 
 @dataclass
 class Progress:
-    """Where a run stands. ``batch`` > 0 marks a checkpoint taken inside epoch ``epoch`` (0-based).
-
-    ``metrics`` and ``gates`` are what the checkpoint covers but MLflow may not hold yet: published right
-    after the checkpoint is written, and again (without duplicates) when a run resumes from it.
-    """
+    """Where a run stands. ``batch`` > 0 marks a checkpoint taken inside epoch ``epoch`` (0-based)."""
 
     epoch: int = 0  # epochs completed
     batch: int = 0  # batches done in the current epoch
@@ -36,8 +33,6 @@ class Progress:
     best_epoch: int = 0
     sums: dict[str, float] = field(default_factory=dict)  # running sums of the current epoch
     history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch
-    metrics: list[MetricRecord] = field(default_factory=list)
-    gates: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # epoch number -> gate vectors
     gate_init: dict[str, torch.Tensor] = field(default_factory=dict)  # gate logits at step 0 (what shift is from)
 
     def state_dict(self) -> dict[str, Any]:
@@ -45,7 +40,25 @@ class Progress:
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> Progress:
-        return cls(**state)
+        return cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
+
+
+@dataclass
+class Unpublished:
+    """What the next checkpoint covers but MLflow may not hold yet: the metric records logged since the last
+    one, and the gate vectors of the epochs since. Written into the checkpoint (with every record the tracker
+    has not confirmed), sent to MLflow right after it, and sent again when a run resumes from it: a resumed
+    tracker drops every (key, step) the run already holds, so each is logged exactly once."""
+
+    metrics: list[MetricRecord] = field(default_factory=list)
+    gates: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # epoch number -> gate vectors
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> Unpublished:
+        return cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
 
 
 def rng_state() -> dict[str, Any]:
@@ -91,11 +104,12 @@ def training_state(
     optimizers: Mapping[str, torch.optim.Optimizer],
     schedulers: Mapping[str, Any],
     progress: Progress,
+    unpublished: Unpublished,
 ) -> dict[str, Any]:
     """The resumable state of a run, as :func:`save_checkpoint` stores it."""
     return {
         "model": model.state_dict(),
-        "progress": progress.state_dict(),
+        "progress": progress.state_dict() | unpublished.state_dict(),
         "rng": rng_state(),
         "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
         "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
@@ -107,11 +121,12 @@ def restore_training_state(
     model: torch.nn.Module,
     optimizers: Mapping[str, torch.optim.Optimizer],
     schedulers: Mapping[str, Any],
-) -> Progress:
-    """Load a :func:`training_state` into the run's objects and the RNGs; returns its progress."""
+) -> tuple[Progress, Unpublished]:
+    """Load a :func:`training_state` into the run's objects and the RNGs; returns its progress and what it
+    holds for MLflow."""
     model.load_state_dict(state["model"])
     for key, optimizer in optimizers.items():
         optimizer.load_state_dict(state["optimizers"][key])
         schedulers[key].load_state_dict(state["schedulers"][key])
     set_rng_state(state["rng"])
-    return Progress.from_state_dict(state["progress"])
+    return Progress.from_state_dict(state["progress"]), Unpublished.from_state_dict(state["progress"])

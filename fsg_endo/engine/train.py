@@ -5,7 +5,8 @@ checkpoint if the run has one -> epochs of steps -> per epoch: validation and be
 checkpoint, then the epoch's metrics and gate artifacts to MLflow -> test with the best weights.
 
 What MLflow holds always corresponds to a checkpoint. The metrics of the steps since the last checkpoint
-wait in :class:`Progress`; they are written into the next checkpoint and sent to MLflow right after it.
+wait in :class:`~fsg_endo.engine.checkpoint.Unpublished`; they are written into the next checkpoint and sent
+to MLflow right after it.
 A run killed at any point resumes from its last checkpoint, re-does the steps after it (exactly: RNGs,
 sampler and augmentation seeds are part of the state) and logs them once, because a resumed tracker drops
 every (key, step) the run already holds and the checkpoint re-sends what MLflow may have missed.
@@ -17,6 +18,7 @@ import math
 import signal
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from monai.utils import set_determinism
 
 from fsg_endo.engine.checkpoint import (
     Progress,
+    Unpublished,
     load_checkpoint,
     restore_training_state,
     save_checkpoint,
@@ -64,54 +67,68 @@ def fit(
         class_names=data.class_names,
         train_rows=data.splits.get("train"),
     )
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    progress = Progress(gate_init=gate_logits(r.model))
-    if last_path.exists():
-        state = load_checkpoint(last_path, r.device)
-        progress = restore_training_state(state, r.model, r.optimizers, r.schedulers)
-        publish(tracker, progress, cfg)  # what the checkpoint covers and MLflow may have missed
+    progress, unpublished = Progress(gate_init=gate_logits(r.model)), Unpublished()
+    if (run_dir / LAST).exists():
+        state = load_checkpoint(run_dir / LAST, r.device)
+        progress, unpublished = restore_training_state(state, r.model, r.optimizers, r.schedulers)
+        publish(tracker, unpublished, cfg)  # what the checkpoint covers and MLflow may have missed
     if r.gated and ctx.is_main:
         tracker.log_gate_init(gate_values_of(progress.gate_init))
 
-    clock = Clock(tracker)
+    loop = Loop(r, data, tracker, ctx, stop, run_dir, progress, unpublished, Clock(tracker))
     with stop.deferred():
         for _ in range(progress.epoch, cfg.optim.epochs):
-            train_epoch(r, data, progress, tracker, ctx, stop, last_path)
-            end_epoch(r, data, progress, tracker, ctx, best_path, clock)
+            train_epoch(loop)
+            end_epoch(loop)
             if progress.epoch % cfg.checkpoint.every == 0 or progress.epoch == cfg.optim.epochs:
-                checkpoint(r, progress, tracker, ctx, last_path)
-            if should_stop(r, tracker, ctx, stop):
-                stop_run(r, progress, tracker, ctx, stop, last_path)
-    return finish(r, data, tracker, progress, best_path) if ctx.is_main else {}
+                checkpoint(loop)
+            if should_stop(loop):
+                stop_run(loop)
+    return finish(loop) if ctx.is_main else {}
 
 
-def train_epoch(
-    r: Recipe,
-    data: DataBundle,
-    progress: Progress,
-    tracker: Tracker,
-    ctx: DistContext,
-    stop: StopSignals,
-    last_path: Path,
-) -> None:
-    """The steps of epoch ``progress.epoch`` from batch ``progress.batch`` on; step metrics go to ``progress``."""
-    cfg = r.cfg
-    data.set_epoch(progress.epoch, progress.batch)
+LAST, BEST = "last.pt", "best.pt"  # the checkpoints in a run's folder
+
+
+@dataclass
+class Loop:
+    """What the loop's helpers share: the run's recipe, data and tracker, where it stands (``progress``,
+    checkpointed) and what MLflow has yet to get (``unpublished``, checkpointed with it)."""
+
+    r: Recipe
+    data: DataBundle
+    tracker: Tracker
+    ctx: DistContext
+    stop: StopSignals
+    run_dir: Path
+    progress: Progress
+    unpublished: Unpublished
+    clock: Clock
+
+    @property
+    def cfg(self) -> Config:
+        return self.r.cfg
+
+
+def train_epoch(loop: Loop) -> None:
+    """The steps of epoch ``progress.epoch`` from batch ``progress.batch`` on; step metrics wait in
+    ``loop.unpublished``."""
+    r, progress, cfg = loop.r, loop.progress, loop.cfg
+    loop.data.set_epoch(progress.epoch, progress.batch)
     r.model.train()
     sums = progress.sums or {"loss": 0.0, "gate_loss": 0.0, "steps": 0}
     progress.sums = sums
     desc = f"epoch {progress.epoch + 1}/{cfg.optim.epochs}"
-    for batch in progress_bar(data.loaders["train"], desc, enabled=ctx.is_main):
+    for batch in progress_bar(loop.data.loaders["train"], desc, enabled=loop.ctx.is_main):
         out = r.step(model_inputs(batch, r.device, r.use_box), r.task.targets(batch).to(r.device))
         for scheduler in r.schedulers.values():
             scheduler.step()
         progress.step += 1
         progress.batch += 1
         # the loss of the global batch, and whether any rank was asked to stop: one all-reduce
-        loss, gate_loss, stopping = ctx.all_sum(
-            [out["loss"], out.get("gate_loss", math.nan), stop.requested is not None or tracker.failed], r.device
-        )
-        loss, gate_loss = loss / ctx.world_size, gate_loss / ctx.world_size
+        stopping = loop.stop.requested is not None or loop.tracker.failed
+        loss, gate_loss, stopping = loop.ctx.all_sum([out["loss"], out.get("gate_loss", math.nan), stopping], r.device)
+        loss, gate_loss = loss / loop.ctx.world_size, gate_loss / loop.ctx.world_size
         if out["skipped"]:
             progress.skipped += 1
             if progress.skipped > cfg.optim.max_skipped_steps:
@@ -124,19 +141,21 @@ def train_epoch(
             sums["loss"] += loss
             sums["gate_loss"] += gate_loss
             sums["steps"] += 1
-            log_step(r, progress, loss, gate_loss)
+            log_step(loop, loss, gate_loss)
         if stopping:
-            stop_run(r, progress, tracker, ctx, stop, last_path)
+            stop_run(loop)
 
 
-def log_step(r: Recipe, progress: Progress, loss: float, gate_loss: float) -> None:
-    """Buffer the step's training metrics, and the gate statistics every ``gates.log_every`` steps."""
-    step = progress.step
-    if step % r.cfg.tracking.log_every == 0:
-        lr = r.schedulers["main"].get_last_lr()[0]
-        progress.metrics += metric_records({"train/loss": loss, "train/gate_loss": gate_loss, "train/lr": lr}, step)
-    if r.gated and step % r.cfg.gates.log_every == 0:
-        progress.metrics += metric_records(gate_stats(r, progress), step)
+def log_step(loop: Loop, loss: float, gate_loss: float) -> None:
+    """The step's training metrics, and the gate statistics every ``gates.log_every`` steps."""
+    step, cfg = loop.progress.step, loop.cfg
+    if step % cfg.tracking.log_every == 0:
+        lr = loop.r.schedulers["main"].get_last_lr()[0]
+        loop.unpublished.metrics += metric_records(
+            {"train/loss": loss, "train/gate_loss": gate_loss, "train/lr": lr}, step
+        )
+    if loop.r.gated and step % cfg.gates.log_every == 0:
+        loop.unpublished.metrics += metric_records(gate_stats(loop.r, loop.progress), step)
 
 
 def gate_stats(r: Recipe, progress: Progress) -> dict[str, float]:
@@ -149,11 +168,10 @@ def gate_values_of(logits: Mapping[str, Any]) -> dict[str, Any]:
     return {key: g.sigmoid() for key, g in logits.items()}
 
 
-def end_epoch(
-    r: Recipe, data: DataBundle, progress: Progress, tracker: Tracker, ctx: DistContext, best_path: Path, clock: Clock
-) -> None:
+def end_epoch(loop: Loop) -> None:
     """Epoch means, gate statistics and vectors, validation and the best checkpoint (rank 0)."""
-    cfg, epoch, sums = r.cfg, progress.epoch + 1, progress.sums
+    r, progress, cfg = loop.r, loop.progress, loop.cfg
+    epoch, sums = progress.epoch + 1, progress.sums
     row = {
         "epoch": epoch,
         "train/epoch_loss": sums["loss"] / max(sums["steps"], 1),
@@ -163,58 +181,59 @@ def end_epoch(
     if r.gated:
         if progress.step % cfg.gates.log_every:  # not already logged at this step
             row.update(gate_stats(r, progress))
-        progress.gates[str(epoch)] = gate_values(r.model)
-    if ctx.is_main and (epoch % cfg.eval.every == 0 or epoch == cfg.optim.epochs):
-        val_metrics, _ = evaluate(r.model, data.loaders["val"], r.task, r.device, r.use_box, "val")
+        loop.unpublished.gates[str(epoch)] = gate_values(r.model)
+    if loop.ctx.is_main and (epoch % cfg.eval.every == 0 or epoch == cfg.optim.epochs):
+        val_metrics, _ = evaluate(r.model, loop.data.loaders["val"], r.task, r.device, r.use_box, "val")
         row.update(val_metrics)
         if is_better(val_metrics.get(r.metric, math.nan), progress.best, r.mode):
             progress.best, progress.best_epoch = val_metrics[r.metric], epoch
-            save_checkpoint(best_path, {"model": r.model.state_dict(), "epoch": epoch})
-    if ctx.is_main and cfg.tracking.plots:
-        for path, figure in r.task.figures(r.model, data.loaders["val"], epoch, r.device).items():
-            tracker.log_figure(figure, path)
-    row.update(clock.lap())
-    if ctx.is_main:
+            save_checkpoint(loop.run_dir / BEST, {"model": r.model.state_dict(), "epoch": epoch})
+    if loop.ctx.is_main and cfg.tracking.plots:
+        for path, figure in r.task.figures(r.model, loop.data.loaders["val"], epoch, r.device).items():
+            loop.tracker.log_figure(figure, path)
+    row.update(loop.clock.lap())
+    if loop.ctx.is_main:
         report_epoch(row, cfg.optim.epochs, r.metric)
     progress.epoch, progress.batch, progress.sums = epoch, 0, {}
     progress.history.append({k: float(v) for k, v in row.items()})
-    progress.metrics += metric_records(row, progress.step)
+    loop.unpublished.metrics += metric_records(row, progress.step)
 
 
-def checkpoint(r: Recipe, progress: Progress, tracker: Tracker, ctx: DistContext, last_path: Path) -> None:
+def checkpoint(loop: Loop) -> None:
     """Write the last checkpoint (rank 0) with every metric MLflow has not confirmed, then publish them."""
-    if ctx.is_main:
-        progress.metrics = tracker.unconfirmed() + progress.metrics
-        save_checkpoint(last_path, training_state(r.model, r.optimizers, r.schedulers, progress))
-    if not tracker.failed:
-        publish(tracker, progress, r.cfg)
+    r, unpublished = loop.r, loop.unpublished
+    if loop.ctx.is_main:
+        unpublished.metrics = loop.tracker.unconfirmed() + unpublished.metrics
+        state = training_state(r.model, r.optimizers, r.schedulers, loop.progress, unpublished)
+        save_checkpoint(loop.run_dir / LAST, state)
+    if not loop.tracker.failed:
+        publish(loop.tracker, unpublished, loop.cfg)
 
 
-def publish(tracker: Tracker, progress: Progress, cfg: Config) -> None:
+def publish(tracker: Tracker, unpublished: Unpublished, cfg: Config) -> None:
     """Send the metrics and gate vectors a checkpoint covers to MLflow (asynchronous metrics, then artifacts)."""
-    tracker.log_records(progress.metrics)
-    for epoch, values in sorted(progress.gates.items(), key=lambda item: int(item[0])):
+    tracker.log_records(unpublished.metrics)
+    for epoch, values in sorted(unpublished.gates.items(), key=lambda item: int(item[0])):
         tracker.log_gate_epoch(values, int(epoch), plot=cfg.tracking.plots)
-    progress.metrics, progress.gates = [], {}
+    unpublished.metrics, unpublished.gates = [], {}
 
 
-def should_stop(r: Recipe, tracker: Tracker, ctx: DistContext, stop: StopSignals) -> bool:
+def should_stop(loop: Loop) -> bool:
     """Whether any rank was asked to stop (a signal) or lost its tracking store."""
-    return ctx.all_sum([stop.requested is not None or tracker.failed], r.device)[0] > 0
+    asked = loop.stop.requested is not None or loop.tracker.failed
+    return loop.ctx.all_sum([asked], loop.r.device)[0] > 0
 
 
-def stop_run(
-    r: Recipe, progress: Progress, tracker: Tracker, ctx: DistContext, stop: StopSignals, last_path: Path
-) -> None:
+def stop_run(loop: Loop) -> None:
     """Checkpoint where the loop stands, then raise why it stopped: a tracking outage or a signal."""
-    checkpoint(r, progress, tracker, ctx, last_path)
-    if tracker.failed:
-        raise tracker.error
-    signum = stop.requested or signal.SIGTERM
+    checkpoint(loop)
+    if loop.tracker.failed:
+        raise loop.tracker.error
+    signum = loop.stop.requested or signal.SIGTERM
     raise RunInterrupted(
         signum,
-        f"interrupted by {signal.Signals(signum).name}; checkpoint {last_path} saved at "
-        f"step {progress.step}; resume with --resume {tracker.run_id}",
+        f"interrupted by {signal.Signals(signum).name}; checkpoint {loop.run_dir / LAST} saved at "
+        f"step {loop.progress.step}; resume with --resume {loop.tracker.run_id}",
     )
 
 
@@ -243,17 +262,19 @@ def gate_movement(r: Recipe, progress: Progress) -> dict[str, float]:
     }
 
 
-def finish(r: Recipe, data: DataBundle, tracker: Tracker, progress: Progress, best_path: Path) -> dict[str, float]:
+def finish(loop: Loop) -> dict[str, float]:
     """Test the best checkpoint on val and test, with a bootstrap CI of the lesion-level headline metric over
     test videos; log predictions, plots and the model. The results add how far the best gates moved."""
-    cfg, model = r.cfg, r.model
-    if best_path.exists():
-        model.load_state_dict(load_checkpoint(best_path, r.device)["model"])
+    r, tracker, progress, cfg, model = loop.r, loop.tracker, loop.progress, loop.cfg, loop.r.model
+    if (loop.run_dir / BEST).exists():
+        model.load_state_dict(load_checkpoint(loop.run_dir / BEST, r.device)["model"])
     results: dict[str, float] = {"best_epoch": progress.best_epoch}
+    tables = {}
     for split in ("val", "test"):
-        metrics, frames = evaluate(model, data.loaders[split], r.task, r.device, r.use_box, split)
+        metrics, tables[split] = evaluate(model, loop.data.loaders[split], r.task, r.device, r.use_box, split)
         results.update(metrics)
-        tracker.log_text(frames.to_csv(index=False), f"predictions/{split}.csv")
+        tracker.log_text(tables[split].to_csv(index=False), f"predictions/{split}.csv")
+    frames = tables["test"]
     results |= lesion_test_ci(r.task, frames, cfg.seed)
     tracker.log_metrics(
         {k: v for k, v in results.items() if k.startswith(("test/", "lesion/test/"))}
@@ -269,6 +290,6 @@ def finish(r: Recipe, data: DataBundle, tracker: Tracker, progress: Progress, be
         )
         tracker.log_figure(plots.learning_curves(pd.DataFrame(progress.history), r.metric), "plots/learning_curves.png")
     if cfg.tracking.log_model:
-        log_trained_model(tracker, model, cfg, r.task, data.preprocess, progress.step)
+        log_trained_model(tracker, model, cfg, r.task, loop.data.preprocess, progress.step)
     tracker.flush()
     return results
