@@ -6,6 +6,8 @@ import contextlib
 import io
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
 from fixtures_runs import in_process, only_run
@@ -108,3 +110,24 @@ def test_pretraining_keys_are_refused_for_the_sizing_task():
     with pytest.raises(FsgEndoError, match="pretrain.mask_ratio") as err:
         load_config("polyp_size_fsg", ["pretrain.mask_ratio=0.5"])
     assert "\n" not in str(err.value)
+
+
+def test_pretraining_on_a_folder_of_unlabelled_frames(tmp_path, data_cache):
+    frames = tmp_path / "frames"
+    rng = np.random.default_rng(0)
+    for video in range(4):
+        (frames / f"patient{video}").mkdir(parents=True)
+        for i in range(3):
+            cv2.imwrite(str(frames / f"patient{video}" / f"{i:04d}.png"), rng.integers(0, 255, (96, 128, 3), np.uint8))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["--exp", "pretrain_mae", "--smoke", "--data-root", str(frames), "--set", "tracking.register_model=null"]
+    assert in_process(args, tmp_path, data_cache, uri) == 0
+    client, run = only_run(uri, "pretrain_mae")
+    assert run.data.params["data.source"] == "frames" and "test/loss" in run.data.metrics
+    cfg = load_config("pretrain_mae", ["data.source=frames", f"data.root={frames}"], smoke=True)
+    splits = prepare_splits(cfg).splits
+    videos = [set(rows["video_id"]) for rows in splits.values()]
+    assert set().union(*videos) == {f"patient{v}" for v in range(4)}
+    assert all(a.isdisjoint(b) for i, a in enumerate(videos) for b in videos[i + 1 :])  # whole videos per split
+    side = (splits["train"]["xmax"] - splits["train"]["xmin"]) / 96
+    assert side.between(0.05 - 0.02, 0.4 + 0.02).all()  # pretrain.crop_sides, relative to the shorter side

@@ -40,6 +40,21 @@ def frame_table(root: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(FRAME_COLUMNS))
 
 
+def video_folds(frames: pd.DataFrame, folds: int, seed: int) -> pd.Series:
+    """A fold per frame, whole videos to one fold: the videos in a seeded random order, dealt round-robin."""
+    videos = np.sort(frames["video_id"].unique())
+    if len(videos) < folds:
+        raise FsgEndoError(f"pretraining frames: {len(videos)} video folder(s), fewer than data.folds = {folds}")
+    order = np.random.default_rng(seed).permutation(len(videos))
+    fold_of = {videos[i]: rank % folds for rank, i in enumerate(order)}
+    return frames["video_id"].map(fold_of).astype(int)
+
+
+def log_uniform_sides(low: float, high: float, seed: int, n: int = 4096) -> np.ndarray:
+    """Relative crop sides drawn log-uniformly from [low, high]: the scales for a corpus without boxes."""
+    return np.exp(np.random.default_rng(seed).uniform(np.log(low), np.log(high), n))
+
+
 def relative_sides(rows: pd.DataFrame) -> np.ndarray:
     """Each box's longer side over its frame's shorter side: the scale of the crops the sizing task sees."""
     sides = np.maximum(rows["xmax"] - rows["xmin"], rows["ymax"] - rows["ymin"]).to_numpy(float)

@@ -19,7 +19,14 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import DistributedSampler
 
-from fsg_endo.data.corpus import FRAME_COLUMNS, crop_rows, relative_sides
+from fsg_endo.data.corpus import (
+    FRAME_COLUMNS,
+    crop_rows,
+    frame_table,
+    log_uniform_sides,
+    relative_sides,
+    video_folds,
+)
 from fsg_endo.data.epochs import EpochSampler, SeededItems
 from fsg_endo.data.image_folders import (
     ImageData,
@@ -137,6 +144,8 @@ class Splits:
 def prepare_splits(cfg: Config) -> Splits:
     """Dataset (generated on first use), manifest and the low-data split of a config, without any crop."""
     data, seed = cfg.data, cfg.seed
+    if data.source == "frames":
+        return frame_folder_splits(cfg)
     root = dataset_root(data, seed)
     mpath = manifest_path(data, root, seed)
     manifest = load_manifest(mpath, root=root)
@@ -148,10 +157,26 @@ def prepare_splits(cfg: Config) -> Splits:
     return Splits(root, hashlib.sha256(mpath.read_bytes()).hexdigest(), splits, mpath)
 
 
-def pretraining_crops(splits: Mapping[str, pd.DataFrame], crops_per_frame: int, seed: int) -> dict[str, pd.DataFrame]:
+def frame_folder_splits(cfg: Config) -> Splits:
+    """Task ``pretrain_mae`` on a folder of unlabelled frames (``data.root``, one subfolder per video): whole
+    videos to folds, then crops whose sides are drawn from ``pretrain.crop_sides``."""
+    data, seed = cfg.data, cfg.seed
+    root = dataset_root(data, seed)
+    frames = frame_table(root)
+    frames = frames.assign(fold=video_folds(frames, data.folds, seed), lesion_id=frames["frame_id"], size_class3=-1)
+    splits = make_splits(frames, data.test_fold, data.val_fold, data.train_fraction, seed=seed)
+    sides = log_uniform_sides(*cfg.pretrain.crop_sides, seed=seed)
+    corpus = pretraining_crops(splits, cfg.pretrain.crops_per_frame, seed, sides)
+    return Splits(root, hashlib.sha256(frames.to_csv(index=False).encode()).hexdigest(), corpus)
+
+
+def pretraining_crops(
+    splits: Mapping[str, pd.DataFrame], crops_per_frame: int, seed: int, sides: np.ndarray | None = None
+) -> dict[str, pd.DataFrame]:
     """The pretraining corpus of each split: ``crops_per_frame`` crop boxes per frame, sized like the training
-    split's boxes and placed in the field of view (:func:`fsg_endo.data.corpus.crop_rows`); no sizes, no classes."""
-    sides = relative_sides(splits["train"])
+    split's boxes (or drawn from ``sides``) and placed in the field of view
+    (:func:`fsg_endo.data.corpus.crop_rows`); no sizes, no classes."""
+    sides = relative_sides(splits["train"]) if sides is None else sides
     corpus = {}
     for i, (name, rows) in enumerate(splits.items()):
         frames = rows.drop_duplicates("frame_path")[list(FRAME_COLUMNS)]

@@ -24,7 +24,7 @@ SOURCES_OF_TASK: dict[str, tuple[str, ...]] = {  # the data sources each task re
     "size_class3": POLYP_SOURCES,
     "size_class2": POLYP_SOURCES,
     "image_class": IMAGE_SOURCES,
-    "pretrain_mae": ("synthetic",),  # a pool of unlabelled videos of its own generator seed
+    "pretrain_mae": ("synthetic", "frames"),  # a pool of synthetic videos of its own seed, or a folder of frames
 }
 TaskName = Literal[tuple(SOURCES_OF_TASK)]
 DataSource = Literal[tuple(dict.fromkeys(s for sources in SOURCES_OF_TASK.values() for s in sources))]
@@ -99,6 +99,8 @@ class Pretrain(Section):
     decoder_heads: Count = 4  # ... its attention heads
     normalize_patches: bool = False  # true: MAE's per-patch normalised pixel loss (drops each patch's brightness)
     crops_per_frame: Count = 2  # crop boxes drawn per frame, sized and placed like the sizing task's
+    # data.source frames (no boxes): crop sides relative to the frame's shorter side, drawn log-uniformly
+    crop_sides: Annotated[list[Annotated[float, Field(gt=0, le=0.7)]], Field(min_length=2, max_length=2)] = [0.05, 0.4]
     picture_every: Count = 5  # epochs between pictures of the reconstructions of a fixed validation batch
 
 
@@ -246,7 +248,7 @@ def _check_pretraining(cfg: Config) -> None:
         raise ValueError(f"task pretrain_mae trains the plain ViT: set regularizer: none, not {cfg.regularizer}")
     if cfg.model.box_features:
         raise ValueError("'model.box_features' must be false for task pretrain_mae (the encoder sees crops only)")
-    if cfg.data.synthetic_seed is None:
+    if cfg.data.source == "synthetic" and cfg.data.synthetic_seed is None:
         raise ValueError(
             "task pretrain_mae needs 'data.synthetic_seed': the generator seed of its pool of unlabelled videos, "
             "one that no sizing dataset uses (the shipped pretrain_mae sets 1000)"

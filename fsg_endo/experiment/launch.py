@@ -111,14 +111,16 @@ def resume_target(uri: str, exp_name: str, run_id: str) -> ResumeTarget:
     return ResumeTarget(run.info.run_id, load_config_file(Path(ckpt_dir) / "config.yaml"), Path(ckpt_dir))
 
 
-def _overrides(args: argparse.Namespace, image_task: bool) -> list[str]:
+def _overrides(args: argparse.Namespace, task: str) -> list[str]:
     """``--data-root`` and ``--manifest`` as overrides; a polyp root also sets its source (SUN or REAL-Colon)."""
     from fsg_endo.data.manifest import detect_format
 
     overrides: list[str] = []
     if args.data_root:
         root = Path(args.data_root)
-        if not image_task:
+        if task == "pretrain_mae":
+            overrides.append("data.source=frames")  # a folder of unlabelled frames
+        elif task != "image_class":
             overrides.append(f"data.source={detect_format(root)}")
         overrides.append(f"data.root={root}")
     if args.manifest:
@@ -134,7 +136,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     cfg = load_config(args.exp, args.overrides, profile=args.profile, smoke=args.smoke)
     image_task = cfg.task == "image_class"
     if args.data_root or args.manifest:  # before the user's --set, which wins
-        cfg = load_config(args.exp, _overrides(args, image_task), profile=args.profile, smoke=args.smoke)
+        cfg = load_config(args.exp, _overrides(args, cfg.task), profile=args.profile, smoke=args.smoke)
     from fsg_endo.data.image_folders import check_image_root
     from fsg_endo.engine.distributed import init_distributed, shutdown
     from fsg_endo.engine.recipe import check_eval_metric
