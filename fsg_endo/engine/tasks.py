@@ -1,9 +1,10 @@
-"""The three polyp sizing tasks of SPEC §3, and ``image_class``: targets, losses, predictions and metrics.
+"""The three polyp sizing tasks of SPEC §3, ``image_class`` and ``text_class``: targets, losses, predictions, metrics.
 
 A :class:`Task` turns a collated pipeline batch (keys ``target_reg``, ``size_mm``,
 ``size_class3``, ``size_class2``, ``lesion_id``, ``video_id``, ``frame_id``) into loss targets,
 model outputs into numpy predictions, and predictions into frame- and lesion-level metrics.
-``image_class`` reads image batches (``label``, ``image_id``) and has no lesion level.
+``image_class`` reads image batches (``label``, ``image_id``) and has no lesion level; ``text_class`` the same
+from token batches (``label``, ``text_id``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from fsg_endo.engine.metrics import classification_metrics, confusion_matrix, re
 from fsg_endo.errors import FsgEndoError
 
 ID_COLUMNS = ("lesion_id", "video_id", "frame_id")
-TASK_NAMES = ("size_regression", "size_class3", "size_class2", "image_class")
+TASK_NAMES = ("size_regression", "size_class3", "size_class2", "image_class", "text_class")
 MAX_NAMED_CLASSES = 20  # image_class: per-class F1 named after the classes up to this many classes
 
 
@@ -224,23 +225,24 @@ class ImageClassTask(ClassificationTask):
 
     main_metric = "accuracy"
     lesion_level = False
+    id_column = "image_id"  # the batch key and prediction column that names each item
 
-    def __init__(self, class_names: Sequence[str]) -> None:
+    def __init__(self, class_names: Sequence[str], name: str = "image_class") -> None:
         if not class_names:
-            raise FsgEndoError("image_class: no class names (they come from the task's dataset)")
-        super().__init__("image_class", class_names)
+            raise FsgEndoError(f"{name}: no class names (they come from the task's dataset)")
+        super().__init__(name, class_names)
 
     def targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
         return torch.as_tensor(_numpy(batch["label"]).astype(np.int64))
 
     def frame_predictions(self, batch: Mapping[str, Any], outputs_np: np.ndarray) -> pd.DataFrame:
-        """One row per image: id, target and prediction (indices and names), the predicted class's probability."""
+        """One row per item: id, target and prediction (indices and names), the predicted class's probability."""
         prob = np.asarray(outputs_np, dtype=float).reshape(-1, self.num_outputs)
         target, pred = _numpy(batch["label"]).astype(int), prob.argmax(axis=1)
         names = np.asarray(self.class_names, dtype=object)
         return pd.DataFrame(
             {
-                "image_id": _numpy(batch["image_id"]),
+                self.id_column: _numpy(batch[self.id_column]),
                 "target": target,
                 "prediction": pred,
                 "target_name": names[target],
@@ -252,6 +254,16 @@ class ImageClassTask(ClassificationTask):
     def lesion_predictions(self, frame_df: pd.DataFrame) -> pd.DataFrame:
         """Images have no lesions: each image is its own unit."""
         return frame_df
+
+
+class TextClassTask(ImageClassTask):
+    """``text_class``: logits over the labels of a text dataset (the user's CSV, a Hugging Face dataset); one row
+    per text, named by ``text_id``."""
+
+    id_column = "text_id"
+
+    def __init__(self, class_names: Sequence[str]) -> None:
+        super().__init__(class_names, "text_class")
 
     def compute_metrics(self, pred_df: pd.DataFrame) -> dict[str, float]:
         named = self.class_names if self.num_outputs <= MAX_NAMED_CLASSES else None
@@ -268,7 +280,7 @@ def get_task(
     beta: float = 1.0,
 ) -> Task:
     """The task called ``name``; the loss weights (size <= 5, 5-10, >= 10 mm) and smooth-L1's ``beta`` apply to
-    regression only, ``class_names`` (from the data) to ``image_class`` only."""
+    regression only, ``class_names`` (from the data) to ``image_class`` and ``text_class`` only."""
     if name == "size_regression":
         return RegressionTask(main_weights, gate_weights, beta)
     if name == "size_class3":
@@ -277,4 +289,6 @@ def get_task(
         return ClassificationTask(name, CLASS2_NAMES)
     if name == "image_class":
         return ImageClassTask(class_names)
+    if name == "text_class":
+        return TextClassTask(class_names)
     raise FsgEndoError(f"unknown task {name!r}; choose one of {', '.join(TASK_NAMES)}")
