@@ -202,5 +202,6 @@ def test_text_class_task_predictions_and_metrics():
     assert metrics["accuracy"] == pytest.approx(accuracy_score(labels, pred))
     assert metrics["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, pred))
     assert metrics["macro_f1"] == pytest.approx(f1_score(labels, pred, average="macro"))
+    assert metrics["f1_pos"] == pytest.approx(f1_score(labels, pred, labels=[2], average=None)[0])
     with pytest.raises(FsgEndoError, match="text_class: no class names"):
         get_task("text_class")

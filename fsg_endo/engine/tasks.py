@@ -255,6 +255,12 @@ class ImageClassTask(ClassificationTask):
         """Images have no lesions: each image is its own unit."""
         return frame_df
 
+    def compute_metrics(self, pred_df: pd.DataFrame) -> dict[str, float]:
+        named = self.class_names if self.num_outputs <= MAX_NAMED_CLASSES else None
+        return classification_metrics(
+            pred_df["target"].to_numpy(int), pred_df["prediction"].to_numpy(int), self.num_outputs, names=named
+        )
+
 
 class TextClassTask(ImageClassTask):
     """``text_class``: logits over the labels of a text dataset (the user's CSV, a Hugging Face dataset); one row
@@ -264,12 +270,6 @@ class TextClassTask(ImageClassTask):
 
     def __init__(self, class_names: Sequence[str]) -> None:
         super().__init__(class_names, "text_class")
-
-    def compute_metrics(self, pred_df: pd.DataFrame) -> dict[str, float]:
-        named = self.class_names if self.num_outputs <= MAX_NAMED_CLASSES else None
-        return classification_metrics(
-            pred_df["target"].to_numpy(int), pred_df["prediction"].to_numpy(int), self.num_outputs, names=named
-        )
 
 
 def get_task(
