@@ -43,7 +43,7 @@ def fold_row(val_fold: int) -> dict[str, float]:
     cfg = load_config("polyp_size_fsg", [f"data.val_fold={val_fold}"])
     rows = prepare_splits(cfg)
     splits = {k: rows.splits[k] for k in ("train", "val")}
-    features = split_features(splits, rows.root, cfg["data"]["source_media"], max(cfg["data"]["workers"], 1))
+    features = split_features(splits, rows.root, cfg.data.source_media, max(cfg.data.workers, 1))
     size = splits["train"]["size_mm"].to_numpy(float)
     out: dict[str, float] = {"val_fold": val_fold}
     for name, cues in FEATURE_SETS.items():

@@ -22,7 +22,7 @@ import torch
 from machine import cpu_name
 from torch import nn
 
-from fsg_endo.experiment.schema import Model
+from fsg_endo.engine.schema import Model
 from fsg_endo.nn.gates import fold_gates, gate_parameters, non_gate_parameters
 from fsg_endo.nn.models import build_model
 from fsg_endo.nn.routing import GradientRouter, train_step

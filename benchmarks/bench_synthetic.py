@@ -1,4 +1,4 @@
-"""Generation time and dataset-card numbers of the synthetic colonoscopy dataset (data_manifests/README.md).
+"""Generation time and dataset-card numbers of the synthetic colonoscopy dataset (docs/dataset_card.md).
 
 Generates the dataset (default: the standard one, seed 0) with 2 worker processes, then reports
 its size distribution, frames per lesion, negative share, the spread of the per-video texture scales,

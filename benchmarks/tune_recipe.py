@@ -34,11 +34,11 @@ from fsg_endo.experiment.analysis import load_predictions
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["tracking.log_model=false", "tracking.plots=false"]
 # The recipe the search started from (the CPU default until issue 11's choice): every candidate below is
-# overrides on top of it, so each row of benchmarks/README.md reruns as it was measured.
+# overrides on top of it, so each row of the search reruns as it was measured (docs/results.md).
 PREVIOUS_DEFAULT = ["model.size_head=linear", "model.patch_size=8", "optim.epochs=15"]
 CHOSEN = ["model.size_head=log_box", "model.patch_size=16", "optim.epochs=26"]  # issue 11's first choice
 SEARCH: dict[str, list[str]] = {
-    "default": [],  # the previous default itself (the "default" rows of the README's search table)
+    "default": [],  # the earlier recipe itself (docs/results.md, "The recipe and what its search established")
     "context1": ["data.context=1.0"],
     "unweighted": ["loss.main_weights=[1,1,1]", "loss.gate_weights=[1,1,1]"],
     "lr1e-3": ["optim.lr=1e-3"],
@@ -104,7 +104,7 @@ def training_seed(seed: int) -> list[str]:
     from fsg_endo.engine.prepare import dataset_root, manifest_path
     from fsg_endo.experiment.config import load_config
 
-    data = load_config("polyp_size_fsg")["data"]
+    data = load_config("polyp_size_fsg").data
     manifest = manifest_path(data, dataset_root(data, 0), 0)
     return [f"seed={seed}", "data.synthetic_seed=0", f"data.manifest={manifest.resolve()}"]
 

@@ -1,6 +1,6 @@
 """fsg_endo: Feature Selection Gates with Gradient Routing on Vision Transformers for polyp sizing.
 
-The public API (SPEC §5) is imported lazily, so ``fsg-endo synth`` and the data tools start
+The public API (docs/interfaces.md#python-api) is imported lazily, so ``fsg-endo synth`` and the data tools start
 without loading torch.
 """
 

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import typing
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from monai.utils import set_determinism
 
+from fsg_endo.engine.arms import ARMS as TABLE
+from fsg_endo.engine.baselines import BASELINES
 from fsg_endo.engine.distributed import SINGLE
 from fsg_endo.engine.recipe import build_recipe
+from fsg_endo.engine.schema import Config
 from fsg_endo.experiment.analysis import gate_shift
 from fsg_endo.experiment.config import load_config
+from fsg_endo.experiment.runs import run_params
 from fsg_endo.nn.gates import gate_logits, gate_parameters, gate_statistics, gate_values
 
 ARMS = ("none", "dropout", "fsg", "fsg_frozen", "fsg_gr")
@@ -24,11 +31,12 @@ def recipe(regularizer: str, seed: int = 0):
 
 
 def non_gate_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items() if not k.rsplit(".", 1)[-1].startswith("gate_")}
+    """The backbone and head: every tensor but the branch factors (gates, layer scales)."""
+    return {k: v for k, v in model.state_dict().items() if not k.rsplit(".", 1)[-1].startswith(("gate_", "scale_"))}
 
 
 def batch(r, n: int = 6):
-    size = r.cfg["data"]["image_size"]
+    size = r.cfg.data.image_size
     g = torch.Generator().manual_seed(1)
     inputs = (torch.randn(n, 3, size, size, generator=g), torch.randn(n, 4, generator=g))
     sizes = torch.linspace(2.0, 14.0, n)
@@ -104,6 +112,25 @@ def test_fsg_frozen_keeps_its_gates_and_trains_the_rest():
     assert stats["gates/all/shift"] == 0.0 and stats["gates/all/shift_max"] == 0.0
 
 
+def test_layerscale_starts_as_fsg_and_its_unbounded_scales_train_in_the_main_optimiser():
+    r, fsg = recipe("layerscale"), recipe("fsg")
+    scales = [p for n, p in r.model.named_parameters() if n.rsplit(".", 1)[-1].startswith("scale_")]
+    assert scales and len(scales) == len(gate_parameters(fsg.model)) and not gate_parameters(r.model)
+    for scale, gate in zip(scales, gate_parameters(fsg.model)):  # both in block order, attention branch first
+        assert torch.equal(scale, torch.sigmoid(gate))
+    r.model.eval(), fsg.model.eval()
+    inputs, _ = batch(r)
+    torch.testing.assert_close(r.model(*inputs), fsg.model(*inputs), rtol=0, atol=0)  # the same function at init
+    assert set(r.optimizers) == {"main"}
+    main = {id(p) for group in r.optimizers["main"].param_groups for p in group["params"]}
+    assert all(id(s) in main for s in scales) and r.optimizers["main"].param_groups[0]["initial_lr"] == r.cfg.optim.lr
+    before = [s.detach().clone() for s in scales]
+    r.model.train()
+    for _ in range(3):
+        assert not r.step(*batch(r))["skipped"]
+    assert all(not torch.equal(s, b) for s, b in zip(scales, before))
+
+
 def test_fsg_gr_release_is_gradient_routing_with_accumulated_gate_pass():
     r = recipe("fsg_gr_release")
     assert r.gated and not recipe("fsg_gr").step.__self__.accumulate_gate_pass_grads
@@ -156,3 +183,35 @@ def test_every_optimiser_takes_the_multi_tensor_step_and_it_equals_the_per_param
         loop.step(inputs, targets)
     for (key, value), expected in zip(r.model.state_dict().items(), loop.model.state_dict().values()):
         torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def dropout_rates(model: torch.nn.Module) -> set[float]:
+    return {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+
+
+@pytest.mark.parametrize("name", [name for name, arm in TABLE.items() if arm.trained])
+def test_each_row_of_the_arm_table_is_what_the_recipe_builds(name):
+    """The facts of a row, read back from the model and optimisers the recipe builds for that arm."""
+    row, r = TABLE[name], recipe(name)
+    gates = gate_parameters(r.model)
+    assert bool(gates) == row.gated == r.gated
+    assert (set(r.optimizers) == {"main", "gate"}) == row.routed
+    assert (bool(gates) and not any(g.requires_grad for g in gates)) == row.frozen_gates
+    routed_with_accumulation = row.routed and r.step.__self__.accumulate_gate_pass_grads
+    assert routed_with_accumulation == row.accumulates_gate_pass
+    assert (dropout_rates(r.model) - {0.0} != set()) == row.dropout
+    params = run_params(r.cfg)
+    assert (params["fsg.enabled"], params["gr.enabled"]) == (bool(gates), set(r.optimizers) == {"main", "gate"})
+
+
+def test_the_config_choices_and_the_docs_name_every_arm_of_the_table():
+    choices = typing.get_args(Config.model_fields["regularizer"].annotation)
+    assert set(choices) == set(TABLE) and set(choices) == {a.name for a in TABLE.values()}
+    docs = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    docs += "".join(p.read_text(encoding="utf-8") for p in (Path(__file__).parents[1] / "docs").glob("*.md"))
+    assert not [name for name in TABLE if f"`{name}`" not in docs]
+
+
+def test_a_classical_arm_names_a_baseline_and_trains_no_network():
+    for name, row in TABLE.items():
+        assert (row.baseline in BASELINES) == (not row.trained) == name.startswith("baseline_")

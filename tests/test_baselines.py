@@ -15,6 +15,7 @@ from fsg_endo.data.crop_features import CUES, box_geometry, image_statistics
 from fsg_endo.data.sizes import size_class2, size_class3
 from fsg_endo.data.splits import make_splits
 from fsg_endo.engine.baselines import baseline_of, evaluate_baseline
+from fsg_endo.engine.schema import Data
 from fsg_endo.engine.tasks import get_task
 
 CROP_NAMES = [n for cue, names in CUES.items() if cue != "box" for n in names]
@@ -168,7 +169,7 @@ def test_a_regenerated_dataset_gets_a_new_manifest(tmp_path, monkeypatch):
     root = tmp_path / "ds"
     root.mkdir()
     (root / "synthetic.json").write_text('{"params": {"version": 1}}')
-    data = {"manifest": None, "source": "synthetic", "sizes": None, "folds": 5}
+    data = Data(manifest=None, source="synthetic", sizes=None, folds=5)
     first = prepare.manifest_path(data, root, 0)
     assert prepare.manifest_path(data, root, 0) == first and len(built) == 1  # cached
     (root / "synthetic.json").write_text('{"params": {"version": 2}}')

@@ -48,7 +48,7 @@ def test_table_matches_hand_computed_groups(hand_store):
         assert (g_runs, g_failed) == (runs, failed), key
         assert g_mean == pytest.approx(mean) if mean is not None else g_mean != g_mean
         assert g_std == pytest.approx(std) if std is not None else g_std is None
-    # regularisers in the SPEC's order, the sweep parents left out
+    # regularisers in the schema's order, the sweep parents left out
     assert list(dict.fromkeys(table.index.get_level_values(0))) == ["none", "dropout", "fsg", "fsg_gr"]
 
 

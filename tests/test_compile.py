@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fsg_endo.engine.recipe import compiled
-from fsg_endo.experiment.config import load_config
+from fsg_endo.experiment.config import load_config, revalidate
 from fsg_endo.nn.gates import gate_parameters, non_gate_parameters
 from fsg_endo.nn.models import build_model
 from fsg_endo.nn.routing import GradientRouter, train_step
@@ -56,14 +56,14 @@ def test_inductor_compiled_gr_steps_give_the_eager_losses():
 
 def test_the_recipe_compiles_on_cuda_only():
     model = tiny(True)
-    on = {"optim": {"compile": True}}
+    on = revalidate({"optim": {"compile": True}})
     assert compiled(on, model, torch.device("cpu")) is model
-    assert compiled({"optim": {"compile": False}}, model, torch.device("cuda")) is model
+    assert compiled(revalidate({"optim": {"compile": False}}), model, torch.device("cuda")) is model
     wrapped = compiled(on, model, torch.device("cuda"))  # lazy: nothing is compiled before the first call
     assert isinstance(wrapped, torch._dynamo.eval_frame.OptimizedModule) and wrapped._orig_mod is model
     assert {id(p) for p in wrapped.parameters()} == {id(p) for p in model.parameters()}
 
 
 def test_compile_is_off_by_default_and_on_in_the_paper_profile():
-    assert load_config("polyp_size_fsg")["optim"]["compile"] is False
-    assert load_config("polyp_size_fsg", profile="paper")["optim"]["compile"] is True
+    assert load_config("polyp_size_fsg").optim.compile is False
+    assert load_config("polyp_size_fsg", profile="paper").optim.compile is True

@@ -4,18 +4,21 @@ import copy
 import textwrap
 
 import pytest
+import yaml
 
+from fsg_endo.engine.schema import SMOKE, SMOKE_OF_TASK, Config
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.experiment.config import (
+    CONFIG_DIR,
     dump_config,
     flatten_config,
+    list_experiments,
     load_config,
     load_config_file,
     revalidate,
     set_in,
 )
 from fsg_endo.experiment.runs import run_params
-from fsg_endo.experiment.schema import DEFAULTS, SMOKE
 
 
 @pytest.fixture
@@ -41,6 +44,8 @@ def _error(exp, **kwargs) -> str:
 
 EXP = """\
     task: size_class3
+    model:
+      size_head: linear
     optim:
       epochs: 3
     profiles:
@@ -54,49 +59,49 @@ EXP = """\
 def test_merge_order_defaults_yaml_profile_smoke_overrides(configs):
     configs("exp", EXP)
     cfg = load_config("exp")
-    assert cfg["name"] == "exp" and cfg["task"] == "size_class3" and cfg["optim"]["epochs"] == 3
-    assert cfg["optim"]["batch_size"] == DEFAULTS["optim"]["batch_size"]
-    assert cfg["optim"]["lr"] == DEFAULTS["optim"]["lr"] and cfg["data"] == DEFAULTS["data"]
+    assert cfg.name == "exp" and cfg.task == "size_class3" and cfg.optim.epochs == 3
+    assert cfg.optim.batch_size == Config().optim.batch_size
+    assert cfg.optim.lr == Config().optim.lr and cfg.data == Config().data
     cfg = load_config("exp", profile="fast")
-    assert (cfg["optim"]["epochs"], cfg["optim"]["batch_size"]) == (4, 16)
+    assert (cfg.optim.epochs, cfg.optim.batch_size) == (4, 16)
     cfg = load_config("exp", profile="fast", smoke=True)
-    assert (cfg["optim"]["epochs"], cfg["optim"]["batch_size"]) == (SMOKE["optim.epochs"], SMOKE["optim.batch_size"])
-    assert cfg["data"]["image_size"] == SMOKE["data.image_size"] and cfg["task"] == "size_class3"
+    assert (cfg.optim.epochs, cfg.optim.batch_size) == (SMOKE["optim.epochs"], SMOKE["optim.batch_size"])
+    assert cfg.data.image_size == SMOKE["data.image_size"] and cfg.task == "size_class3"
     cfg = load_config("exp", ["optim.epochs=7", "optim.epochs=8"], profile="fast", smoke=True)
-    assert cfg["optim"]["epochs"] == 8
+    assert cfg.optim.epochs == 8
     assert "profiles" not in cfg
 
 
 def test_yaml_profile_extends_the_builtin_paper_profile(configs):
     configs("exp", EXP)
     cfg = load_config("exp", profile="paper")
-    assert cfg["optim"]["batch_size"] == 64  # from the YAML's paper profile
-    assert cfg["model"]["preset"] == "ti" and cfg["data"]["image_size"] == 384  # built-in paper profile
-    assert cfg["optim"]["lr"] == pytest.approx(5e-5) and cfg["gr"]["gate_lr"] == pytest.approx(1e-4)
+    assert cfg.optim.batch_size == 64  # from the YAML's paper profile
+    assert cfg.model.preset == "ti" and cfg.data.image_size == 384  # built-in paper profile
+    assert cfg.optim.lr == pytest.approx(5e-5) and cfg.gr.gate_lr == pytest.approx(1e-4)
     configs("plain", "task: size_regression\n")
-    assert load_config("plain", profile="paper")["optim"]["epochs"] == 40
+    assert load_config("plain", profile="paper").optim.epochs == 40
 
 
 def test_the_paper_profile_keeps_the_papers_model_over_the_cpu_recipe():
     cpu, paper = load_config("polyp_size_fsg"), load_config("polyp_size_fsg", profile="paper")
-    assert (cpu["model"]["size_head"], cpu["model"]["patch_size"], cpu["optim"]["epochs"]) == ("log_box", 16, 26)
-    assert (paper["model"]["size_head"], paper["model"]["preset"], paper["model"]["patch_size"]) == ("linear", "ti", 16)
-    assert paper["optim"]["epochs"] == 40 and paper["data"]["image_size"] == 384
+    assert (cpu.model.size_head, cpu.model.patch_size, cpu.optim.epochs) == ("log_box", 16, 26)
+    assert (paper.model.size_head, paper.model.preset, paper.model.patch_size) == ("linear", "ti", 16)
+    assert paper.optim.epochs == 40 and paper.data.image_size == 384
 
 
 def test_name_from_yaml_wins_over_the_file_name_and_paths_load(configs, tmp_path):
     path = configs("other", "name: my_experiment\n")
-    assert load_config("other")["name"] == "my_experiment"
-    assert load_config(str(path))["name"] == "my_experiment"
+    assert load_config("other").name == "my_experiment"
+    assert load_config(str(path)).name == "my_experiment"
 
 
 def test_exponent_floats_and_int_for_float(configs):
     configs("exp", "optim:\n  lr: 1e-4\n  clip: 5\nloss:\n  main_weights: [1, 2, 3e0]\n")
     cfg = load_config("exp", ["gr.gate_lr=2e-4"])
-    assert cfg["optim"]["lr"] == 1e-4 and type(cfg["optim"]["lr"]) is float
-    assert cfg["optim"]["clip"] == 5.0 and type(cfg["optim"]["clip"]) is float
-    assert cfg["gr"]["gate_lr"] == 2e-4
-    assert cfg["loss"]["main_weights"] == [1.0, 2.0, 3.0]
+    assert cfg.optim.lr == 1e-4 and type(cfg.optim.lr) is float
+    assert cfg.optim.clip == 5.0 and type(cfg.optim.clip) is float
+    assert cfg.gr.gate_lr == 2e-4
+    assert cfg.loss.main_weights == [1.0, 2.0, 3.0]
 
 
 def test_set_values_read_as_yaml(configs):
@@ -105,8 +110,8 @@ def test_set_values_read_as_yaml(configs):
         "exp",
         ["data.root=2024", "model.depth=3", "data.videos=null", "sweep.folds=[0, 2]", "data.fov_mask=false", "name=x"],
     )
-    assert cfg["data"]["root"] == "2024" and cfg["model"]["depth"] == 3 and cfg["data"]["videos"] is None
-    assert cfg["sweep"]["folds"] == [0, 2] and cfg["data"]["fov_mask"] is False and cfg["name"] == "x"
+    assert cfg.data.root == "2024" and cfg.model.depth == 3 and cfg.data.videos is None
+    assert cfg.sweep.folds == [0, 2] and cfg.data.fov_mask is False and cfg.name == "x"
 
 
 @pytest.mark.parametrize(
@@ -123,7 +128,7 @@ def test_set_values_read_as_yaml(configs):
 def test_derived_facts_are_params_not_keys(configs, regularizer, fsg, gr, accumulate):
     configs("exp", f"regularizer: {regularizer}\n")
     cfg = load_config("exp")
-    assert "fsg" not in cfg and "enabled" not in cfg["gr"]
+    assert "fsg" not in Config.model_fields and "enabled" not in type(cfg.gr).model_fields
     params = run_params(cfg)
     facts = (params["fsg.enabled"], params["gr.enabled"], params["gr.accumulate_gate_pass_grads"])
     assert facts == (fsg, gr, accumulate)
@@ -231,8 +236,8 @@ def test_smoke_values_and_untouched_keys(configs):
     cfg = load_config("exp", smoke=True)
     for key, value in SMOKE.items():
         section, leaf = key.split(".")
-        assert cfg[section][leaf] == value
-    assert cfg["optim"]["lr"] == DEFAULTS["optim"]["lr"]
+        assert getattr(getattr(cfg, section), leaf) == value
+    assert cfg.optim.lr == Config().optim.lr
 
 
 def test_flatten_config(configs):
@@ -258,11 +263,11 @@ def test_dump_round_trip(configs, tmp_path):
 def test_revalidate_rechecks_every_key_and_across_keys(configs):
     configs("exp", "{}\n")
     cfg = load_config("exp")
-    child = copy.deepcopy(cfg)
+    child = cfg.model_dump()  # a config edited as a nested dict
     child["regularizer"] = "fsg"
     child["data"]["train_fraction"] = 1
     out = revalidate(child)
-    assert out["regularizer"] == "fsg" and type(out["data"]["train_fraction"]) is float
+    assert out.regularizer == "fsg" and type(out.data.train_fraction) is float
     child["data"]["test_fold"] = 1
     with pytest.raises(FsgEndoError, match="test_fold"):
         revalidate(child)
@@ -277,8 +282,8 @@ def test_set_in_returns_a_validated_copy(configs):
     before = copy.deepcopy(cfg)
     child = set_in(cfg, "regularizer", "none")
     assert cfg == before
-    assert child["regularizer"] == "none" and run_params(child)["fsg.enabled"] is False
-    assert set_in(cfg, "data.train_fraction", "0.25")["data"]["train_fraction"] == 0.25
+    assert child.regularizer == "none" and run_params(child)["fsg.enabled"] is False
+    assert set_in(cfg, "data.train_fraction", "0.25").data.train_fraction == 0.25
     with pytest.raises(FsgEndoError, match="'data.train_fraction'"):
         set_in(cfg, "data.train_fraction", 2.0)
     with pytest.raises(FsgEndoError, match="did you mean 'optim.lr'"):
@@ -297,9 +302,10 @@ def test_real_config_errors_stop_the_cli_with_one_line(configs, capsys):
 @pytest.mark.parametrize("yaml_text", ["model:\n  box_features: false\n", "task: size_class3\n"])
 def test_log_box_head_needs_size_regression_with_the_box(configs, yaml_text):
     configs("exp", yaml_text)
-    assert load_config("exp")["model"]["size_head"] == "linear"
-    message = _error("exp", overrides=["model.size_head=log_box"])
+    assert load_config("exp", overrides=["model.size_head=linear"]).model.size_head == "linear"
+    message = _error("exp")  # the default head is log_box, the main job's
     assert "'model.size_head' = log_box needs task size_regression and 'model.box_features' = true" in message
+    assert "set model.size_head: linear" in message
 
 
 @pytest.mark.parametrize(
@@ -326,14 +332,133 @@ def test_sweep_grid_expands_into_children_named_by_their_values(configs):
 
     configs("exp", "sweep:\n  regularizers: [none, fsg_gr]\n  train_fractions: [0.5]\n  folds: [0, 1]\n")
     cfg = load_config("exp", ["sweep.grid={gr.gate_lr: [1e-3, 1e-1], model.depth: [2, 3]}"])
-    assert cfg["sweep"]["grid"] == {"gr.gate_lr": [0.001, 0.1], "model.depth": [2, 3]}
+    assert cfg.sweep.grid == {"gr.gate_lr": [0.001, 0.1], "model.depth": [2, 3]}
     children = list(child_configs(cfg))
     assert len(children) == 2 * 4 * 2  # regularizers x grid points x folds
-    points = {(c["regularizer"], c["gr"]["gate_lr"], c["model"]["depth"], c["data"]["test_fold"]) for c in children}
+    points = {(c.regularizer, c.gr.gate_lr, c.model.depth, c.data.test_fold) for c in children}
     assert len(points) == len(children)
     names = [run_name(c) for c in children]
     assert len(set(names)) == len(names)  # a child's name is its resume key
-    child = next(c for c in children if c["gr"]["gate_lr"] == 0.1 and c["model"]["depth"] == 3)
+    child = next(c for c in children if c.gr.gate_lr == 0.1 and c.model.depth == 3)
     assert run_name(child).endswith("-gr.gate_lr=0.1,model.depth=3")
     assert flatten_config(child)["gr.gate_lr"] == 0.1 and flatten_config(child)["model.depth"] == 3
     assert run_name(load_config("exp")) == "fsg_gr-frac1-fold0-seed0"  # no grid, no suffix
+
+
+@pytest.mark.parametrize(
+    "where, kwargs",
+    [
+        ("--set data.shift=2", {"overrides": ["data.shift=2"]}),
+        ("--set data.train_limit=10", {"overrides": ["data.train_limit=10"]}),
+        ("exp.yaml", {"overrides": []}),
+        ("(sweep.grid)", {"overrides": ["sweep.grid={data.test_limit: [10, 20]}"]}),
+    ],
+)
+def test_keys_of_image_class_are_refused_for_the_polyp_tasks(configs, where, kwargs):
+    configs("exp", "data:\n  flip: false\n" if kwargs["overrides"] == [] else "{}\n")
+    message = _error("exp", **kwargs)
+    assert where in message and "read by task image_class only, not by task size_regression" in message
+    key = next(k for k in ("data.shift", "data.train_limit", "data.flip", "data.test_limit") if k in message)
+    assert f"'{key}'" in message
+
+
+def test_smoke_sets_the_image_limits_for_image_class_only(configs):
+    configs("polyp", "{}\n")
+    configs(
+        "images",
+        "task: image_class\ndata: {source: mnist, shift: 2}\nmodel: {box_features: false, size_head: linear}\n",
+    )
+    polyp, images = load_config("polyp", smoke=True), load_config("images", smoke=True)
+    assert (polyp.data.train_limit, polyp.data.test_limit) == (None, None)
+    limits = SMOKE_OF_TASK["image_class"]
+    assert (images.data.train_limit, images.data.test_limit) == (limits["data.train_limit"], limits["data.test_limit"])
+    assert images.data.shift == 2 and images.data.image_size == SMOKE["data.image_size"]
+    # the task an override sets decides the smoke values
+    assert (
+        load_config(
+            "polyp",
+            ["task=image_class", "data.source=mnist", "model.box_features=false", "model.size_head=linear"],
+            smoke=True,
+        ).data.train_limit
+        == limits["data.train_limit"]
+    )
+
+
+def _stated(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict) and key not in ("profiles", "grid"):
+            yield from _stated(value, f"{prefix}{key}.")
+        elif key != "profiles":
+            yield f"{prefix}{key}", value
+
+
+def _value(cfg, dotted):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+@pytest.mark.parametrize("exp", list_experiments())
+def test_a_shipped_config_states_only_what_differs_from_the_defaults_and_gets_it(exp):
+    """The schema's defaults are the main job's recipe: each shipped YAML resolves to exactly the values it
+    writes, and writes none that the defaults already hold."""
+    text = yaml.safe_load((CONFIG_DIR / f"{exp}.yaml").read_text(encoding="utf-8")) or {}
+    cfg, defaults = load_config(exp), Config()
+    for key, value in _stated(text):
+        assert _value(cfg, key) == value, key
+        assert _value(defaults, key) != value, f"{exp}.yaml restates the default {key} = {value!r}"
+    unstated = {k for k, _ in _stated(Config().model_dump())} - {k for k, _ in _stated(text)} - {"name"}
+    assert all(_value(cfg, key) == _value(defaults, key) for key in unstated)
+
+
+def test_the_main_job_is_the_defaults():
+    assert load_config("polyp_size_fsg") == Config(name="polyp_size_fsg")
+    cfg = Config()
+    assert (cfg.task, cfg.regularizer, cfg.model.size_head, cfg.model.patch_size, cfg.optim.epochs) == (
+        "size_regression",
+        "fsg_gr",
+        "log_box",
+        16,
+        26,
+    )
+
+
+@pytest.mark.parametrize(
+    "task_yaml, good, bad",
+    [
+        (
+            "{}\n",
+            ["auto", "val/mae", "lesion/val/rmse", "val/cls3_f1_diminutive", "lesion/val/cls2_auroc"],
+            ["val/mea", "mae"],
+        ),
+        ("task: size_class2\nmodel: {size_head: linear}\n", ["val/f1_ge10mm", "lesion/val/auroc"], ["val/mae"]),
+        (
+            "task: image_class\ndata: {source: mnist}\nmodel: {box_features: false, size_head: linear}\n",
+            ["val/accuracy", "val/macro_f1", "val/f1_7"],
+            ["lesion/val/accuracy", "test/accuracy", "val/acuracy"],
+        ),
+    ],
+)
+def test_eval_metric_is_checked_against_the_tasks_validation_metrics(configs, task_yaml, good, bad):
+    from fsg_endo.engine.recipe import check_eval_metric
+
+    configs("exp", task_yaml)
+    for metric in good:
+        check_eval_metric(load_config("exp", [f"eval.metric={metric}"]))
+    for metric in bad:
+        with pytest.raises(FsgEndoError) as info:
+            check_eval_metric(load_config("exp", [f"eval.metric={metric}"]))
+        assert f"eval.metric = '{metric}' is not a validation metric" in str(info.value)
+        assert "\n" not in str(info.value)
+
+
+def test_a_misspelt_eval_metric_stops_the_cli_before_a_run_opens(configs, tmp_path, monkeypatch, capsys):
+    from fsg_endo.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    path = configs("exp", "{}\n")
+    assert main(["run", "--exp", str(path), "--set", "eval.metric=val/mea"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "eval.metric = 'val/mea'" in err and "val/mae" in err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()

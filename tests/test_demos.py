@@ -332,7 +332,7 @@ def test_demo_fine_tunes_from_local_weights(workdir, store, capsys):
     assert float(params["optim.lr"]) == FINETUNE_LR
     model, cfg, _ = load_trained(*find_model("runs", "demo_mnist"))
     assert isinstance(model, VisionTransformer) and model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
-    assert cfg["model"]["weights"] is None  # inference reads the trained weights only
+    assert cfg.model.weights is None  # inference reads the trained weights only
     trained = torch.load(next(Path("runs").glob("*/best.pt")), weights_only=True)["model"]
     for key in ("conv_proj.weight", "encoder.layers.encoder_layer_1.mlp.3.weight"):  # a few steps at 5e-5 from them
         assert torch.allclose(trained[key], vit.state_dict()[key], atol=0.01), key

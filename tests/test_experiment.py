@@ -28,7 +28,7 @@ def _artifacts(client, run_id: str, path: str | None = None) -> list[str]:
     return out
 
 
-def test_smoke_run_logs_spec_names(smoke_store):
+def test_smoke_run_logs_documented_names(smoke_store):
     client, runs = _runs(smoke_store["uri"], "polyp_size_fsg")
     assert len(runs) == 1
     run = runs[0]
@@ -118,6 +118,16 @@ def test_results_table_and_ui_hint_printed(smoke_store):
     out = smoke_store["stdout"]
     assert "frame/test" in out and "lesion/test" in out and "mae" in out
     assert "mlflow ui --backend-store-uri sqlite:///" in out and "127.0.0.1" in out
+    # the address opens the experiment's training runs, not MLflow 3's GenAI view
+    exp = mlflow.MlflowClient(smoke_store["uri"]).get_experiment_by_name("polyp_size_fsg")
+    assert f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}?workflowType=machine_learning" in out
+
+
+def test_ui_hint_for_a_tracking_server_opens_the_training_runs():
+    from fsg_endo.experiment.launch import ui_hint
+
+    hint = ui_hint("http://host:5000/", "7")
+    assert hint == "open http://host:5000/#/experiments/7?workflowType=machine_learning in a browser"
 
 
 def test_same_seed_same_metrics(tmp_path, data_cache, smoke_store):

@@ -20,7 +20,7 @@ from fsg_endo.data.manifest import (
 )
 from fsg_endo.errors import FsgEndoError
 
-SPEC_COLUMNS = [
+DOCUMENTED_COLUMNS = [
     "dataset",
     "video_id",
     "lesion_id",
@@ -52,9 +52,9 @@ def manifest(realcolon) -> pd.DataFrame:
     return build_manifest("realcolon", realcolon, folds=4, seed=0)
 
 
-def test_columns_are_the_spec_columns_in_order(manifest):
-    assert list(MANIFEST_COLUMNS) == SPEC_COLUMNS
-    assert list(manifest.columns) == SPEC_COLUMNS
+def test_columns_are_the_documented_columns_in_order(manifest):
+    assert list(MANIFEST_COLUMNS) == DOCUMENTED_COLUMNS
+    assert list(manifest.columns) == DOCUMENTED_COLUMNS
     assert manifest["fold"].dtype == "int64"
 
 

@@ -112,7 +112,7 @@ def test_log_box_head_scales_the_box_side_by_exp_of_the_head():
     with torch.no_grad():
         head = model.head(torch.cat([model.vit(x), box], dim=1)).reshape(-1).numpy()
         out = model(x, box).reshape(-1).numpy()
-    # by hand, in numpy: size = exp(head) x sqrt(w_rel * h_rel), then SPEC's linear [0.5, 20] -> [-1, 1]
+    # by hand, in numpy: size = exp(head) x sqrt(w_rel * h_rel), then the documented linear [0.5, 20] -> [-1, 1]
     side = np.sqrt(np.exp(box[:, 0].numpy()) * np.exp(box[:, 1].numpy()))
     np.testing.assert_allclose(out, scale_size(np.exp(head) * side), rtol=1e-5, atol=1e-6)
 

@@ -86,7 +86,7 @@ def test_regularization_notebook_from_repo_root_with_parameters(analysis_store, 
     paired = next(c for c in nb.cells if "sweep_report(" in c.source)
     tables = [o["data"]["text/plain"] for o in paired.outputs if "text/plain" in o.get("data", {})]
     table = next(t for t in tables if "p_corrected_t" in t)
-    assert all(arm in table for arm in cfg["sweep"]["regularizers"])
+    assert all(arm in table for arm in cfg.sweep.regularizers)
 
 
 # -- finding the store ---------------------------------------------------------------------------

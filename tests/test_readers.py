@@ -12,7 +12,7 @@ from fixtures_data import EXPECTED_COLUMNS, voc_xml, write_jpeg, write_realcolon
 from fsg_endo.data.readers import read_realcolon, read_sun
 from fsg_endo.errors import FsgEndoError
 
-# Hand-written SPEC §2 classes of the sizes used below (boundaries 5.0, 9.9, 10.0 included).
+# Size classes (docs/interfaces.md#size-classes) of the sizes below, by hand (boundaries 5.0, 9.9, 10.0 included).
 CLASS3 = {3.0: 0, 5.0: 0, 5.1: 1, 7.5: 1, 9.9: 1, 10.0: 2, 12.0: 2}
 CLASS2 = {3.0: 0, 5.0: 0, 5.1: 0, 7.5: 0, 9.9: 0, 10.0: 1, 12.0: 1}
 SIZES = [[5.0, 9.9], [10.0], [3.0, 12.0, 7.5]]

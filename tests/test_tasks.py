@@ -13,7 +13,7 @@ from fsg_endo.errors import FsgEndoError
 
 
 def _scaled(size_mm):
-    """The SPEC target scaling written out: [0.5, 20] mm -> [-1, 1]."""
+    """The documented target scaling written out: [0.5, 20] mm -> [-1, 1]."""
     return 2.0 * (np.asarray(size_mm, dtype=float) - 0.5) / 19.5 - 1.0
 
 

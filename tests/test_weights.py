@@ -167,7 +167,7 @@ def test_model_weights_in_an_fsg_config_load_the_release_gates(release_file):
         f"model.mlp_dim={MLP}",
     ]
     cfg = load_config("polyp_size_fsg", overrides, smoke=True)
-    task = get_task(cfg["task"], cfg["loss"]["main_weights"], cfg["loss"]["gate_weights"])
+    task = get_task(cfg.task, cfg.loss.main_weights, cfg.loss.gate_weights)
     model = build_for(cfg, task).eval()
     x = torch.randn(2, 3, IMAGE, IMAGE)
     with torch.no_grad():

@@ -6,7 +6,7 @@ range: albumentations' ``Rotate``, flips, ``ColorJitter`` and ``GaussNoise``, wh
 before (tests/test_augment.py holds them side by side). The parameters are drawn here and the pixels go
 through the same OpenCV warp and albumentations' own pixel functions: on the 64 px crops of the CPU default,
 the transforms' per-call bookkeeping (parameter checks, seeding, dispatch) was about 40 % of the time per
-crop, and every training item is augmented once per epoch (benchmarks/README.md).
+crop, and every training item is augmented once per epoch (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Manifests (SPEC §2.3): build from a dataset root, assign grouped stratified folds, write, load and check.
+"""Manifests (docs/interfaces.md#manifest): build from a dataset root, assign grouped stratified folds, write, load.
 
 A manifest has one row per annotated lesion box in a frame, in the exact columns of
 :data:`MANIFEST_COLUMNS`. Folds are assigned at the lesion level (see :func:`assign_folds`).
@@ -190,7 +190,7 @@ def _typed(df: pd.DataFrame, path: Path) -> pd.DataFrame:
 
 
 def _check_consistency(df: pd.DataFrame, path: Path) -> None:
-    """Sizes, classes, boxes, folds and paths agree with SPEC §2 and with each other."""
+    """Sizes, classes, boxes, folds and paths agree with docs/interfaces.md#manifest and with each other."""
     size = df["size_mm"].to_numpy()
     _row_error(path, df["size_mm"] <= 0, df, lambda r: f"size_mm {r['size_mm']} is not positive")
     _row_error(

@@ -1,4 +1,4 @@
-"""Readers of the REAL-Colon and SUN layouts (SPEC §2): one row per annotated lesion box per frame.
+"""Readers of the REAL-Colon and SUN layouts (docs/interfaces.md#data-layouts): a row per lesion box per frame.
 
 Both return the manifest columns except ``fold`` (see :mod:`fsg_endo.data.manifest`). Every expected
 problem of the input raises :class:`FsgEndoError` with one line naming the file and the problem.

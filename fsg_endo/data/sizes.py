@@ -1,4 +1,4 @@
-"""Polyp size classes and the regression target scaling of SPEC §2 (paper thresholds)."""
+"""Polyp size classes and the regression target scaling (docs/interfaces.md#size-classes)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Train/validation/test splits of a manifest by fold, with nested low-data training subsets (SPEC §2.3)."""
+"""Train/validation/test splits of a manifest by fold, with nested low-data subsets (docs/interfaces.md#manifest)."""
 
 from __future__ import annotations
 

@@ -20,8 +20,10 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from fsg_endo.data.crop_features import CUES, crop_features
+from fsg_endo.engine.arms import ARMS
 from fsg_endo.engine.evaluation import lesion_counts, lesion_test_ci
 from fsg_endo.engine.prepare import Splits, prepare_splits
+from fsg_endo.engine.schema import Config
 from fsg_endo.engine.tasks import ClassificationTask, Task, get_task
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.tracking.tracker import Tracker
@@ -30,7 +32,6 @@ BASELINES: dict[str, tuple[str, ...]] = {"box": ("box",), "appearance": ("box", 
 # The baselines read one fixed crop whatever the model is given, so tuning a model never weakens them.
 CROP = {"image_size": 64, "context": 0.5, "fov_mask": True}
 TRICLASS = get_task("size_class3")
-ARM_PREFIX = "baseline_"  # regularizer value of a baseline arm: baseline_box, baseline_appearance
 
 
 def columns_of(cues: Sequence[str]) -> list[str]:
@@ -114,25 +115,25 @@ def split_features(
 
 
 def baseline_metrics(
-    cfg: Mapping[str, Any], name: str, rows: Splits | None = None
+    cfg: Config, name: str, rows: Splits | None = None
 ) -> tuple[dict[str, float], dict[str, pd.DataFrame]]:
     """Baseline ``name`` fit on the training rows of a config's split, scored on its val and test rows."""
     rows = rows or prepare_splits(cfg)
-    task = get_task(cfg["task"], cfg["loss"]["main_weights"], cfg["loss"]["gate_weights"])
-    features = split_features(rows.splits, rows.root, cfg["data"]["source_media"], max(cfg["data"]["workers"], 1))
-    return evaluate_baseline(task, rows.splits, features, BASELINES[name], cfg["seed"])
+    task = get_task(cfg.task, cfg.loss.main_weights, cfg.loss.gate_weights)
+    features = split_features(rows.splits, rows.root, cfg.data.source_media, max(cfg.data.workers, 1))
+    return evaluate_baseline(task, rows.splits, features, BASELINES[name], cfg.seed)
 
 
-def fit_baseline(cfg: Mapping[str, Any], tracker: Tracker) -> dict[str, float]:
+def fit_baseline(cfg: Config, tracker: Tracker) -> dict[str, float]:
     """A baseline arm's run (``regularizer: baseline_box|baseline_appearance``): seconds, no network.
 
     Logs the same metric names as a trained model's run, and its prediction tables.
     """
     rows = prepare_splits(cfg)
     tracker.set_tags({"data.manifest_sha256": rows.manifest_sha256})
-    metrics, tables = baseline_metrics(cfg, baseline_of(cfg["regularizer"]), rows)
-    task = get_task(cfg["task"], cfg["loss"]["main_weights"], cfg["loss"]["gate_weights"])
-    metrics |= lesion_test_ci(task, tables["test"], cfg["seed"]) | lesion_counts(rows.splits)
+    metrics, tables = baseline_metrics(cfg, baseline_of(cfg.regularizer), rows)
+    task = get_task(cfg.task, cfg.loss.main_weights, cfg.loss.gate_weights)
+    metrics |= lesion_test_ci(task, tables["test"], cfg.seed) | lesion_counts(rows.splits)
     tracker.log_metrics(metrics, 0)
     for split, frames in tables.items():
         tracker.log_text(frames.to_csv(index=False), f"predictions/{split}.csv")
@@ -141,6 +142,6 @@ def fit_baseline(cfg: Mapping[str, Any], tracker: Tracker) -> dict[str, float]:
 
 
 def baseline_of(regularizer: str) -> str | None:
-    """The baseline a ``regularizer`` value names (``baseline_box`` -> ``box``), else None."""
-    name = regularizer[len(ARM_PREFIX) :] if regularizer.startswith(ARM_PREFIX) else None
-    return name if name in BASELINES else None
+    """The baseline of an arm (``baseline_box`` -> ``box``, :data:`fsg_endo.engine.arms.ARMS`), else None."""
+    arm = ARMS.get(regularizer)
+    return arm.baseline if arm else None

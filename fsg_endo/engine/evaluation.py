@@ -43,6 +43,13 @@ def evaluate(model, loader, task: Task, device, use_box: bool, split: str) -> tu
     return metrics, frames
 
 
+def validation_metrics(task: Task, split: str = "val") -> list[str]:
+    """The metric names :func:`evaluate` returns for ``task`` on ``split``: the task's metrics of an empty
+    prediction table, per frame and, for a task with lesions, per lesion."""
+    names = list(task.compute_metrics(pd.DataFrame({"target": [], "prediction": []})))
+    return [f"{split}/{k}" for k in names] + ([f"lesion/{split}/{k}" for k in names] if task.lesion_level else [])
+
+
 def metric_mode(metric: str) -> str:
     """Errors and losses are minimised, everything else (accuracy, F1, AUROC) maximised."""
     return "min" if any(s in metric.rsplit("/", 1)[-1] for s in ("mae", "rmse", "loss")) else "max"

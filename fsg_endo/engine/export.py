@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from fsg_endo.engine.recipe import BOX_FEATURES
+from fsg_endo.engine.schema import Config
 from fsg_endo.engine.tasks import Task
 from fsg_endo.nn.gates import fold_gates
 from fsg_endo.tracking.tracker import Tracker
@@ -19,21 +20,21 @@ from fsg_endo.tracking.tracker import Tracker
 PREPROCESS_KEYS = ("image_size", "context", "fov_mask", "mean", "std")
 
 
-def model_metadata(cfg: Mapping[str, Any], task: Task, preprocess: Mapping[str, Any]) -> dict[str, Any]:
+def model_metadata(cfg: Config, task: Task, preprocess: Mapping[str, Any]) -> dict[str, Any]:
     """What a saved model needs besides its weights: task, inputs, crop and normalisation (what the data has
     of :data:`PREPROCESS_KEYS`), and where it came from (experiment, dataset, folds and seed, so ``--fold K``
     of the training data means the same)."""
     return {
         "task": task.name,
         "class_names": list(task.class_names),
-        "box_features": cfg["model"]["box_features"],
+        "box_features": cfg.model.box_features,
         **{k: preprocess[k] for k in PREPROCESS_KEYS if k in preprocess},
-        "experiment": cfg["name"],
-        "regularizer": cfg["regularizer"],
-        "trained_on": cfg["data"]["source"],
-        "folds": cfg["data"]["folds"],
-        "seed": cfg["seed"],
-        "test_fold": cfg["data"]["test_fold"],
+        "experiment": cfg.name,
+        "regularizer": cfg.regularizer,
+        "trained_on": cfg.data.source,
+        "folds": cfg.data.folds,
+        "seed": cfg.seed,
+        "test_fold": cfg.data.test_fold,
     }
 
 
@@ -47,7 +48,7 @@ def example_inputs(metadata: Mapping[str, Any], batch: int = 2) -> tuple[torch.T
 def log_trained_model(
     tracker: Tracker,
     model: torch.nn.Module,
-    cfg: Mapping[str, Any],
+    cfg: Config,
     task: Task,
     preprocess: Mapping[str, Any],
     step: int,
@@ -60,6 +61,6 @@ def log_trained_model(
         fold_gates(model),
         example_inputs(metadata),
         metadata,
-        registered_model_name=cfg["tracking"]["register_model"],
+        registered_model_name=cfg.tracking.register_model,
         step=step,
     )

@@ -1,4 +1,4 @@
-"""Metric functions of SPEC §3 on plain arrays (numpy + scikit-learn, no torch).
+"""Metric functions (docs/interfaces.md#tasks-and-metrics) on plain arrays (numpy + scikit-learn, no torch).
 
 Every function returns plain Python floats so the results go straight to MLflow and CSV files.
 Metrics that are undefined for the given data (e.g. AUROC with one class present) are NaN.

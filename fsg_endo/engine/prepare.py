@@ -36,6 +36,7 @@ from fsg_endo.data.pipeline import build_dataset, compute_mean_std, make_loader
 from fsg_endo.data.sampling import LesionFrameSampler
 from fsg_endo.data.splits import make_splits, split_summary
 from fsg_endo.engine.progress import interactive
+from fsg_endo.engine.schema import Config, Data
 from fsg_endo.errors import FsgEndoError
 
 
@@ -66,20 +67,20 @@ class DataBundle:
         self.sampler.set_epoch(epoch, start=batches_done * self.loaders["train"].batch_size)
 
 
-def dataset_root(data: Mapping[str, Any], seed: int) -> Path:
+def dataset_root(data: Data, seed: int) -> Path:
     """The dataset root of a config; generates the synthetic dataset on first use."""
-    if data["source"] != "synthetic":
-        if not data["root"]:
-            raise FsgEndoError(f"data.source={data['source']} needs a dataset root (--data-root or data.root)")
-        root = Path(data["root"])
+    if data.source != "synthetic":
+        if not data.root:
+            raise FsgEndoError(f"data.source={data.source} needs a dataset root (--data-root or data.root)")
+        root = Path(data.root)
         if not root.is_dir():
             raise FsgEndoError(f"{root}: dataset root does not exist")
         return root
     from fsg_endo.synth.dataset import ensure_synthetic
 
-    gen_seed = seed if data["synthetic_seed"] is None else data["synthetic_seed"]
-    root = Path(data["root"]) if data["root"] else cache_dir() / f"synthetic_s{gen_seed}_v{data['videos'] or 'default'}"
-    return ensure_synthetic(root, n_videos=data["videos"], seed=gen_seed)
+    gen_seed = seed if data.synthetic_seed is None else data.synthetic_seed
+    root = Path(data.root) if data.root else cache_dir() / f"synthetic_s{gen_seed}_v{data.videos or 'default'}"
+    return ensure_synthetic(root, n_videos=data.videos, seed=gen_seed)
 
 
 def dataset_stamp(root: Path) -> str:
@@ -91,15 +92,15 @@ def dataset_stamp(root: Path) -> str:
     return ",".join(str(p.stat().st_mtime_ns) for p in sorted(root.iterdir()))
 
 
-def manifest_path(data: Mapping[str, Any], root: Path, seed: int) -> Path:
+def manifest_path(data: Data, root: Path, seed: int) -> Path:
     """The manifest of a config: the one given, else one built from the root and cached by content key."""
-    if data["manifest"]:
-        return Path(data["manifest"])
-    key = hashlib.sha1(f"{data['source']}|{root.resolve()}|{data['sizes']}|{dataset_stamp(root)}".encode())
+    if data.manifest:
+        return Path(data.manifest)
+    key = hashlib.sha1(f"{data.source}|{root.resolve()}|{data.sizes}|{dataset_stamp(root)}".encode())
     key = key.hexdigest()[:10]
-    path = cache_dir() / "manifests" / f"{data['source']}_{key}_k{data['folds']}_s{seed}.csv"
+    path = cache_dir() / "manifests" / f"{data.source}_{key}_k{data.folds}_s{seed}.csv"
     if not path.exists():
-        df = build_manifest(data["source"], root, folds=data["folds"], seed=seed, sizes=data["sizes"])
+        df = build_manifest(data.source, root, folds=data.folds, seed=seed, sizes=data.sizes)
         write_manifest(df, path)
     return path
 
@@ -115,9 +116,9 @@ def cap_frames_per_lesion(rows: pd.DataFrame, n: int | None) -> pd.DataFrame:
     return rows.iloc[np.sort(np.concatenate(keep))].reset_index(drop=True)
 
 
-def check_batch(cfg: Mapping[str, Any], num_replicas: int) -> None:
+def check_batch(cfg: Config, num_replicas: int) -> None:
     """``optim.batch_size`` is the global batch: it must split evenly across the training processes."""
-    batch = cfg["optim"]["batch_size"]
+    batch = cfg.optim.batch_size
     if batch % num_replicas:
         raise FsgEndoError(f"optim.batch_size = {batch} is not divisible by the {num_replicas} training processes")
 
@@ -132,66 +133,62 @@ class Splits:
     manifest: Path | None = None
 
 
-def prepare_splits(cfg: Mapping[str, Any]) -> Splits:
+def prepare_splits(cfg: Config) -> Splits:
     """Dataset (generated on first use), manifest and the low-data split of a config, without any crop."""
-    data, seed = cfg["data"], cfg["seed"]
+    data, seed = cfg.data, cfg.seed
     root = dataset_root(data, seed)
     mpath = manifest_path(data, root, seed)
     manifest = load_manifest(mpath, root=root)
-    splits = make_splits(manifest, data["test_fold"], data["val_fold"], data["train_fraction"], seed=seed)
+    splits = make_splits(manifest, data.test_fold, data.val_fold, data.train_fraction, seed=seed)
     for name in ("val", "test"):
-        splits[name] = cap_frames_per_lesion(splits[name], data["eval_frames_per_lesion"])
+        splits[name] = cap_frames_per_lesion(splits[name], data.eval_frames_per_lesion)
     return Splits(root, hashlib.sha256(mpath.read_bytes()).hexdigest(), splits, mpath)
 
 
-def prepare_data(cfg: Mapping[str, Any], num_replicas: int = 1, rank: int = 0) -> DataBundle:
+def prepare_data(cfg: Config, num_replicas: int = 1, rank: int = 0) -> DataBundle:
     """Dataset, manifest, low-data split, train statistics, datasets and loaders for one run.
 
     With ``num_replicas`` processes, ``optim.batch_size`` is the global batch: this rank loads its
     share of every batch, and only rank 0 (which evaluates) gets the val and test loaders.
     """
-    if cfg["task"] == "image_class":
+    if cfg.task == "image_class":
         return prepare_image_data(cfg, num_replicas, rank)
     check_batch(cfg, num_replicas)
-    data, seed = cfg["data"], cfg["seed"]
-    batch = cfg["optim"]["batch_size"]
+    data, seed = cfg.data, cfg.seed
+    batch = cfg.optim.batch_size
     rows = prepare_splits(cfg)
     root, splits = rows.root, rows.splits
 
-    crop = {"image_size": data["image_size"], "context": data["context"], "fov_mask": data["fov_mask"]}
+    crop = {"image_size": data.image_size, "context": data.context, "fov_mask": data.fov_mask}
     mean, std = compute_mean_std(splits["train"], root, **crop)
     common = dict(
         crop,
         mean=mean,
         std=std,
-        cache=data["cache"],
-        source=data["source_media"],
+        cache=data.cache,
+        source=data.source_media,
         cache_dir=cache_dir() / "persistent",
-        workers=data["workers"],
+        workers=data.workers,
         progress=interactive(),
     )
     train_ds = SeededItems(
-        build_dataset(
-            splits["train"], root, train=data["augment"], seed=seed, photometric=data["photometric"], **common
-        )
+        build_dataset(splits["train"], root, train=data.augment, seed=seed, photometric=data.photometric, **common)
     )
     sampler = EpochSampler(
         LesionFrameSampler(
             splits["train"],
-            frames_per_lesion=data["frames_per_lesion"],
-            class_balanced=data["class_balanced"],
+            frames_per_lesion=data.frames_per_lesion,
+            class_balanced=data.class_balanced,
             seed=seed,
             num_replicas=num_replicas,
             rank=rank,
         ),
         seed=seed,
     )
-    loaders = {
-        "train": make_loader(train_ds, batch // num_replicas, sampler=sampler, workers=data["workers"], seed=seed)
-    }
+    loaders = {"train": make_loader(train_ds, batch // num_replicas, sampler=sampler, workers=data.workers, seed=seed)}
     for name in ("val", "test") if rank == 0 else ():
         ds = build_dataset(splits[name], root, train=False, seed=seed, **common)
-        loaders[name] = make_loader(ds, batch * 2, workers=data["workers"], seed=seed)
+        loaders[name] = make_loader(ds, batch * 2, workers=data.workers, seed=seed)
     return DataBundle(
         root=root,
         manifest_sha256=rows.manifest_sha256,
@@ -207,21 +204,21 @@ def prepare_data(cfg: Mapping[str, Any], num_replicas: int = 1, rank: int = 0) -
 FALLBACKS = {"sklearn_digits"}  # sources read in place of the configured one
 
 
-def read_images(data: Mapping[str, Any], seed: int, train: bool = True) -> ImageData:
+def read_images(data: Data, seed: int, train: bool = True) -> ImageData:
     """The configured image source, reduced as configured (``train=False``: the held-out split only)."""
     common = dict(
-        image_size=data["image_size"],
+        image_size=data.image_size,
         seed=seed,
-        fraction=data["train_fraction"],
-        train_limit=data["train_limit"],
-        test_limit=data["test_limit"],
+        fraction=data.train_fraction,
+        train_limit=data.train_limit,
+        test_limit=data.test_limit,
         train=train,
     )
-    if data["source"] == "mnist":
-        return load_mnist(data["root"], **common)
-    check_image_root(data["source"], data["root"])
-    reader = load_image_folder if data["source"] == "imagenette" else load_cifar100
-    return reader(data["root"], **common)
+    if data.source == "mnist":
+        return load_mnist(data.root, **common)
+    check_image_root(data.source, data.root)
+    reader = load_image_folder if data.source == "imagenette" else load_cifar100
+    return reader(data.root, **common)
 
 
 def split_table(splits: Mapping[str, ImageSet]) -> pd.DataFrame:
@@ -232,24 +229,20 @@ def split_table(splits: Mapping[str, ImageSet]) -> pd.DataFrame:
     )
 
 
-def prepare_image_data(cfg: Mapping[str, Any], num_replicas: int = 1, rank: int = 0) -> DataBundle:
+def prepare_image_data(cfg: Config, num_replicas: int = 1, rank: int = 0) -> DataBundle:
     """Read, split and normalise (train statistics) the images; loaders as :func:`prepare_data` builds them."""
     check_batch(cfg, num_replicas)
-    data, seed, batch = cfg["data"], cfg["seed"], cfg["optim"]["batch_size"]
+    data, seed, batch = cfg.data, cfg.seed, cfg.optim.batch_size
     images = read_images(data, seed)
-    train, val = validation_split(images.train, data["folds"], data["val_fold"], seed)
+    train, val = validation_split(images.train, data.folds, data.val_fold, seed)
     splits = {"train": train, "val": val, "test": images.test}
     mean, std = channel_stats(train.images)
-    augment = {"shift": data["shift"], "flip": data["flip"]} if data["augment"] else {}
+    augment = {"shift": data.shift, "flip": data.flip} if data.augment else {}
     train_ds = SeededItems(image_dataset(train, mean, std, **augment))
     sampler = EpochSampler(DistributedSampler(train_ds, num_replicas, rank, shuffle=True, seed=seed), seed=seed)
-    loaders = {
-        "train": make_loader(train_ds, batch // num_replicas, sampler=sampler, workers=data["workers"], seed=seed)
-    }
+    loaders = {"train": make_loader(train_ds, batch // num_replicas, sampler=sampler, workers=data.workers, seed=seed)}
     for name in ("val", "test") if rank == 0 else ():
-        loaders[name] = make_loader(
-            image_dataset(splits[name], mean, std), batch * 2, workers=data["workers"], seed=seed
-        )
+        loaders[name] = make_loader(image_dataset(splits[name], mean, std), batch * 2, workers=data.workers, seed=seed)
     table = split_table(splits)
     summary = (
         table.groupby("split", sort=False).agg(images=("image_id", "size"), classes=("label", "nunique")).reset_index()
@@ -263,7 +256,7 @@ def prepare_image_data(cfg: Mapping[str, Any], num_replicas: int = 1, rank: int 
     }
     tags = {"data.source_read": images.source, "data.fallback": images.source if images.source in FALLBACKS else "none"}
     return DataBundle(
-        root=Path(data["root"] or "."),
+        root=Path(data.root or "."),
         manifest_sha256=hashlib.sha256(table.to_csv(index=False).encode()).hexdigest(),
         splits={name: table[table["split"] == name] for name in splits},
         summary=summary,
@@ -273,5 +266,5 @@ def prepare_image_data(cfg: Mapping[str, Any], num_replicas: int = 1, rank: int 
         tags=tags,
         info=info,
         note=images.note,
-        preprocess={"image_size": data["image_size"], "mean": list(mean), "std": list(std)},
+        preprocess={"image_size": data.image_size, "mean": list(mean), "std": list(std)},
     )

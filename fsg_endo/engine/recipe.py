@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -14,9 +14,13 @@ import torch
 
 from fsg_endo.data.pipeline import box_features
 from fsg_endo.data.sizes import SIZE_MAX_MM, SIZE_MIN_MM
+from fsg_endo.engine.arms import ARMS
+from fsg_endo.engine.backbones import vit_size
 from fsg_endo.engine.distributed import DistContext
-from fsg_endo.engine.evaluation import metric_mode
+from fsg_endo.engine.evaluation import metric_mode, validation_metrics
+from fsg_endo.engine.schema import Config
 from fsg_endo.engine.tasks import Task, get_task
+from fsg_endo.errors import FsgEndoError
 from fsg_endo.nn.gates import gate_parameters, non_gate_parameters
 from fsg_endo.nn.models import build_model
 from fsg_endo.nn.routing import GradientRouter, train_step
@@ -26,50 +30,42 @@ GATE_STREAM = 1  # the gates' generator is the SeedSequence of (seed, GATE_STREA
 
 
 def uses_gates(regularizer: str) -> bool:
-    """Whether the arm's model carries FSG gates (logged as the param ``fsg.enabled``)."""
-    return regularizer in ("fsg", "fsg_gr", "fsg_frozen", "fsg_gr_release")
+    """Whether the arm's model carries FSG gates (logged as the param ``fsg.enabled``); False for a name
+    that is no arm (e.g. a run without the tag)."""
+    return regularizer in ARMS and ARMS[regularizer].gated
 
 
 def uses_routing(regularizer: str) -> bool:
     """Whether the arm trains with Gradient Routing (logged as the param ``gr.enabled``)."""
-    return regularizer in ("fsg_gr", "fsg_gr_release")
+    return regularizer in ARMS and ARMS[regularizer].routed
 
 
-def frozen_gates(regularizer: str) -> bool:
-    """Whether the arm keeps its gates at init: ``fsg_frozen``, the control for what the gates learn."""
-    return regularizer == "fsg_frozen"
+def accumulates_gate_pass(cfg: Config) -> bool:
+    """Whether GR carries the gate pass's gradients into the main step: the arm's row says so (the paper's
+    released code) or ``gr.accumulate_gate_pass_grads`` is set."""
+    return ARMS[cfg.regularizer].accumulates_gate_pass or cfg.gr.accumulate_gate_pass_grads
 
 
-def accumulates_gate_pass(cfg: Mapping[str, Any]) -> bool:
-    """Whether GR carries the gate pass's gradients into the main step: ``fsg_gr_release`` (as the paper's
-    released code does) or ``gr.accumulate_gate_pass_grads``."""
-    return cfg["regularizer"] == "fsg_gr_release" or cfg["gr"]["accumulate_gate_pass_grads"]
-
-
-def build_for(cfg: Mapping[str, Any], task: Task, train_rows: pd.DataFrame | None = None) -> torch.nn.Module:
+def build_for(cfg: Config, task: Task, train_rows: pd.DataFrame | None = None) -> torch.nn.Module:
     """The model of the config's regulariser: gated for the FSG arms, dropout only for ``dropout``.
 
     Every arm of one seed starts from the same backbone and head weights: the gates come from their own
     generator, seeded by ``seed``, and leave the global RNG where it was. A log-box head starts at the
     median log(size / box side) of ``train_rows`` (when given; a checkpoint or saved model brings its own)."""
-    m, reg = cfg["model"], cfg["regularizer"]
-    extra = {k: m[k] for k in ("dropout", "attention_dropout", "stochastic_depth")} if reg == "dropout" else {}
-    log_box = m["size_head"] == "log_box"
+    m, arm = cfg.model, ARMS[cfg.regularizer]
+    extra = dict(dropout=m.dropout, attention_dropout=m.attention_dropout, stochastic_depth=m.stochastic_depth)
+    log_box = m.size_head == "log_box"
     model = build_model(
-        m["preset"],
-        cfg["data"]["image_size"],
-        m["patch_size"],
-        task.num_outputs,
-        hidden_dim=m["hidden_dim"],
-        depth=m["depth"],
-        heads=m["heads"],
-        mlp_dim=m["mlp_dim"],
-        fsg=uses_gates(reg),
-        box_features=BOX_FEATURES if m["box_features"] else 0,
+        m.preset,
+        cfg.data.image_size,
+        num_outputs=task.num_outputs,
+        **vit_size(m),  # the shape of model.weights when given, and their local file
+        fsg=arm.gated,
+        box_features=BOX_FEATURES if m.box_features else 0,
         size_range=(SIZE_MIN_MM, SIZE_MAX_MM) if log_box else None,
-        weights=m["weights"],
-        gate_seed=gate_seed(cfg["seed"]),
-        **extra,
+        gate_seed=gate_seed(cfg.seed),
+        **(extra if arm.dropout else {}),
+        **arm.model_options,
     )
     if log_box and train_rows is not None:
         model.init_log_ratio(log_size_per_side(train_rows))
@@ -87,13 +83,13 @@ def gate_seed(seed: int) -> int:
     return int(np.random.SeedSequence([seed, GATE_STREAM]).generate_state(1)[0])
 
 
-def compiled(cfg: Mapping[str, Any], model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def compiled(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """``torch.compile(model)`` when ``optim.compile`` is set and the run is on CUDA, else ``model`` itself.
 
     CUDA only by design: the ``paper`` profile (a GPU setting) turns it on, and on CPU a compile costs
-    minutes for little gain (benchmarks/README.md). Parameters stay shared with ``model``.
+    minutes for little gain (docs/benchmarks.md). Parameters stay shared with ``model``.
     """
-    return torch.compile(model) if cfg["optim"]["compile"] and device.type == "cuda" else model
+    return torch.compile(model) if cfg.optim.compile and device.type == "cuda" else model
 
 
 def adam(params: Any, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
@@ -102,22 +98,44 @@ def adam(params: Any, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
-def build_optimizers(cfg: Mapping[str, Any], model: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
+def build_optimizers(cfg: Config, model: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
     """GR: two optimisers over disjoint sets. Joint FSG: one optimiser, gates in their own group.
     Frozen FSG: the gates keep their init (``requires_grad=False``, in no optimiser)."""
-    o, gr = cfg["optim"], cfg["gr"]
-    if frozen_gates(cfg["regularizer"]):
+    o, gr, arm = cfg.optim, cfg.gr, ARMS[cfg.regularizer]
+    if arm.frozen_gates:
         for gate in gate_parameters(model):
             gate.requires_grad_(False)
-    if uses_routing(cfg["regularizer"]):
+    if arm.routed:
         return {
-            "main": adam(non_gate_parameters(model), o["lr"], o["weight_decay"]),
-            "gate": adam(gate_parameters(model), gr["gate_lr"]),
+            "main": adam(non_gate_parameters(model), o.lr, o.weight_decay),
+            "gate": adam(gate_parameters(model), gr.gate_lr),
         }
     groups = [{"params": non_gate_parameters(model)}]
-    if uses_gates(cfg["regularizer"]) and not frozen_gates(cfg["regularizer"]):
-        groups.append({"params": gate_parameters(model), "lr": gr["gate_lr"], "weight_decay": 0.0})
-    return {"main": adam(groups, o["lr"], o["weight_decay"])}
+    if arm.gated and not arm.frozen_gates:
+        groups.append({"params": gate_parameters(model), "lr": gr.gate_lr, "weight_decay": 0.0})
+    return {"main": adam(groups, o.lr, o.weight_decay)}
+
+
+def selection_metric(metric: str, task: Task) -> str:
+    """The validation metric that selects the best epoch: ``eval.metric``, or the task's main one for ``auto``.
+    A name :func:`~fsg_endo.engine.evaluation.evaluate` does not return is an error (else no epoch is best)."""
+    if metric == "auto":
+        return f"val/{task.main_metric}"
+    names = validation_metrics(task)
+    if metric not in names:
+        raise FsgEndoError(
+            f"eval.metric = {metric!r} is not a validation metric of task {task.name}; "
+            f"choose auto or one of {', '.join(names)}"
+        )
+    return metric
+
+
+def check_eval_metric(cfg: Config) -> None:
+    """``eval.metric`` checked before any data is read. An ``image_class`` per-class F1 (``val/f1_<class>``)
+    waits for the classes, which come with the data: :func:`build_recipe` checks it then."""
+    if cfg.task == "image_class" and cfg.eval.metric.startswith("val/f1_"):
+        return
+    selection_metric(cfg.eval.metric, get_task(cfg.task, class_names=("any",) if cfg.task == "image_class" else ()))
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -136,7 +154,7 @@ class Recipe:
     """The objects of one run. ``model`` is the plain module (evaluation, checkpoints, gates); ``step``
     trains it on one batch, through DistributedDataParallel under torchrun."""
 
-    cfg: Mapping[str, Any]
+    cfg: Config
     task: Task
     device: torch.device
     model: torch.nn.Module
@@ -148,15 +166,15 @@ class Recipe:
 
     @property
     def use_box(self) -> bool:
-        return self.cfg["model"]["box_features"]
+        return self.cfg.model.box_features
 
     @property
     def gated(self) -> bool:
-        return uses_gates(self.cfg["regularizer"])
+        return uses_gates(self.cfg.regularizer)
 
 
 def build_recipe(
-    cfg: Mapping[str, Any],
+    cfg: Config,
     ctx: DistContext,
     steps_per_epoch: int,
     class_names: Sequence[str] = (),
@@ -165,17 +183,17 @@ def build_recipe(
     """Model, optimisers, warmup-cosine schedules and the step (Gradient Routing for the ``fsg_gr`` arms);
     ``class_names``: the classes of the data, for ``image_class``; ``train_rows``: the training manifest
     rows, where the log-box head takes its start."""
-    device = ctx.device(cfg["device"])
-    amp = cfg["optim"]["amp"] and device.type == "cuda"
-    loss = cfg["loss"]
-    task = get_task(cfg["task"], loss["main_weights"], loss["gate_weights"], class_names, loss["beta"])
+    device = ctx.device(cfg.device)
+    amp = cfg.optim.amp and device.type == "cuda"
+    loss = cfg.loss
+    task = get_task(cfg.task, loss.main_weights, loss.gate_weights, class_names, loss.beta)
     model = build_for(cfg, task, train_rows).to(device)
     optimizers = build_optimizers(cfg, model)
-    epochs, warmup = cfg["optim"]["epochs"], cfg["optim"]["warmup_epochs"] * steps_per_epoch
+    epochs, warmup = cfg.optim.epochs, cfg.optim.warmup_epochs * steps_per_epoch
     schedulers = {k: warmup_cosine(o, warmup, epochs * steps_per_epoch) for k, o in optimizers.items()}
-    clip, gr = cfg["optim"]["clip"], cfg["gr"]
+    clip, gr = cfg.optim.clip, cfg.gr
     fast = compiled(cfg, model, device)  # both GR passes and the plain step run this module
-    if uses_routing(cfg["regularizer"]):
+    if ARMS[cfg.regularizer].routed:
         trained = ctx.wrap(fast, device, ignore=gate_parameters(model))  # the router all-reduces the gates
         step = GradientRouter(
             trained,
@@ -184,11 +202,11 @@ def build_recipe(
             task.main_loss,
             task.gate_loss,
             main_clip=clip,
-            gate_clip=gr["gate_clip"],
+            gate_clip=gr.gate_clip,
             amp=amp,
             accumulate_gate_pass_grads=accumulates_gate_pass(cfg),
         ).step
     else:
         step = partial(train_step, ctx.wrap(fast, device), optimizers["main"], task.main_loss, clip=clip, amp=amp)
-    metric = f"val/{task.main_metric}" if cfg["eval"]["metric"] == "auto" else cfg["eval"]["metric"]
+    metric = selection_metric(cfg.eval.metric, task)
     return Recipe(cfg, task, device, model, optimizers, schedulers, step, metric, metric_mode(metric))

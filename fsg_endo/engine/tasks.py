@@ -1,4 +1,5 @@
-"""The three polyp sizing tasks of SPEC §3, ``image_class`` and ``text_class``: targets, losses, predictions, metrics.
+"""The polyp sizing tasks, ``image_class`` and ``text_class`` (docs/interfaces.md#tasks-and-metrics): targets,
+losses, metrics.
 
 A :class:`Task` turns a collated pipeline batch (keys ``target_reg``, ``size_mm``,
 ``size_class3``, ``size_class2``, ``lesion_id``, ``video_id``, ``frame_id``) into loss targets,
@@ -91,7 +92,7 @@ class RegressionTask(Task):
     """``size_regression``: one output, the size scaled to [-1, 1]; size-weighted smooth-L1.
 
     ``targets`` is (B, 3) float: scaled size, main-loss weight, gate-loss weight. The weights are
-    looked up on the CPU by size class (SPEC thresholds), so each loss is a few elementwise ops.
+    looked up on the CPU by size class (docs/interfaces.md#size-classes), so each loss is a few elementwise ops.
     Each loss is the weighted mean ``sum(w * l) / sum(w)``: the weights shift emphasis between
     size classes without changing the loss scale, so learning rates do not depend on the weights.
     """

@@ -38,6 +38,7 @@ from fsg_endo.engine.interrupt import RunInterrupted, StopSignals
 from fsg_endo.engine.prepare import DataBundle
 from fsg_endo.engine.progress import progress_bar, report_epoch
 from fsg_endo.engine.recipe import Recipe, build_recipe
+from fsg_endo.engine.schema import Config
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.nn.gates import gate_logits, gate_statistics, gate_values
 from fsg_endo.tracking import plots
@@ -45,7 +46,7 @@ from fsg_endo.tracking.tracker import Tracker, metric_records
 
 
 def fit(
-    cfg: Mapping[str, Any],
+    cfg: Config,
     data: DataBundle,
     tracker: Tracker,
     run_dir: Path,
@@ -55,7 +56,7 @@ def fit(
     """Train (or resume), select the best epoch on validation, test it, log everything; returns the final
     metrics (on rank 0; other ranks of a torchrun job return an empty dict)."""
     stop = stop or StopSignals()
-    set_determinism(seed=cfg["seed"])
+    set_determinism(seed=cfg.seed)
     r = build_recipe(
         cfg,
         ctx,
@@ -74,10 +75,10 @@ def fit(
 
     clock = Clock(tracker)
     with stop.deferred():
-        for _ in range(progress.epoch, cfg["optim"]["epochs"]):
+        for _ in range(progress.epoch, cfg.optim.epochs):
             train_epoch(r, data, progress, tracker, ctx, stop, last_path)
             end_epoch(r, data, progress, tracker, ctx, best_path, clock)
-            if progress.epoch % cfg["checkpoint"]["every"] == 0 or progress.epoch == cfg["optim"]["epochs"]:
+            if progress.epoch % cfg.checkpoint.every == 0 or progress.epoch == cfg.optim.epochs:
                 checkpoint(r, progress, tracker, ctx, last_path)
             if should_stop(r, tracker, ctx, stop):
                 stop_run(r, progress, tracker, ctx, stop, last_path)
@@ -99,7 +100,7 @@ def train_epoch(
     r.model.train()
     sums = progress.sums or {"loss": 0.0, "gate_loss": 0.0, "steps": 0}
     progress.sums = sums
-    desc = f"epoch {progress.epoch + 1}/{cfg['optim']['epochs']}"
+    desc = f"epoch {progress.epoch + 1}/{cfg.optim.epochs}"
     for batch in progress_bar(data.loaders["train"], desc, enabled=ctx.is_main):
         out = r.step(model_inputs(batch, r.device, r.use_box), r.task.targets(batch).to(r.device))
         for scheduler in r.schedulers.values():
@@ -113,10 +114,10 @@ def train_epoch(
         loss, gate_loss = loss / ctx.world_size, gate_loss / ctx.world_size
         if out["skipped"]:
             progress.skipped += 1
-            if progress.skipped > cfg["optim"]["max_skipped_steps"]:
+            if progress.skipped > cfg.optim.max_skipped_steps:
                 raise FsgEndoError(
                     f"{progress.skipped} training steps had a non-finite loss or gradient (NaN/Inf), "
-                    f"more than optim.max_skipped_steps = {cfg['optim']['max_skipped_steps']}; "
+                    f"more than optim.max_skipped_steps = {cfg.optim.max_skipped_steps}; "
                     f"stopped in epoch {progress.epoch + 1} at step {progress.step}"
                 )
         else:
@@ -131,16 +132,16 @@ def train_epoch(
 def log_step(r: Recipe, progress: Progress, loss: float, gate_loss: float) -> None:
     """Buffer the step's training metrics, and the gate statistics every ``gates.log_every`` steps."""
     step = progress.step
-    if step % r.cfg["tracking"]["log_every"] == 0:
+    if step % r.cfg.tracking.log_every == 0:
         lr = r.schedulers["main"].get_last_lr()[0]
         progress.metrics += metric_records({"train/loss": loss, "train/gate_loss": gate_loss, "train/lr": lr}, step)
-    if r.gated and step % r.cfg["gates"]["log_every"] == 0:
+    if r.gated and step % r.cfg.gates.log_every == 0:
         progress.metrics += metric_records(gate_stats(r, progress), step)
 
 
 def gate_stats(r: Recipe, progress: Progress) -> dict[str, float]:
     """The gate statistics, with each vector's shift from its init."""
-    return gate_statistics(r.model, r.cfg["gates"]["sparsity_threshold"], progress.gate_init)
+    return gate_statistics(r.model, r.cfg.gates.sparsity_threshold, progress.gate_init)
 
 
 def gate_values_of(logits: Mapping[str, Any]) -> dict[str, Any]:
@@ -160,10 +161,10 @@ def end_epoch(
         "train/skipped_steps": progress.skipped,
     }
     if r.gated:
-        if progress.step % cfg["gates"]["log_every"]:  # not already logged at this step
+        if progress.step % cfg.gates.log_every:  # not already logged at this step
             row.update(gate_stats(r, progress))
         progress.gates[str(epoch)] = gate_values(r.model)
-    if ctx.is_main and (epoch % cfg["eval"]["every"] == 0 or epoch == cfg["optim"]["epochs"]):
+    if ctx.is_main and (epoch % cfg.eval.every == 0 or epoch == cfg.optim.epochs):
         val_metrics, _ = evaluate(r.model, data.loaders["val"], r.task, r.device, r.use_box, "val")
         row.update(val_metrics)
         if is_better(val_metrics.get(r.metric, math.nan), progress.best, r.mode):
@@ -171,7 +172,7 @@ def end_epoch(
             save_checkpoint(best_path, {"model": r.model.state_dict(), "epoch": epoch})
     row.update(clock.lap())
     if ctx.is_main:
-        report_epoch(row, cfg["optim"]["epochs"], r.metric)
+        report_epoch(row, cfg.optim.epochs, r.metric)
     progress.epoch, progress.batch, progress.sums = epoch, 0, {}
     progress.history.append({k: float(v) for k, v in row.items()})
     progress.metrics += metric_records(row, progress.step)
@@ -186,11 +187,11 @@ def checkpoint(r: Recipe, progress: Progress, tracker: Tracker, ctx: DistContext
         publish(tracker, progress, r.cfg)
 
 
-def publish(tracker: Tracker, progress: Progress, cfg: Mapping[str, Any]) -> None:
+def publish(tracker: Tracker, progress: Progress, cfg: Config) -> None:
     """Send the metrics and gate vectors a checkpoint covers to MLflow (asynchronous metrics, then artifacts)."""
     tracker.log_records(progress.metrics)
     for epoch, values in sorted(progress.gates.items(), key=lambda item: int(item[0])):
-        tracker.log_gate_epoch(values, int(epoch), plot=cfg["tracking"]["plots"])
+        tracker.log_gate_epoch(values, int(epoch), plot=cfg.tracking.plots)
     progress.metrics, progress.gates = [], {}
 
 
@@ -250,7 +251,7 @@ def finish(r: Recipe, data: DataBundle, tracker: Tracker, progress: Progress, be
         metrics, frames = evaluate(model, data.loaders[split], r.task, r.device, r.use_box, split)
         results.update(metrics)
         tracker.log_text(frames.to_csv(index=False), f"predictions/{split}.csv")
-    results |= lesion_test_ci(r.task, frames, cfg["seed"])
+    results |= lesion_test_ci(r.task, frames, cfg.seed)
     tracker.log_metrics(
         {k: v for k, v in results.items() if k.startswith(("test/", "lesion/test/"))}
         | {"best_epoch": progress.best_epoch},
@@ -258,13 +259,13 @@ def finish(r: Recipe, data: DataBundle, tracker: Tracker, progress: Progress, be
     )
     if r.gated:
         results |= gate_movement(r, progress)
-    if cfg["tracking"]["plots"]:
+    if cfg.tracking.plots:
         tracker.log_figure(
             plots.confusion_figure(r.task.confusion(frames), r.task.class_names, "test, per frame"),
             "plots/confusion_test.png",
         )
         tracker.log_figure(plots.learning_curves(pd.DataFrame(progress.history), r.metric), "plots/learning_curves.png")
-    if cfg["tracking"]["log_model"]:
+    if cfg.tracking.log_model:
         log_trained_model(tracker, model, cfg, r.task, data.preprocess, progress.step)
     tracker.flush()
     return results

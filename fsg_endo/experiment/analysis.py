@@ -22,8 +22,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from fsg_endo.data.sizes import CLASS3_NAMES, size_class3
 from fsg_endo.engine.recipe import uses_gates
+from fsg_endo.engine.schema import REGULARIZERS
 from fsg_endo.errors import FsgEndoError
-from fsg_endo.experiment.schema import REGULARIZERS
 from fsg_endo.tracking.tracker import GATE_INIT_ARTIFACT, GRID_POINT_TAG, check_tracking_uri
 
 STORE_FILE = "mlflow.db"
@@ -268,7 +268,7 @@ def latest_per_cell(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def regularizer_order(names: Iterable[str]) -> list[str]:
-    """Regularisers in the SPEC's order (none, dropout, fsg, fsg_gr), unknown names after them."""
+    """Regularisers in the schema's order (none, dropout, fsg, fsg_gr), unknown names after them."""
     names = set(names)
     return [r for r in REGULARIZERS if r in names] + sorted(names - set(REGULARIZERS))
 
@@ -281,7 +281,7 @@ def group_keys(runs: pd.DataFrame) -> list[str]:
 
 def summarize(runs: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     """Mean, std and count of each metric per (regulariser, train fraction[, grid point]), regularisers in
-    SPEC order."""
+    the schema's order."""
     stats = runs.groupby(group_keys(runs))[list(metrics)].agg(["mean", "std", "count"])
     stats.columns = [f"{metric} {stat}" for metric, stat in stats.columns]
     order = regularizer_order(stats.index.get_level_values(0))
@@ -306,7 +306,7 @@ def load_predictions(client: mlflow.MlflowClient, run_id: str, split: str = "tes
 def lesion_errors(client: mlflow.MlflowClient, runs: pd.DataFrame, split: str = "test") -> pd.DataFrame:
     """Per lesion of each run: its size class and error (mm off for regression, 1 if misclassified).
 
-    A lesion's prediction is the task's lesion aggregation of its frames (the mean, SPEC §3).
+    A lesion's prediction is the task's aggregation of its frames, the mean (docs/interfaces.md#tasks-and-metrics).
     """
     from fsg_endo.engine.tasks import get_task
 

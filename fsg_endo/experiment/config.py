@@ -1,10 +1,12 @@
 """Experiment configs: YAML loading, profiles, ``--set`` overrides, validation against the typed schema.
 
 An experiment YAML (``fsg_endo/experiment/configs/NAME.yaml``, shipped with the package, or any path)
-overrides only what differs from the defaults of :class:`~fsg_endo.experiment.schema.Config`, may hold
+overrides only what differs from the defaults of :class:`~fsg_endo.engine.schema.Config`, may hold
 named ``profiles:`` (partial configs, e.g. ``paper``) and a ``sweep:`` section. Every key, type and choice
 is checked before any work starts; a mistake is one :class:`FsgEndoError` line naming the file (or
-``--set``), the dotted key, the value and what is allowed. The resolved config is a plain nested dict.
+``--set``), the dotted key, the value and what is allowed. The resolved config is the typed, frozen
+:class:`~fsg_endo.engine.schema.Config`; nested dicts exist only here, while layers are merged, and at the
+edges (:func:`flatten_config` for MLflow params, :func:`dump_config` for the run folder).
 """
 
 from __future__ import annotations
@@ -13,112 +15,29 @@ import copy
 import difflib
 import os
 import re
-import types
-import typing
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import annotated_types
 import yaml
-from pydantic import BaseModel, ValidationError
-from pydantic.fields import FieldInfo
+from pydantic import ValidationError
 
+from fsg_endo.engine.schema import (
+    DERIVED,
+    PROFILES,
+    REGULARIZERS,
+    SMOKE,
+    SMOKE_OF_TASK,
+    SWEEP_AXES,
+    TASK_KEYS,
+    Config,
+)
 from fsg_endo.errors import FsgEndoError
-from fsg_endo.experiment.schema import DERIVED, PROFILES, REGULARIZERS, SMOKE, SWEEP_AXES, Config
+from fsg_endo.experiment.config_errors import FIELDS, LEAVES, describe, one_line, unknown_key
 from fsg_endo.io import atomic_path
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 CONFIG_DIR_ENV = "FSG_ENDO_CONFIG_DIR"
-
-
-def _fields(model: type[BaseModel] = Config, prefix: str = "") -> Iterator[tuple[str, FieldInfo, bool]]:
-    """(dotted key, field, is_section) of every key of the schema, sections before their keys."""
-    for name, info in model.model_fields.items():
-        section = isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
-        yield f"{prefix}{name}", info, section
-        if section:
-            yield from _fields(info.annotation, f"{prefix}{name}.")
-
-
-FIELDS = {key: info for key, info, _ in _fields()}
-LEAVES = [key for key, _, section in _fields() if not section]
-
-
-def _describe(annotation: Any) -> str:
-    """A type as users read it: ``int``, ``str or null``, ``list[float]``, ``one of a, b``."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Annotated:
-        return _describe(args[0])
-    if origin is typing.Literal:
-        return "one of " + ", ".join(map(str, args))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
-    if origin is list:
-        return f"list[{_describe(args[0])}]"
-    return getattr(annotation, "__name__", str(annotation))
-
-
-def _bounds(metadata: Sequence[Any]) -> str:
-    """Numeric constraints as users read them: ``> 0``, ``>= 1``, ``in (0, 1]``."""
-    lo = hi = None
-    metadata = [inner for m in metadata for inner in (m.metadata if isinstance(m, FieldInfo) else [m])]
-    for m in metadata:
-        if isinstance(m, (annotated_types.Gt, annotated_types.Ge)):
-            lo = ("(", m.gt) if isinstance(m, annotated_types.Gt) else ("[", m.ge)
-        if isinstance(m, (annotated_types.Lt, annotated_types.Le)):
-            hi = (")", m.lt) if isinstance(m, annotated_types.Lt) else ("]", m.le)
-    if lo and hi:
-        return f"in {lo[0]}{lo[1]:g}, {hi[1]:g}{hi[0]}"
-    if lo:
-        return f"{'>' if lo[0] == '(' else '>='} {lo[1]:g}"
-    return f"{'<' if hi[0] == ')' else '<='} {hi[1]:g}" if hi else ""
-
-
-def _element_bounds(annotation: Any) -> str:
-    """The constraint of a value, or of each element of a list, of a field's annotation."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Annotated:
-        return _bounds(args[1:]) or _element_bounds(args[0])
-    if origin in (list, typing.Union, types.UnionType):
-        return next((b for b in map(_element_bounds, args) if b), "")
-    return ""
-
-
-def _unknown_key(key: str, where: str) -> FsgEndoError:
-    """The error for an unknown dotted key, with the closest known key as a suggestion."""
-    match = difflib.get_close_matches(key, list(FIELDS), n=1, cutoff=0.6)
-    if not match:  # a misplaced or misspelt leaf name, e.g. 'lr' or 'optim.learning_rat'
-        by_leaf = {k.rsplit(".", 1)[-1]: k for k in LEAVES}
-        match = [by_leaf[m] for m in difflib.get_close_matches(key.rsplit(".", 1)[-1], by_leaf, n=1, cutoff=0.7)]
-    hint = f" (did you mean '{match[0]}'?)" if match else ""
-    return FsgEndoError(f"{where}: unknown config key '{key}'{hint}")
-
-
-def _one_line(err: ValidationError, where: str) -> FsgEndoError:
-    """The first problem of a validation error as one line naming ``where``, the key, the value and the rule."""
-    first = err.errors(include_url=False)[0]
-    kind, value = first["type"], first.get("input")
-    key = ".".join(str(part) for part in first["loc"] if not isinstance(part, int))
-    if kind == "extra_forbidden":
-        return _unknown_key(key, where)
-    if not key:  # a check across keys
-        return FsgEndoError(f"{where}: {first['ctx']['error'] if 'ctx' in first else first['msg']}")
-    info = FIELDS[key]
-    if kind == "model_type":
-        return FsgEndoError(f"{where}: '{key}' must be a mapping of keys, got {type(value).__name__}")
-    if kind in ("too_short", "too_long"):
-        size = info.metadata[0].min_length if info.metadata else None
-        want = f"{size} values" if kind == "too_long" or size != 1 else "at least one value"
-        return FsgEndoError(f"{where}: config key '{key}' must have {want}, got {len(value)}")
-    if kind == "literal_error":
-        return FsgEndoError(f"{where}: config key '{key}' must be {_describe(info.annotation)}; got {value!r}")
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        rule = _bounds(info.metadata) or _element_bounds(info.annotation)
-        return FsgEndoError(f"{where}: config key '{key}' must be {rule}, got {value!r}")
-    return FsgEndoError(
-        f"{where}: config key '{key}' must be {_describe(info.annotation)}, got {type(value).__name__} {value!r}"
-    )
 
 
 class _Loader(yaml.SafeLoader):
@@ -224,7 +143,7 @@ def _leaves(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, An
 
 
 def _is_text(key: str) -> bool:
-    return key in FIELDS and _describe(FIELDS[key].annotation) in ("str", "str or null")
+    return key in FIELDS and describe(FIELDS[key].annotation) in ("str", "str or null")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -269,12 +188,12 @@ def _refuse_derived(partial: Any, where: str, prefix: str = "") -> None:
         _refuse_derived(value, where, f"{dotted}.")
 
 
-def _validated(tree: Mapping[str, Any], where: str, partial: bool = False) -> dict[str, Any]:
-    """``tree`` checked against :class:`Config` (``partial``: without the checks across keys), as a dict."""
+def _validated(tree: Mapping[str, Any], where: str, partial: bool = False) -> Config:
+    """``tree`` checked against :class:`Config` (``partial``: without the checks across keys)."""
     try:
-        return Config.model_validate(tree, context={"partial": partial}).model_dump()
+        return Config.model_validate(tree, context={"partial": partial})
     except ValidationError as err:
-        raise _one_line(err, where) from None
+        raise one_line(err, where) from None
 
 
 Layer = tuple[Any, str]  # a partial config and where it comes from (for messages)
@@ -287,9 +206,9 @@ def _apply(cfg: Mapping[str, Any], layers: Sequence[Layer]) -> dict[str, Any]:
         if not isinstance(partial, Mapping):
             raise FsgEndoError(f"{where}: a config must be a mapping of keys, got {type(partial).__name__}")
         _refuse_derived(partial, where)
-        cfg = _validated(_merge(cfg, partial), where, partial=True)
+        cfg = _validated(_merge(cfg, partial), where, partial=True).model_dump()
         _check_grid(cfg["sweep"]["grid"], where)
-    return dict(cfg)
+    return cfg
 
 
 def _check_grid(grid: Mapping[str, Any], where: str) -> None:
@@ -300,7 +219,7 @@ def _check_grid(grid: Mapping[str, Any], where: str) -> None:
         if key in DERIVED:
             raise FsgEndoError(f"{at}: '{key}' derives from 'regularizer' and cannot be an axis")
         if key not in LEAVES:
-            raise _unknown_key(key, f"{where} (sweep.grid)")
+            raise unknown_key(key, f"{where} (sweep.grid)")
         if key in SWEEP_AXES or key.startswith("sweep."):
             raise FsgEndoError(
                 f"{at}: '{key}' is already an axis of the sweep (sweep.regularizers, "
@@ -314,9 +233,22 @@ def _check_grid(grid: Mapping[str, Any], where: str) -> None:
             raise FsgEndoError(f"{at} lists a value twice: {values!r}")
 
 
-def _resolve(layers: Sequence[Layer], where: str) -> dict[str, Any]:
+def _resolve(layers: Sequence[Layer], where: str) -> Config:
     """The defaults with ``layers`` applied, then checked across keys."""
     return _validated(_apply(Config().model_dump(), layers), where)
+
+
+def _refuse_other_tasks(cfg: Config, layers: Sequence[Layer], where: str) -> None:
+    """A key that only other tasks read (:data:`TASK_KEYS`), set away from its default by a layer or made a
+    sweep axis, is an error (a resolved config, which states every key at its default, still loads)."""
+    defaults = dict(_leaves(Config().model_dump()))
+    keys = [(key, at) for partial, at in layers for key, value in _leaves(partial) if value != defaults.get(key)]
+    keys += [(key, f"{where} (sweep.grid)") for key in cfg.sweep.grid]
+    for key, where in keys:
+        if cfg.task not in TASK_KEYS.get(key, (cfg.task,)):
+            raise FsgEndoError(
+                f"{where}: '{key}' is read by task {' or '.join(TASK_KEYS[key])} only, not by task {cfg.task}"
+            )
 
 
 def _profiles(profiles: Any, where: str) -> dict[str, list[Layer]]:
@@ -331,13 +263,11 @@ def _profiles(profiles: Any, where: str) -> dict[str, list[Layer]]:
     return layers
 
 
-def load_config(
-    exp: str, overrides: Sequence[str] = (), profile: str | None = None, smoke: bool = False
-) -> dict[str, Any]:
+def load_config(exp: str, overrides: Sequence[str] = (), profile: str | None = None, smoke: bool = False) -> Config:
     """The resolved config of an experiment (a name in :func:`config_dir` or a YAML path).
 
-    Merge order: defaults <- YAML <- profile (built-in, then the YAML's) <- SMOKE (if ``smoke``)
-    <- ``overrides`` (``key=value``). ``name`` defaults to the file's stem.
+    Merge order: defaults <- YAML <- profile (built-in, then the YAML's) <- SMOKE (if ``smoke``: :data:`SMOKE`
+    and the task's :data:`SMOKE_OF_TASK`) <- ``overrides`` (``key=value``). ``name`` defaults to the file's stem.
     """
     path = _find_config(exp)
     where = _display(path)
@@ -348,13 +278,17 @@ def load_config(
         if profile not in profiles:
             raise FsgEndoError(f"{where}: unknown profile '{profile}'; available: {', '.join(profiles)}")
         layers.extend(profiles[profile])
+    sets = [(_nest(*parse_override(text)), f"--set {text}") for text in overrides]
     if smoke:
-        layers.append((_nest_all(SMOKE), "SMOKE"))
-    layers.extend((_nest(*parse_override(text)), f"--set {text}") for text in overrides)
-    return _resolve(layers, f"{where} with --set overrides" if overrides else where)
+        task = _apply(Config().model_dump(), layers + sets)["task"]
+        layers.append((_nest_all(SMOKE | SMOKE_OF_TASK.get(task, {})), "SMOKE"))
+    layers += sets
+    cfg = _resolve(layers, f"{where} with --set overrides" if overrides else where)
+    _refuse_other_tasks(cfg, layers, where)
+    return cfg
 
 
-def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+def load_config_file(path: str | os.PathLike) -> Config:
     """A resolved config written by :func:`dump_config` (e.g. to resume a run), validated again."""
     path = Path(path)
     if not path.is_file():
@@ -364,36 +298,42 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return _resolve([(data, _display(path))], _display(path))
 
 
-def revalidate(cfg: Mapping[str, Any], where: str = "config") -> dict[str, Any]:
-    """A (possibly edited) resolved config checked again, every key and across keys."""
-    return _resolve([(dict(cfg), where)], where)
+def revalidate(cfg: Config | Mapping[str, Any], where: str = "config") -> Config:
+    """A config checked again, every key and across keys; also the way in for a config built or edited as a
+    nested dict (a test's, an edited ``config.yaml``): ``revalidate({"optim": {"epochs": 3}})``."""
+    return _resolve([(_tree(cfg), where)], where)
 
 
-def set_in(cfg: Mapping[str, Any], dotted_key: str, value: Any) -> dict[str, Any]:
-    """A copy of a resolved config with one key changed (validated like ``--set``); ``cfg`` is untouched.
+def _tree(cfg: Config | Mapping[str, Any]) -> dict[str, Any]:
+    return cfg.model_dump() if isinstance(cfg, Config) else dict(cfg)
+
+
+def set_in(cfg: Config, dotted_key: str, value: Any) -> Config:
+    """A copy of a config with one key changed (validated like ``--set``); ``cfg`` is untouched.
 
     A string value for a non-string key is read as YAML. Run :func:`revalidate` after changing keys that
     depend on each other.
     """
     if isinstance(value, str) and not _is_text(dotted_key):
         value = parse_override(f"{dotted_key}={value}")[1]
-    return _apply(cfg, [(_nest(dotted_key, value), f"set_in {dotted_key}")])
+    where = f"set_in {dotted_key}"
+    return _validated(_apply(_tree(cfg), [(_nest(dotted_key, value), where)]), where, partial=True)
 
 
-def flatten_config(cfg: Mapping[str, Any]) -> dict[str, str | int | float | bool]:
+def flatten_config(cfg: Config) -> dict[str, str | int | float | bool]:
     """Dotted keys to scalars (MLflow params): lists become their ``str``, None becomes ``"null"``."""
     flat = {}
-    for key, value in _leaves(cfg):
+    for key, value in _leaves(cfg.model_dump()):
         if isinstance(value, list):
             value = str(value)
         flat[key] = "null" if value is None else value
     return flat
 
 
-def dump_config(cfg: Mapping[str, Any], path: str | os.PathLike) -> Path:
+def dump_config(cfg: Config, path: str | os.PathLike) -> Path:
     """Write a resolved config as YAML, atomically; :func:`load_config` reads it back to the same config."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        text = yaml.safe_dump(dict(cfg), sort_keys=False, default_flow_style=False)
+        text = yaml.safe_dump(cfg.model_dump(), sort_keys=False, default_flow_style=False)
         tmp.write_text(f"# resolved fsg_endo config\n{text}", encoding="utf-8")
     return path

@@ -23,6 +23,7 @@ from fsg_endo.engine.checkpoint import load_checkpoint
 from fsg_endo.engine.evaluation import predict
 from fsg_endo.engine.prepare import read_images
 from fsg_endo.engine.recipe import build_for, uses_gates
+from fsg_endo.engine.schema import Config
 from fsg_endo.engine.tasks import get_task
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.experiment.config import load_config, load_config_file, set_in
@@ -64,10 +65,10 @@ def training_overrides(exp: str, args: argparse.Namespace) -> list[str]:
         "data.train_limit": args.train_limit,
     }
     out = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    if args.epochs is not None and base["optim"]["warmup_epochs"] > args.epochs:
+    if args.epochs is not None and base.optim.warmup_epochs > args.epochs:
         out.append(f"optim.warmup_epochs={args.epochs}")
     if args.weights:
-        out += weight_overrides(args.weights, base["data"]["image_size"])
+        out += weight_overrides(args.weights, base.data.image_size)
     if args.smoke:
         out.append("tracking.log_model=false")
     return out + list(args.overrides)
@@ -168,7 +169,7 @@ def find_model(path: str | Path, exp: str) -> tuple[Path, Path]:
     return best.parent, best
 
 
-def load_trained(run_dir: Path, model_file: Path) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
+def load_trained(run_dir: Path, model_file: Path) -> tuple[torch.nn.Module, Config, dict[str, Any]]:
     """The run's model (gates folded, eval mode), its config and ``data.json``; weights read with weights_only."""
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "data.json").is_file():
         raise FsgEndoError(f"{run_dir}: not an image_class run folder (config.yaml and data.json expected)")
@@ -176,7 +177,7 @@ def load_trained(run_dir: Path, model_file: Path) -> tuple[torch.nn.Module, dict
         raise FsgEndoError(f"{model_file}: no model file (the run was never validated)")
     cfg = set_in(load_config_file(run_dir / "config.yaml"), "model.weights", None)  # the checkpoint has them
     info = json.loads((run_dir / "data.json").read_text(encoding="utf-8"))
-    model = build_for(cfg, get_task(cfg["task"], class_names=info["class_names"]))
+    model = build_for(cfg, get_task(cfg.task, class_names=info["class_names"]))
     try:
         state = load_checkpoint(model_file)["model"]
     except Exception as err:  # torch.load raises many types for a foreign or truncated file
@@ -184,7 +185,7 @@ def load_trained(run_dir: Path, model_file: Path) -> tuple[torch.nn.Module, dict
             f"{model_file}: not an fsg_endo checkpoint readable with weights_only=True ({type(err).__name__})"
         ) from None
     model.load_state_dict(state)
-    model = fold_gates(model).eval() if uses_gates(cfg["regularizer"]) else model.eval()
+    model = fold_gates(model).eval() if uses_gates(cfg.regularizer) else model.eval()
     return model, cfg, info
 
 
@@ -192,24 +193,24 @@ def infer(exp: str, args: argparse.Namespace, echo: Callable[[str], None] = prin
     """Per-image predictions of a trained demo run on its held-out split, and the held-out accuracy."""
     run_dir, model_file = find_model(args.checkpoint, exp)
     model, cfg, info = load_trained(run_dir, model_file)
-    data = dict(cfg["data"], root=args.data_root or cfg["data"]["root"])
+    data = cfg.data.model_copy(update={"root": args.data_root or cfg.data.root})
     if args.smoke:
-        data["test_limit"] = min(data["test_limit"] or SMOKE_TEST_IMAGES, SMOKE_TEST_IMAGES)
-    images = read_images(data, cfg["seed"], train=False)
+        data = data.model_copy(update={"test_limit": min(data.test_limit or SMOKE_TEST_IMAGES, SMOKE_TEST_IMAGES)})
+    images = read_images(data, cfg.seed, train=False)
     if images.note:
         echo(images.note)
     names = tuple(info["class_names"])
     if images.class_names != names:
         raise FsgEndoError(
-            f"{data['root']}: classes {list(images.class_names)[:5]}... differ from the run's {list(names)[:5]}..."
+            f"{data.root}: classes {list(images.class_names)[:5]}... differ from the run's {list(names)[:5]}..."
         )
     if images.source != info["source_read"]:
         echo(f"note: the run was trained on {info['source_read']}, the held-out images come from {images.source}")
     loader = make_loader(image_dataset(images.test, info["mean"], info["std"]), 256)
-    task = get_task(cfg["task"], class_names=names)
+    task = get_task(cfg.task, class_names=names)
     table = predict(model, loader, task, torch.device("cpu"), use_box=False, desc="test")
-    folded = "; gates folded into the weights for inference" if uses_gates(cfg["regularizer"]) else ""
-    echo(f"{model_file}: ViT trained with {cfg['regularizer']} on {info['source_read']}{folded}")
+    folded = "; gates folded into the weights for inference" if uses_gates(cfg.regularizer) else ""
+    echo(f"{model_file}: ViT trained with {cfg.regularizer} on {info['source_read']}{folded}")
     columns = ["image_id", "target_name", "prediction_name", "confidence"]
     echo(table[columns].head(args.show).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     correct = int((table["target"] == table["prediction"]).sum())

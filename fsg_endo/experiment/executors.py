@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from fsg_endo.engine.distributed import SINGLE, DistContext
 from fsg_endo.engine.interrupt import HANDLED, RunInterrupted, StopSignals
+from fsg_endo.engine.schema import Config, Sweep
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.experiment.runs import execute, open_run, run_dir_for, start_run
 from fsg_endo.tracking.store import TrackingError, retry_store
@@ -38,7 +39,7 @@ class Child:
     """One child of a sweep: its key, its config, and its run and checkpoint folder once it has them."""
 
     key: str
-    cfg: dict[str, Any]
+    cfg: Config
     run_id: str | None = None
     run_dir: Path | None = None
 
@@ -57,7 +58,7 @@ class Outcome:
 def open_child(child: Child, uri: str, parent_run_id: str) -> Tracker:
     """The child's run: reopened when it has one (a resumed sweep), else created under the parent."""
     if child.run_id:
-        return Tracker.start(uri, child.cfg["name"], resume_run_id=child.run_id)
+        return Tracker.start(uri, child.cfg.name, resume_run_id=child.run_id)
     return start_run(child.cfg, uri, parent_run_id=parent_run_id, extra_tags={SWEEP_KEY_TAG: child.key})
 
 
@@ -124,7 +125,7 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
 class RayExecutor:
     """Children as Ray tasks (``sweep.resources`` each), at most ``max_concurrent`` at once, one progress bar."""
 
-    def __init__(self, sweep: Mapping[str, Any], uri: str, address: str | None = None) -> None:
+    def __init__(self, sweep: Sweep, uri: str, address: str | None = None) -> None:
         self.uri, self.owns_ray = uri, connect_ray(address)  # first: Ray reads its variables when imported
         import ray
 
@@ -135,11 +136,9 @@ class RayExecutor:
                 f"{len(nodes)} nodes: start an MLflow server (mlflow server --host HOST) and "
                 "pass its URL with --tracking-uri http://HOST:5000"
             )
-        self.cpus, self.gpus = sweep["resources"]["cpus"], sweep["resources"]["gpus"]
-        self.max_retries = sweep["max_retries"]
-        self.max_concurrent = sweep["max_concurrent"] or default_concurrency(
-            ray.cluster_resources(), self.cpus, self.gpus
-        )
+        self.cpus, self.gpus = sweep.resources.cpus, sweep.resources.gpus
+        self.max_retries = sweep.max_retries
+        self.max_concurrent = sweep.max_concurrent or default_concurrency(ray.cluster_resources(), self.cpus, self.gpus)
         # passed with each task, not as a runtime_env, which needs workers of its own beside the ones Ray prestarts
         # (bench_sweep measured no difference in wall time; it is the simpler of the two)
         self.env = {k: str(Path(v).resolve()) for k, v in os.environ.items() if k == "FSG_ENDO_CACHE"}
@@ -260,7 +259,7 @@ def run_child_task(child: Child, uri: str, cpus: float, cwd: str, env: Mapping[s
             )
             tracker = None
             try:
-                tracker = Tracker.start(uri, child.cfg["name"], resume_run_id=child.run_id)
+                tracker = Tracker.start(uri, child.cfg.name, resume_run_id=child.run_id)
                 results = execute(child.cfg, tracker, child.run_dir, SINGLE, stop)
                 outcome = Outcome(child.key, child.run_id, "FINISHED", results)
             except KeyboardInterrupt:
@@ -297,10 +296,10 @@ def output_to(path: Path) -> Iterator[None]:
 
 
 def open_executor(
-    sweep: Mapping[str, Any], uri: str, ctx: DistContext = SINGLE, ray_address: str | None = None
+    sweep: Sweep, uri: str, ctx: DistContext = SINGLE, ray_address: str | None = None
 ) -> SequentialExecutor | RayExecutor:
     """The executor of ``sweep.executor``; Ray is connected (and a local store refused on a cluster) here."""
-    if sweep["executor"] == "sequential":
+    if sweep.executor == "sequential":
         return SequentialExecutor(uri, ctx)
     if ctx.world_size > 1:
         raise FsgEndoError("sweep.executor = ray does not run under torchrun: set sweep.executor=sequential")

@@ -6,9 +6,10 @@ import argparse
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from fsg_endo.engine.interrupt import RunInterrupted, StopSignals
+from fsg_endo.engine.schema import Config
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.experiment.config import load_config, load_config_file
 
@@ -56,11 +57,14 @@ def gate_movement_line(results: Mapping[str, float]) -> str:
     )
 
 
-def ui_hint(uri: str) -> str:
+def ui_hint(uri: str, experiment_id: str) -> str:
+    """How to open the experiment's training runs: MLflow 3's UI otherwise lands in its GenAI traces view."""
+    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    if uri.startswith("http"):
+        return f"open {uri.rstrip('/')}/{page} in a browser"
     if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///") :]).resolve()
-        return f"mlflow ui --backend-store-uri sqlite:///{path} --host 127.0.0.1 --port 5000"
-    return f"open {uri} in a browser" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
+        uri = f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open http://127.0.0.1:5000/{page}"
 
 
 def find_run(uri: str, exp_name: str, run_id: str):
@@ -91,7 +95,7 @@ def find_run(uri: str, exp_name: str, run_id: str):
 
 class ResumeTarget(NamedTuple):
     run_id: str
-    cfg: dict[str, Any]
+    cfg: Config
     run_dir: Path
 
 
@@ -110,7 +114,7 @@ def _overrides(args: argparse.Namespace, image_task: bool) -> list[str]:
     """``--data-root`` and ``--manifest`` as overrides; a polyp root also sets its source (SUN or REAL-Colon)."""
     from fsg_endo.data.manifest import detect_format
 
-    overrides = []
+    overrides: list[str] = []
     if args.data_root:
         root = Path(args.data_root)
         if not image_task:
@@ -126,17 +130,22 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     Exit code 0, or 128 + the signal number (130, 143) when SIGINT/SIGTERM stopped the run after a checkpoint.
     """
-    image_task = load_config(args.exp, args.overrides, profile=args.profile, smoke=args.smoke)["task"] == "image_class"
-    cfg = load_config(args.exp, _overrides(args, image_task), profile=args.profile, smoke=args.smoke)
+    cfg = load_config(args.exp, args.overrides, profile=args.profile, smoke=args.smoke)
+    image_task = cfg.task == "image_class"
+    if args.data_root or args.manifest:  # before the user's --set, which wins
+        cfg = load_config(args.exp, _overrides(args, image_task), profile=args.profile, smoke=args.smoke)
     from fsg_endo.data.image_folders import check_image_root
     from fsg_endo.engine.distributed import init_distributed, shutdown
+    from fsg_endo.engine.recipe import check_eval_metric
     from fsg_endo.tracking.tracker import check_tracking_uri, resolve_tracking_uri
 
+    check_eval_metric(cfg)
+
     if image_task and not args.resume:
-        check_image_root(cfg["data"]["source"], cfg["data"]["root"])  # before a run opens: no empty FAILED run
-    uri = resolve_tracking_uri(args.tracking_uri, cfg["tracking"]["uri"])
+        check_image_root(cfg.data.source, cfg.data.root)  # before a run opens: no empty FAILED run
+    uri = resolve_tracking_uri(args.tracking_uri, cfg.tracking.uri)
     check_tracking_uri(uri)
-    ctx = init_distributed(cfg["device"])
+    ctx = init_distributed(cfg.device)
     try:
         with StopSignals() as stop:
             _run(args, cfg, uri, ctx, stop)
@@ -149,17 +158,20 @@ def run_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace, cfg: dict[str, Any], uri: str, ctx: DistContext, stop: StopSignals) -> None:
+def _run(args: argparse.Namespace, cfg: Config, uri: str, ctx: DistContext, stop: StopSignals) -> None:
+    from fsg_endo.engine.backbones import fetch_backbones
     from fsg_endo.engine.baselines import baseline_metrics, baseline_of
     from fsg_endo.experiment.runs import execute, open_run, run_dir_for, run_name, start_run
-    from fsg_endo.experiment.sweep import main_test_metric, run_sweep
+    from fsg_endo.experiment.sweep import child_configs, main_test_metric, run_sweep
     from fsg_endo.tracking.tracker import Tracker
 
     resume = None
     if args.resume:
-        resume = ctx.broadcast(resume_target(uri, cfg["name"], args.resume) if ctx.is_main else None)
+        resume = ctx.broadcast(resume_target(uri, cfg.name, args.resume) if ctx.is_main else None)
         cfg = resume.cfg
-    if cfg["sweep"]["enabled"]:
+    configs = list(child_configs(cfg)) if cfg.sweep.enabled else [cfg]
+    ctx.main_first(lambda: fetch_backbones(configs, uri))  # before a run opens: missing weights write nothing
+    if cfg.sweep.enabled:
         summary = run_sweep(
             cfg, uri, resume_run_id=resume.run_id if resume else None, ctx=ctx, stop=stop, ray_address=args.ray_address
         )
@@ -173,32 +185,33 @@ def _run(args: argparse.Namespace, cfg: dict[str, Any], uri: str, ctx: DistConte
                     "fold",
                     "seed",
                     "status",
-                    main_test_metric(cfg["task"]),
+                    main_test_metric(cfg.task),
                     "gates/all/shift",
                     "gates/init/std",
                 )
-                if c in summary and (c != "grid_point" or cfg["sweep"]["grid"])
+                if c in summary and (c != "grid_point" or cfg.sweep.grid)
             ]
             print(summary[cols].to_string(index=False))
     else:
         tracker = open_run(
-            ctx, lambda: Tracker.start(uri, cfg["name"], resume_run_id=resume.run_id) if resume else start_run(cfg, uri)
+            ctx, lambda: Tracker.start(uri, cfg.name, resume_run_id=resume.run_id) if resume else start_run(cfg, uri)
         )
         run_dir = resume.run_dir if resume else run_dir_for(cfg, tracker.run_id)
         results = execute(cfg, tracker, run_dir, ctx, stop)
         if ctx.is_main:
-            trained = not baseline_of(cfg["regularizer"])
+            trained = not baseline_of(cfg.regularizer)
             # the same rows, so the model's lesion/test column and the baseline's compare directly
-            polyps = trained and cfg["task"] != "image_class"
+            polyps = trained and cfg.task != "image_class"
             baseline = baseline_metrics(cfg, "appearance")[0] if polyps else None
             best = f"; best epoch {results['best_epoch']:.0f}; checkpoints in {run_dir}" if trained else ""
-            print(f"\n{cfg['name']} ({run_name(cfg)}), run {tracker.run_id}{best}")
+            print(f"\n{cfg.name} ({run_name(cfg)}), run {tracker.run_id}{best}")
             print(
-                results_table(results, REPORT_METRICS[cfg["task"]], baseline).to_string(
-                    float_format=lambda v: f"{v:.3f}"
-                )
+                results_table(results, REPORT_METRICS[cfg.task], baseline).to_string(float_format=lambda v: f"{v:.3f}")
             )
             if "gates/all/shift" in results:
                 print(gate_movement_line(results))
     if ctx.is_main:
-        print(f"\nMLflow UI: {ui_hint(uri)}")
+        import mlflow
+
+        experiment = mlflow.MlflowClient(uri).get_experiment_by_name(cfg.name)
+        print(f"\nMLflow UI: {ui_hint(uri, experiment.experiment_id)}")

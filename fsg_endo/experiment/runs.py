@@ -9,46 +9,48 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fsg_endo.engine.backbones import backbone_params
 from fsg_endo.engine.distributed import SINGLE, DistContext
 from fsg_endo.engine.evaluation import lesion_counts
 from fsg_endo.engine.interrupt import StopSignals
 from fsg_endo.engine.recipe import accumulates_gate_pass, uses_gates, uses_routing
+from fsg_endo.engine.schema import Config
 from fsg_endo.experiment.config import dump_config, flatten_config
 from fsg_endo.io import atomic_path
 from fsg_endo.tracking.tracker import GRID_POINT_TAG, NullTracker, Tracker, TrackingError, git_commit, source_tags
 
 
-def grid_point(cfg: Mapping[str, Any]) -> str:
+def grid_point(cfg: Config) -> str:
     """The config's values of the ``sweep.grid`` keys, ``"gr.gate_lr=0.01,optim.lr=0.0005"`` ("" without a grid)."""
 
     def value(key: str) -> Any:
         node = cfg
         for part in key.split("."):
-            node = node[part]
+            node = getattr(node, part)
         return f"{node:g}" if isinstance(node, float) else node
 
-    return ",".join(f"{key}={value(key)}" for key in cfg["sweep"]["grid"])
+    return ",".join(f"{key}={value(key)}" for key in cfg.sweep.grid)
 
 
 if TYPE_CHECKING:
     from fsg_endo.engine.prepare import DataBundle
 
 
-def run_name(cfg: Mapping[str, Any]) -> str:
+def run_name(cfg: Config) -> str:
     """``fsg_gr-frac0.5-fold0-seed0``, then the grid point if the sweep has a grid (also a sweep child's key)."""
-    d, point = cfg["data"], grid_point(cfg)
-    name = f"{cfg['regularizer']}-frac{d['train_fraction']:g}-fold{d['test_fold']}-seed{cfg['seed']}"
+    d, point = cfg.data, grid_point(cfg)
+    name = f"{cfg.regularizer}-frac{d.train_fraction:g}-fold{d.test_fold}-seed{cfg.seed}"
     return f"{name}-{point}" if point else name
 
 
-def run_dir_for(cfg: Mapping[str, Any], run_id: str) -> Path:
+def run_dir_for(cfg: Config, run_id: str) -> Path:
     """Checkpoints and the resolved config of a run: ``checkpoint.dir`` or ``runs/<run_id>``."""
-    return Path(cfg["checkpoint"]["dir"] or "runs") / run_id
+    return Path(cfg.checkpoint.dir or "runs") / run_id
 
 
-def run_params(cfg: Mapping[str, Any]) -> dict[str, Any]:
+def run_params(cfg: Config) -> dict[str, Any]:
     """The MLflow params of a run: the flattened config plus the facts that follow from ``regularizer``."""
-    reg = cfg["regularizer"]
+    reg = cfg.regularizer
     return flatten_config(cfg) | {
         "fsg.enabled": uses_gates(reg),
         "gr.enabled": uses_routing(reg),
@@ -56,12 +58,10 @@ def run_params(cfg: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def start_run(
-    cfg: Mapping[str, Any], uri: str, parent_run_id: str | None = None, extra_tags: Mapping[str, str] = ()
-) -> Tracker:
+def start_run(cfg: Config, uri: str, parent_run_id: str | None = None, extra_tags: Mapping[str, str] = ()) -> Tracker:
     tags = {
-        "regularizer": cfg["regularizer"],
-        "task": cfg["task"],
+        "regularizer": cfg.regularizer,
+        "task": cfg.task,
         "git_commit": git_commit(),
         **source_tags(sys.argv[0] or "fsg-endo"),
         **dict(extra_tags),
@@ -69,7 +69,12 @@ def start_run(
     if grid_point(cfg):
         tags[GRID_POINT_TAG] = grid_point(cfg)
     return Tracker.start(
-        uri, cfg["name"], run_name=run_name(cfg), tags=tags, params=run_params(cfg), parent_run_id=parent_run_id
+        uri,
+        cfg.name,
+        run_name=run_name(cfg),
+        tags=tags,
+        params=run_params(cfg) | backbone_params(cfg.model.weights),
+        parent_run_id=parent_run_id,
     )
 
 
@@ -80,7 +85,7 @@ def open_run(ctx: DistContext, opener: Callable[[], Tracker]) -> Tracker | NullT
     return tracker or NullTracker(run_id)
 
 
-def record_config(cfg: Mapping[str, Any], tracker: Tracker, run_dir: Path) -> None:
+def record_config(cfg: Config, tracker: Tracker, run_dir: Path) -> None:
     """The resolved config in the run's folder and as an artifact; the folder as tag (what a resume reads)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
@@ -103,14 +108,14 @@ def record_data(data: DataBundle, tracker: Tracker, run_dir: Path) -> None:
         tracker.log_file(run_dir / "data.json")
 
 
-def record_inputs(cfg: Mapping[str, Any], data: DataBundle, tracker: Tracker) -> None:
+def record_inputs(cfg: Config, data: DataBundle, tracker: Tracker) -> None:
     """Each split as an MLflow dataset input (contexts train/val/test, source the manifest); system metrics
     from here on when ``tracking.system_metrics`` is set."""
     source = data.manifest.resolve() if data.manifest else data.root.resolve()
-    name = data.manifest.stem if data.manifest else cfg["data"]["source"]
+    name = data.manifest.stem if data.manifest else cfg.data.source
     for context, rows in data.splits.items():
         tracker.log_dataset(rows, source=str(source), name=name, context=context)
-    if cfg["tracking"]["system_metrics"]:
+    if cfg.tracking.system_metrics:
         tracker.monitor_system()
 
 
@@ -121,7 +126,7 @@ def end_run(tracker: Tracker | NullTracker, status: str) -> None:
 
 
 def execute(
-    cfg: Mapping[str, Any],
+    cfg: Config,
     tracker: Tracker | NullTracker,
     run_dir: Path,
     ctx: DistContext = SINGLE,
@@ -136,7 +141,7 @@ def execute(
     try:
         if ctx.is_main:
             record_config(cfg, tracker, run_dir)
-        if baseline_of(cfg["regularizer"]):
+        if baseline_of(cfg.regularizer):
             results = fit_baseline(cfg, tracker) if ctx.is_main else {}
         else:
             data = ctx.main_first(lambda: prepare_data(cfg, ctx.world_size, ctx.rank))

@@ -3,7 +3,6 @@ seed); the parent also holds the statistical report of its children."""
 
 from __future__ import annotations
 
-import copy
 import itertools
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -13,6 +12,7 @@ import pandas as pd
 
 from fsg_endo.engine.distributed import SINGLE, DistContext
 from fsg_endo.engine.interrupt import StopSignals
+from fsg_endo.engine.schema import Config
 from fsg_endo.experiment.config import revalidate, set_in
 from fsg_endo.experiment.executors import SWEEP_KEY_TAG, Child, open_executor
 from fsg_endo.experiment.report import log_report
@@ -26,16 +26,21 @@ def grid_points(grid: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
 
 
-def child_configs(cfg: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+def child_configs(cfg: Config) -> Iterator[Config]:
     """Every child config of the sweep, in a stable order; validation fold = the fold after the test fold."""
-    sweep, folds = cfg["sweep"], cfg["data"]["folds"]
+    sweep, folds = cfg.sweep, cfg.data.folds
     for reg, frac, point, fold, seed in itertools.product(
-        sweep["regularizers"], sweep["train_fractions"], grid_points(sweep["grid"]), sweep["folds"], sweep["seeds"]
+        sweep.regularizers, sweep.train_fractions, grid_points(sweep.grid), sweep.folds, sweep.seeds
     ):
-        child = copy.deepcopy(dict(cfg))
-        child["sweep"]["enabled"] = False
-        child["regularizer"], child["seed"] = reg, seed
-        child["data"].update(train_fraction=frac, test_fold=fold, val_fold=(fold + 1) % folds)
+        data = cfg.data.model_copy(update={"train_fraction": frac, "test_fold": fold, "val_fold": (fold + 1) % folds})
+        child = cfg.model_copy(
+            update={
+                "regularizer": reg,
+                "seed": seed,
+                "data": data,
+                "sweep": sweep.model_copy(update={"enabled": False}),
+            }
+        )
         for key, value in point.items():
             child = set_in(child, key, value)
         yield revalidate(child)
@@ -57,30 +62,30 @@ def existing_children(parent: Tracker) -> dict[str, dict[str, Any]]:
     }
 
 
-def open_parent(cfg: Mapping[str, Any], uri: str, resume_run_id: str | None) -> Tracker:
+def open_parent(cfg: Config, uri: str, resume_run_id: str | None) -> Tracker:
     """Start the sweep's parent run, or reopen it to resume the sweep."""
     if resume_run_id:
-        return Tracker.start(uri, cfg["name"], resume_run_id=resume_run_id)
-    params = {f"sweep.{k}": str(v) for k, v in cfg["sweep"].items()}
+        return Tracker.start(uri, cfg.name, resume_run_id=resume_run_id)
+    params = {f"sweep.{k}": str(v) for k, v in cfg.sweep.model_dump().items()}
     params["sweep.children"] = len(list(child_configs(cfg)))
     return Tracker.start(
-        uri, cfg["name"], run_name="sweep", params=params, tags={"task": cfg["task"], "regularizer": "sweep"}
+        uri, cfg.name, run_name="sweep", params=params, tags={"task": cfg.task, "regularizer": "sweep"}
     )
 
 
-def cell(child: Mapping[str, Any]) -> dict[str, Any]:
+def cell(child: Config) -> dict[str, Any]:
     """The grid cell of a child config: its row in the sweep summary."""
     return {
-        "regularizer": child["regularizer"],
-        "train_fraction": child["data"]["train_fraction"],
+        "regularizer": child.regularizer,
+        "train_fraction": child.data.train_fraction,
         "grid_point": grid_point(child),
-        "fold": child["data"]["test_fold"],
-        "seed": child["seed"],
+        "fold": child.data.test_fold,
+        "seed": child.seed,
     }
 
 
 def run_sweep(
-    cfg: Mapping[str, Any],
+    cfg: Config,
     uri: str,
     resume_run_id: str | None = None,
     ctx: DistContext = SINGLE,
@@ -89,7 +94,7 @@ def run_sweep(
 ) -> pd.DataFrame:
     """Run every child with the executor of ``sweep.executor``, or resume the sweep: FINISHED children are kept,
     the others continue in their own run from their last checkpoint. A failed child is recorded, the sweep goes on."""
-    executor = open_executor(cfg["sweep"], uri, ctx, ray_address)  # before any work: a cluster may refuse the store
+    executor = open_executor(cfg.sweep, uri, ctx, ray_address)  # before any work: a cluster may refuse the store
     try:
         parent = open_run(ctx, lambda: open_parent(cfg, uri, resume_run_id))
         if ctx.is_main:
@@ -119,7 +124,7 @@ def run_sweep(
         executor.close()
     summary = pd.DataFrame([rows[key] for key in configs])
     if ctx.is_main:
-        log_summary(parent, summary, cfg["task"])
+        log_summary(parent, summary, cfg.task)
     parent.end("FINISHED")
     return summary
 

@@ -3,7 +3,7 @@
 The ViT blocks are gated by :class:`~fsg_endo.nn.block.ViTBlock` (``gates=True``), the blocks of
 ``torch.nn.TransformerEncoder`` by :class:`GatedTransformerEncoderLayer`. Both reuse the original block's
 submodules (no copy, no ViT surgery) and add only the two gate vectors, so a torchvision or PyTorch
-transformer is gated, unwrapped or folded without touching its code.
+transformer is gated, unwrapped or folded without touching its code. See docs/interfaces.md#python-api.
 """
 
 from __future__ import annotations

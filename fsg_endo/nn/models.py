@@ -51,7 +51,7 @@ class SizingModel(nn.Module):
     """A ViT's class-token features joined with the box geometry, then a small MLP head.
 
     The box vector (log relative box width/height, relative centre) restores the absolute scale
-    that cropping around the polyp erases (SPEC §3). ``forward(x, box)``.
+    that cropping around the polyp erases (docs/interfaces.md#tasks-and-metrics). ``forward(x, box)``.
 
     With ``size_range=(lo, hi)`` (regression) the head predicts log(size / box side) instead: size in mm
     = exp(head + log side), side = the geometric mean of the box's relative width and height, returned

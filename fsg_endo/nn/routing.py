@@ -1,4 +1,4 @@
-"""Gradient Routing (GR): gates and backbone trained by two optimisers in two passes (SPEC §1).
+"""Gradient Routing (GR): gates and backbone trained by two optimisers in two passes (README.md#the-method-in-short).
 
 The parameter split is read from the two optimisers, so the router works for any model whose
 gates and backbone are handed to different optimisers. Both passes refuse to step on a

@@ -5,13 +5,18 @@ branch) and ``blocks.{i}.fsag_rgb_ls2`` (MLP branch), raw logits passed through 
 Its trainer saves ``{"model_state_dict": ...}`` of a wrapper that holds the ViT as ``model``. One name
 table serves both directions: :func:`load_local_weights` reads such files, and
 :func:`to_release_state_dict` writes our gated ViT back in that layout.
+
+Files are ``torch.save`` checkpoints (read with ``weights_only=True``) or ``.safetensors`` files (timm's
+format on the Hugging Face hub), which are read here with torch alone.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +27,9 @@ from fsg_endo.nn.gates import gated_blocks
 
 __all__ = [
     "LoadReport",
+    "foreign_keys",
     "load_local_weights",
+    "read_safetensors",
     "read_state_dict",
     "timm_to_torchvision",
     "to_release_state_dict",
@@ -100,25 +107,66 @@ def _load_error_reason(err: Exception) -> str:
 
 
 _NESTING_KEYS = ("state_dict", "model_state_dict", "model")
+_SIZING_PREFIX = "vit."  # a SizingModel's backbone (our run checkpoints, a logged sizing model's tensors)
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The tensors of a ``.safetensors`` file: an 8-byte little-endian header length, a JSON header of
+    ``name: {dtype, shape, data_offsets}``, then the little-endian data those offsets index."""
+    data = bytearray(Path(path).read_bytes())
+    try:
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + size])
+        state = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = (8 + size + offset for offset in info["data_offsets"])
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            tensor = torch.empty(0, dtype=dtype)
+            if end > begin:
+                tensor = torch.frombuffer(data, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin)
+            state[name] = tensor.reshape(info["shape"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise FsgEndoError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+    return state
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Load a local checkpoint safely (``weights_only``); unwrap ``state_dict`` / ``model_state_dict`` /
-    ``model`` entries and a common ``module.`` (DDP) or ``model.`` (release wrapper) key prefix."""
+    """Load a local checkpoint safely (``weights_only``, or a ``.safetensors`` file); unwrap ``state_dict`` /
+    ``model_state_dict`` / ``model`` entries, a common ``module.`` (DDP) or ``model.`` (release wrapper) key
+    prefix, and a sizing model's ``vit.`` backbone (its box head dropped)."""
     if not os.path.isfile(path):
         raise FsgEndoError(f"{path}: weight file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load raises many types for foreign or corrupt files
-        raise FsgEndoError(
-            f"{path}: not a tensor checkpoint readable with weights_only=True ({_load_error_reason(err)})"
-        ) from err
+    if str(path).endswith(".safetensors"):
+        obj = read_safetensors(path)
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch.load raises many types for foreign or corrupt files
+            raise FsgEndoError(
+                f"{path}: not a tensor checkpoint readable with weights_only=True ({_load_error_reason(err)})"
+            ) from err
     while isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in _NESTING_KEYS):
         obj = next(obj[k] for k in _NESTING_KEYS if isinstance(obj.get(k), dict))
     state = {k: v for k, v in obj.items() if isinstance(v, Tensor)} if isinstance(obj, dict) else {}
     for prefix in ("module.", _RELEASE_PREFIX):
         if state and all(k.startswith(prefix) for k in state):
             state = {k.removeprefix(prefix): v for k, v in state.items()}
+    if _SIZING_PREFIX + "class_token" in state:
+        state = {k.removeprefix(_SIZING_PREFIX): v for k, v in state.items() if k.startswith(_SIZING_PREFIX)}
     return state
 
 
@@ -183,14 +231,24 @@ def load_local_weights(model_or_vit: nn.Module, path: str | os.PathLike) -> Load
     )
 
 
+def _torchvision_state(path: str | os.PathLike) -> dict[str, Tensor]:
+    """A local file's tensors under torchvision names (timm and release names renamed)."""
+    state = read_state_dict(path)
+    return timm_to_torchvision(state) if "cls_token" in state or "patch_embed.proj.weight" in state else state
+
+
+def foreign_keys(path: str | os.PathLike) -> list[str]:
+    """Tensors of a local ViT weight file that a torchvision ViT (with FSG gates) has no place for, e.g. timm's
+    layer scales (``blocks.0.ls1.gamma``), register tokens or ``fc_norm``: loading would drop them."""
+    return [key for key in _torchvision_state(path) if _rename(key, _TO_TIMM) == key]
+
+
 def vit_shape(path: str | os.PathLike) -> dict[str, int]:
     """``hidden_dim``, ``depth``, ``heads``, ``mlp_dim`` and ``patch_size`` of a local ViT weight file.
 
     Heads are not stored in a checkpoint; standard ViTs use 64 channels per head (Ti 3, S 6, B 12, L 16).
     """
-    state = read_state_dict(path)
-    if "cls_token" in state or "patch_embed.proj.weight" in state:
-        state = timm_to_torchvision(state)
+    state = _torchvision_state(path)
     if "conv_proj.weight" not in state or "class_token" not in state:
         raise FsgEndoError(f"{path}: not a ViT checkpoint (no patch projection / class token)")
     hidden = state["class_token"].shape[-1]

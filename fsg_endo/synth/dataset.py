@@ -1,4 +1,4 @@
-"""Synthetic colonoscopy dataset in the REAL-Colon layout (SPEC §2), generated and cached.
+"""Synthetic colonoscopy dataset in the REAL-Colon layout (docs/interfaces.md#data-layouts), generated and cached.
 
 ``generate_dataset`` renders videos in parallel into a temporary folder beside the target and renames
 it at the end, so a dataset root is either complete or absent. ``ensure_synthetic`` reuses a complete

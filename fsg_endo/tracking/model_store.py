@@ -2,7 +2,8 @@
 
 The logged model carries a tensor signature (image, and box when the model takes one), and the settings it
 must be fed with (crop, normalisation, task) as ``metadata["fsg_endo"]``. It loads with
-``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``: nothing in it is unpickled.
+``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``: nothing in it is unpickled. A logged model's tensors, or a
+weight file among a run's artifacts, can start another model (``model.weights``: ``models:/``, ``runs:/``).
 """
 
 from __future__ import annotations
@@ -149,6 +150,50 @@ def load_model(uri: str, tracking_uri: str) -> LoadedModel:
     except MlflowException as err:
         raise FsgEndoError(f"model {uri}: cannot load ({_first_line(err)})") from None
     return LoadedModel(module=InferenceModule(module), metadata=dict(metadata), run_id=info.run_id, uri=uri)
+
+
+MODEL_STAGES = ("none", "staging", "production", "archived")  # MLflow's legacy stages: models:/<name>/<stage>
+
+
+def registry_uri(uri: str) -> str:
+    """``models:/<name>/<alias>`` as MLflow's ``models:/<name>@<alias>``; versions, stages and others as they are."""
+    name, _, last = uri.removeprefix("models:/").rpartition("/")
+    if uri.startswith("models:/") and name and last and not last.isdigit() and last.lower() not in MODEL_STAGES:
+        return f"models:/{name}@{last}"
+    return uri
+
+
+def logged_model_source(uri: str, tracking_uri: str) -> tuple[str, str]:
+    """The ``models:/<model id>`` a ``models:/...`` or ``runs:/<id>/<name>`` URI names now, and a line saying
+    where it came from (the URI, the model id, its run)."""
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        info = mlflow.models.get_model_info(resolve_model_uri(registry_uri(uri), mlflow.MlflowClient(tracking_uri)))
+    except (MlflowException, OSError) as err:
+        raise FsgEndoError(f"model {uri}: not found in {tracking_uri} ({_first_line(err)})") from None
+    return info.model_uri, f"{uri} = {info.model_uri} of run {info.run_id}"
+
+
+def logged_model_tensors(model_uri: str, tracking_uri: str) -> dict[str, Any]:
+    """The parameters and buffers of a logged model (e.g. ``vit.conv_proj.weight`` of a sizing model), by
+    their names in the model that was logged; a pt2 model loads without pickle."""
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        module = mlflow.pytorch.load_model(model_uri)
+    except (MlflowException, OSError) as err:
+        raise FsgEndoError(f"model {model_uri}: cannot load ({_first_line(err)})") from None
+    return {name: tensor.detach().cpu().clone() for name, tensor in module.state_dict().items()}
+
+
+def download_run_artifact(uri: str, tracking_uri: str, dst: Path) -> Path:
+    """The artifact ``runs:/<run id>/<path>`` downloaded into the folder ``dst``; returns its local path."""
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri)
+    except (MlflowException, OSError) as err:
+        raise FsgEndoError(f"artifact {uri}: not found in {tracking_uri} ({_first_line(err)})") from None
+    return Path(local)
 
 
 def _first_line(err: BaseException) -> str:

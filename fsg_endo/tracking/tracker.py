@@ -1,4 +1,4 @@
-"""MLflow tracking (SPEC §4): run lifecycle, buffered asynchronous metrics, gate statistics, artifacts.
+"""MLflow tracking (docs/interfaces.md#mlflow-names): run lifecycle, buffered async metrics, gate statistics, artifacts.
 
 Metrics are queued and written by one background thread with ``log_batch``, so the training loop
 never waits on the store. A failing store call is retried with exponential backoff, keeping every

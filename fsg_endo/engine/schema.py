@@ -1,8 +1,10 @@
 """The config schema, declared once as typed pydantic models: every key, its type, default and constraint.
 
-:mod:`fsg_endo.experiment.config` validates every experiment YAML, profile and ``--set`` override against
-:class:`Config`, so a new config key is one typed field here. The built-in ``--smoke`` overrides and
-profiles are partial configs, validated like a YAML.
+The defaults are the main job's recipe (``polyp_size_fsg``: size regression on the synthetic videos, a log-box
+head on 16 px patches, 26 epochs); an experiment YAML states only what differs. :mod:`fsg_endo.experiment.config`
+validates every YAML, profile and ``--set`` override against :class:`Config` and hands the typed, frozen
+:class:`Config` to the engine, which reads it by attribute (``cfg.optim.epochs``). The built-in ``--smoke``
+overrides and profiles are partial configs, validated like a YAML.
 """
 
 from __future__ import annotations
@@ -11,15 +13,20 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
-# baseline_*: the scikit-learn baselines of fsg_endo.engine.baselines, run as arms (no network);
-# fsg_frozen: the gated model with its gates fixed at init (the control that shows what the gates learn);
-# fsg_gr_release: Gradient Routing as the paper's released code does it (gate-pass gradients accumulate)
-Regularizer = Literal[
-    "none", "dropout", "fsg", "fsg_gr", "baseline_box", "baseline_appearance", "fsg_frozen", "fsg_gr_release"
-]
-REGULARIZERS: tuple[str, ...] = Regularizer.__args__
-DataSource = Literal["synthetic", "realcolon", "sun", "mnist", "imagenette", "cifar100"]
-IMAGE_SOURCES: tuple[str, ...] = DataSource.__args__[3:]  # the data sources of task image_class, the rest polyps
+from fsg_endo.engine.arms import ARM_NAMES, ARMS, arms_where
+
+Regularizer = Literal[ARM_NAMES]  # the arms of the study: one row each in fsg_endo.engine.arms.ARMS
+REGULARIZERS: tuple[str, ...] = ARM_NAMES
+POLYP_SOURCES = ("synthetic", "realcolon", "sun")
+IMAGE_SOURCES = ("mnist", "imagenette", "cifar100")
+SOURCES_OF_TASK: dict[str, tuple[str, ...]] = {  # the data sources each task reads
+    "size_regression": POLYP_SOURCES,
+    "size_class3": POLYP_SOURCES,
+    "size_class2": POLYP_SOURCES,
+    "image_class": IMAGE_SOURCES,
+}
+TaskName = Literal[tuple(SOURCES_OF_TASK)]
+DataSource = Literal[tuple(dict.fromkeys(s for sources in SOURCES_OF_TASK.values() for s in sources))]
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -32,7 +39,7 @@ NonEmpty = Field(min_length=1)
 class Section(BaseModel):
     """A config section: unknown keys are errors, and values keep their YAML type (no '3' for 3)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, frozen=True)
 
 
 class Data(Section):
@@ -57,29 +64,33 @@ class Data(Section):
     workers: NonNegativeInt = 0
     augment: bool = True
     photometric: bool = True  # polyp tasks: the augmentation's colour jitter and noise (false: rotation and flips)
-    train_limit: Count | None = None  # image_class: at most this many training images read (after train_fraction)
-    test_limit: Count | None = None  # image_class: at most this many held-out (test) images
-    shift: NonNegativeInt = 4  # image_class augmentation: random translation by up to this many pixels
-    flip: bool = True  # image_class augmentation: random left-right mirror
+    # task image_class only (TASK_KEYS: refused for the other tasks)
+    train_limit: Count | None = None  # at most this many training images read (after train_fraction)
+    test_limit: Count | None = None  # at most this many held-out (test) images
+    shift: NonNegativeInt = 4  # augmentation: random translation by up to this many pixels
+    flip: bool = True  # augmentation: random left-right mirror
 
 
 class Model(Section):
     preset: Literal["micro", "ti", "s", "b"] = "micro"
-    patch_size: Count = 8
+    patch_size: Count = 16
     hidden_dim: Count | None = None  # None = the preset's
     depth: Count | None = None
     heads: Count | None = None
     mlp_dim: Count | None = None
     box_features: bool = True  # log box width/height joined to the class token before the head
-    size_head: Literal["linear", "log_box"] = "linear"  # size_regression: log_box predicts log(size / box side)
-    weights: str | None = None  # local weight file (torchvision, timm ViT, or the paper's release with its gates)
+    size_head: Literal["linear", "log_box"] = "log_box"  # log_box (size_regression): predicts log(size / box side)
+    # pretrained ViT (docs/backbones.md): a local file (torchvision, timm, the paper's release with its gates),
+    # torchvision:<weights enum>, timm:<model name>, runs:/<run id>/<path>, models:/<name>/<version or alias>;
+    # the ViT's shape follows the weights (set shape keys must agree), position embeddings fit data.image_size
+    weights: str | None = None
     dropout: Rate = 0.1  # used by regularizer=dropout only
     attention_dropout: Rate = 0.1  # used by regularizer=dropout only
     stochastic_depth: Rate = 0.1  # used by regularizer=dropout only
 
 
 class Optim(Section):
-    epochs: Count = 15
+    epochs: Count = 26
     batch_size: Count = 32
     lr: PositiveFloat = 5.0e-4
     weight_decay: Annotated[float, Field(ge=0)] = 1.0e-5
@@ -157,7 +168,7 @@ class Config(Section):
     ``regularizer`` (see :func:`fsg_endo.engine.recipe.uses_gates`) and are logged as params."""
 
     name: str = "polyp_size_fsg"
-    task: Literal["size_regression", "size_class3", "size_class2", "image_class"] = "size_regression"
+    task: TaskName = "size_regression"
     regularizer: Regularizer = "fsg_gr"
     seed: NonNegativeInt = 0  # fixes data generation (synthetic), low-data split, init, sampling, augmentation
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -194,28 +205,37 @@ class Config(Section):
             raise ValueError(
                 f"'model.hidden_dim' = {model.hidden_dim} is not divisible by 'model.heads' = {model.heads}"
             )
-        if (self.task == "image_class") != (data.source in IMAGE_SOURCES):
+        if data.source not in SOURCES_OF_TASK[self.task]:
             raise ValueError(
-                f"task {self.task} does not read 'data.source' = {data.source}: task image_class reads "
-                f"{', '.join(IMAGE_SOURCES)}, the polyp tasks the other sources"
+                f"task {self.task} does not read 'data.source' = {data.source}: it reads "
+                f"{', '.join(SOURCES_OF_TASK[self.task])}"
             )
         if self.task == "image_class" and model.box_features:
             raise ValueError("'model.box_features' must be false for task image_class (images have no box)")
         if model.size_head == "log_box" and not (self.task == "size_regression" and model.box_features):
-            raise ValueError("'model.size_head' = log_box needs task size_regression and 'model.box_features' = true")
-        if self.task == "image_class" and self.regularizer.startswith("baseline_"):
+            raise ValueError(
+                "'model.size_head' = log_box needs task size_regression and 'model.box_features' = true "
+                "(set model.size_head: linear)"
+            )
+        if self.task == "image_class" and not ARMS[self.regularizer].trained:
             raise ValueError(f"regularizer {self.regularizer} is a polyp sizing baseline; task image_class has none")
         if optim.warmup_epochs > optim.epochs:
             raise ValueError(f"'optim.warmup_epochs' = {optim.warmup_epochs} exceeds 'optim.epochs' = {optim.epochs}")
         return self
 
 
-DEFAULTS: dict[str, Any] = Config().model_dump()
+# keys only some tasks read: setting one for another task is an error naming the key
+TASK_KEYS: dict[str, tuple[str, ...]] = {
+    "data.train_limit": ("image_class",),
+    "data.test_limit": ("image_class",),
+    "data.shift": ("image_class",),
+    "data.flip": ("image_class",),
+}
 
 # keys that follow from another key: asked for by users, so setting one says where it comes from
 DERIVED = {
-    "fsg.enabled": "regularizer in {fsg, fsg_gr, fsg_frozen, fsg_gr_release}",
-    "gr.enabled": "regularizer in {fsg_gr, fsg_gr_release}",
+    "fsg.enabled": f"regularizer in {{{', '.join(arms_where('gated'))}}}",
+    "gr.enabled": f"regularizer in {{{', '.join(arms_where('routed'))}}}",
 }
 # keys a sweep varies by its own axes (sweep.regularizers, train_fractions, folds, seeds): no grid axis
 SWEEP_AXES = ("regularizer", "seed", "data.train_fraction", "data.test_fold", "data.val_fold", "name")
@@ -229,8 +249,6 @@ SMOKE: dict[str, Any] = {
     "data.folds": 3,
     "data.test_fold": 0,
     "data.val_fold": 1,
-    "data.train_limit": 48,
-    "data.test_limit": 24,
     "model.hidden_dim": 32,
     "model.depth": 2,
     "model.heads": 2,
@@ -244,12 +262,18 @@ SMOKE: dict[str, Any] = {
     "sweep.folds": [0],
     "sweep.seeds": [0],
 }
+SMOKE_OF_TASK: dict[str, dict[str, Any]] = {"image_class": {"data.train_limit": 48, "data.test_limit": 24}}
 
 # built-in profiles (--profile NAME); a YAML's profile of the same name extends its built-in one
 PROFILES: dict[str, dict[str, Any]] = {
     "paper": {  # the paper's setting, for a GPU: ViT-Ti at 384 px, its optimisers, clips and loss weights
         "data": {"image_size": 384, "frames_per_lesion": 40},
-        "model": {"preset": "ti", "patch_size": 16, "size_head": "linear"},
+        "model": {
+            "preset": "ti",
+            "patch_size": 16,
+            "size_head": "linear",
+            "weights": "timm:vit_tiny_patch16_384.augreg_in21k_ft_in1k",  # the paper's ImageNet-21k ViT-Ti
+        },
         "optim": {"epochs": 40, "lr": 5.0e-5, "weight_decay": 1.0e-5, "clip": 10.0, "compile": True},
         "gr": {"gate_lr": 1.0e-4, "gate_clip": 32.0},
         "loss": {"main_weights": [1.0, 3.0, 5.0], "gate_weights": [1.0, 5.0, 10.0]},
