@@ -22,6 +22,7 @@ from fsg_endo.engine.schema import Config
 from fsg_endo.engine.tasks import Task, get_task
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.nn.gates import gate_parameters, non_gate_parameters
+from fsg_endo.nn.hf_text import build_text_classifier
 from fsg_endo.nn.models import build_model
 from fsg_endo.nn.routing import GradientRouter, train_step
 
@@ -47,12 +48,16 @@ def accumulates_gate_pass(cfg: Config) -> bool:
 
 
 def build_for(cfg: Config, task: Task, train_rows: pd.DataFrame | None = None) -> torch.nn.Module:
-    """The model of the config's regulariser: gated for the FSG arms, dropout only for ``dropout``.
+    """The model of the config's regulariser: gated for the FSG arms, dropout only for ``dropout``; a ViT, or for
+    ``text_class`` the transformers classifier of ``model.hf_model``.
 
     Every arm of one seed starts from the same backbone and head weights: the gates come from their own
     generator, seeded by ``seed``, and leave the global RNG where it was. A log-box head starts at the
     median log(size / box side) of ``train_rows`` (when given; a checkpoint or saved model brings its own)."""
     m, arm = cfg.model, ARMS[cfg.regularizer]
+    if cfg.task == "text_class":
+        pretrained = m.hf_init == "pretrained"
+        return build_text_classifier(m.hf_model, task.class_names, pretrained, arm.gated, gate_seed(cfg.seed))
     extra = dict(dropout=m.dropout, attention_dropout=m.attention_dropout, stochastic_depth=m.stochastic_depth)
     log_box = m.size_head == "log_box"
     model = build_model(
