@@ -18,7 +18,7 @@ from fsg_endo.engine.arms import ARMS
 from fsg_endo.engine.backbones import vit_size
 from fsg_endo.engine.distributed import DistContext
 from fsg_endo.engine.evaluation import metric_mode, validation_metrics
-from fsg_endo.engine.schema import Config
+from fsg_endo.engine.schema import CLASS_TASKS, Config
 from fsg_endo.engine.tasks import Task, get_task
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.nn.gates import gate_parameters, non_gate_parameters
@@ -136,11 +136,12 @@ def selection_metric(metric: str, task: Task) -> str:
 
 
 def check_eval_metric(cfg: Config) -> None:
-    """``eval.metric`` checked before any data is read. An ``image_class`` per-class F1 (``val/f1_<class>``)
-    waits for the classes, which come with the data: :func:`build_recipe` checks it then."""
-    if cfg.task == "image_class" and cfg.eval.metric.startswith("val/f1_"):
+    """``eval.metric`` checked before any data is read. An ``image_class`` or ``text_class`` per-class F1
+    (``val/f1_<class>``) waits for the classes, which come with the data: :func:`build_recipe` checks it then."""
+    class_task = cfg.task in CLASS_TASKS
+    if class_task and cfg.eval.metric.startswith("val/f1_"):
         return
-    selection_metric(cfg.eval.metric, get_task(cfg.task, class_names=("any",) if cfg.task == "image_class" else ()))
+    selection_metric(cfg.eval.metric, get_task(cfg.task, class_names=("any",) if class_task else ()))
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
