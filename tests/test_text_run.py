@@ -5,6 +5,7 @@ the one line a run without files prints. A toy corpus and a tiny random-init BER
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
-from fixtures_runs import in_process, only_run
+from fixtures_runs import assert_same_history, histories, in_process, interrupt_at, only_run
 from fixtures_text import write_corpus, write_tiny_bert
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
@@ -30,6 +31,7 @@ EXP = "text_fsg"
 CORPUS_ROWS = 96  # every fourth row held out: 72 train rows (48 read under --smoke), 24 test rows
 SMOKE_ARGS = ["--exp", EXP, "--smoke", "--data-root", "corpus.csv", "--set", "tracking.plots=false"]
 MODEL_ARGS = ["--set", "model.hf_model=bert", "--set", "model.hf_init=random"]
+STEPS_PER_EPOCH = 4  # 48 training texts read under --smoke: 32 train, 16 val; batch 8
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +43,13 @@ def work(tmp_path_factory):
     return work, rows
 
 
+def arm_args(regularizer: str, *extra: str) -> list[str]:
+    return [*SMOKE_ARGS, *MODEL_ARGS, "--set", f"regularizer={regularizer}", *extra]
+
+
 def run_arm(work: Path, tmp: Path, regularizer: str, *extra: str):
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    args = [*SMOKE_ARGS, *MODEL_ARGS, "--set", f"regularizer={regularizer}", *extra]
-    assert in_process(args, work, tmp / "cache", uri) == 0
+    assert in_process(arm_args(regularizer, *extra), work, tmp / "cache", uri) == 0
     return only_run(uri, EXP)
 
 
@@ -77,6 +82,23 @@ def test_smoke_run_logs_the_metrics_gates_and_params(work, routed):
     assert metrics["test/accuracy"] == pytest.approx(accuracy_score(target, pred))
     assert metrics["test/balanced_accuracy"] == pytest.approx(balanced_accuracy_score(target, pred))
     assert metrics["test/macro_f1"] == pytest.approx(f1_score(target, pred, average="macro", labels=[0, 1]))
+
+
+def test_stopped_text_run_resumes_to_the_uninterrupted_result(work, routed, tmp_path, monkeypatch, capsys):
+    client, reference = routed
+    uri = client.tracking_uri
+    args = arm_args("fsg_gr", "--set", "tracking.log_model=true", "--set", "name=text_resumed")
+    with monkeypatch.context() as m:
+        interrupt_at(m, signal.SIGTERM, step=STEPS_PER_EPOCH + 2)  # inside epoch 2
+        assert in_process(args, work[0], tmp_path, uri) == 143
+    _, run = only_run(uri, "text_resumed")
+    assert run.info.status == "KILLED" and "--resume" in capsys.readouterr().err
+    progress = load_checkpoint(Path(run.data.tags["checkpoint_dir"]) / "last.pt")["progress"]
+    assert (progress["epoch"], progress["batch"]) == (1, 2)
+    assert in_process([*args, "--resume", run.info.run_id], work[0], tmp_path, uri) == 0
+    _, resumed = only_run(uri, "text_resumed")
+    assert resumed.info.status == "FINISHED"
+    assert_same_history(histories(client, resumed), histories(client, reference))
 
 
 def test_logged_model_is_a_stock_transformers_folder_that_predicts_the_same(work, routed):
