@@ -205,3 +205,19 @@ def test_text_class_task_predictions_and_metrics():
     assert metrics["f1_pos"] == pytest.approx(f1_score(labels, pred, labels=[2], average=None)[0])
     with pytest.raises(FsgEndoError, match="text_class: no class names"):
         get_task("text_class")
+
+
+def test_gpt2_classifier_reads_the_last_real_token_of_a_padded_text(tmp_path):
+    """GPT-2 has no pad token: the classifier pads with end-of-text and still classifies from each text's last
+    real token, so a padded text gets the logits it gets alone."""
+    from transformers import GPT2Config
+
+    GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2, eos_token_id=49).save_pretrained(tmp_path)
+    model = build_text_classifier(str(tmp_path), ("a", "b"), pretrained=False, fsg=True, gate_seed=0).eval()
+    assert model.model.config.pad_token_id == 49 and len(gate_parameters(model)) == 4
+    short, long = [5, 7, 9], [5, 7, 9, 11, 13]
+    batch = torch.tensor([short + [49, 49], long])
+    with torch.no_grad():
+        padded = model(batch, (batch != 49).long())
+        alone = model(torch.tensor([short]), torch.ones(1, 3, dtype=torch.long))
+    assert torch.allclose(padded[0], alone[0], atol=1e-5)
