@@ -14,9 +14,15 @@ SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 VOCAB = SPECIAL + POSITIVE + NEGATIVE + NEUTRAL
 
 
+def is_test_row(i: int) -> bool:
+    """Whether row ``i`` of a corpus written with ``split`` is held out: every fourth pair (both labels)."""
+    return (i // 2) % 4 == 3
+
+
 def write_corpus(path: Path, n: int = 72, seed: int = 0, split: bool = False) -> list[tuple[str, str]]:
     """A CSV of ``n`` texts (columns text,label[,split]): a few neutral words and one word of the label's side;
-    labels alternate positive/negative. With ``split``, every fourth row is ``test``. Returns (text, label) rows."""
+    labels alternate positive/negative. With ``split``, the rows of :func:`is_test_row` are ``test``. Returns
+    the (text, label) rows."""
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
@@ -26,7 +32,7 @@ def write_corpus(path: Path, n: int = 72, seed: int = 0, split: bool = False) ->
         rows.append((" ".join(words), label))
     header = "text,label,split" if split else "text,label"
     lines = [
-        f"{text},{label},{'test' if i % 4 == 3 else 'train'}" if split else f"{text},{label}"
+        f"{text},{label},{'test' if is_test_row(i) else 'train'}" if split else f"{text},{label}"
         for i, (text, label) in enumerate(rows)
     ]
     path.write_text("\n".join([header, *lines]) + "\n", encoding="utf-8")

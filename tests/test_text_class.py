@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from fixtures_text import VOCAB, write_corpus, write_tiny_bert
+from fixtures_text import VOCAB, is_test_row, write_corpus, write_tiny_bert
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
 from fsg_endo.data.text import (
@@ -38,10 +38,10 @@ def test_csv_split_column_gives_the_held_out_rows(tmp_path):
     rows = write_corpus(tmp_path / "c.csv", n=40, split=True)
     data = read_text_csv(tmp_path / "c.csv")
     assert data.class_names == ("negative", "positive") and data.source == "text_csv"
-    want_test = [(t, lab) for i, (t, lab) in enumerate(rows) if i % 4 == 3]
+    want_test = [(t, lab) for i, (t, lab) in enumerate(rows) if is_test_row(i)]
     got_test = [(t, data.class_names[k]) for t, k in zip(data.test.texts, data.test.labels.tolist())]
     assert got_test == want_test
-    assert len(data.train) == 30 and data.test.ids[0] == "row_5"  # row 3 of the corpus is line 5 of the file
+    assert len(data.train) == 30 and data.test.ids[0] == "row_8"  # row 6 of the corpus is line 8 of the file
 
 
 def test_csv_without_split_holds_out_a_stratified_fold(tmp_path):
