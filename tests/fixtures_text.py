@@ -10,8 +10,8 @@ import numpy as np
 POSITIVE = ("good", "great", "fine", "lovely")
 NEGATIVE = ("bad", "awful", "poor", "dull")
 NEUTRAL = ("the", "film", "was", "plot", "cast", "and", "very", "quite")
-SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-VOCAB = SPECIAL + POSITIVE + NEGATIVE + NEUTRAL
+RESERVED = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+VOCAB = RESERVED + POSITIVE + NEGATIVE + NEUTRAL
 
 
 def is_test_row(i: int) -> bool:

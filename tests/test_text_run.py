@@ -164,8 +164,9 @@ def test_config_ties_text_class_to_its_sources_and_keys():
         load_config("demo_mnist", ["data.source=text_csv"])
     with pytest.raises(FsgEndoError, match="task text_class needs 'model.hf_model'"):
         load_config(EXP, ["model.hf_model=null"])
-    with pytest.raises(FsgEndoError, match="regularizer dropout is a ViT arm"):
-        load_config(EXP, ["regularizer=dropout"])
+    for arm in ("dropout", "layerscale"):
+        with pytest.raises(FsgEndoError, match=f"regularizer {arm} is an arm of the study's ViT"):
+            load_config(EXP, [f"regularizer={arm}"])
     with pytest.raises(
         FsgEndoError, match="'data.max_length' is read by task text_class only, not by task image_class"
     ):

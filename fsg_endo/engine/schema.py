@@ -235,8 +235,12 @@ class Config(Section):
             raise ValueError(f"regularizer {self.regularizer} is a polyp sizing baseline; task {self.task} has none")
         if self.task == "text_class" and model.hf_model is None:
             raise ValueError("task text_class needs 'model.hf_model': a hub name or a local transformers folder")
-        if self.task == "text_class" and ARMS[self.regularizer].dropout:
-            raise ValueError("regularizer dropout is a ViT arm; a transformers model has its own dropout (none)")
+        arm = ARMS[self.regularizer]
+        if self.task == "text_class" and (arm.dropout or arm.model_options):
+            raise ValueError(
+                f"regularizer {arm.name} is an arm of the study's ViT; task text_class trains a transformers model "
+                "(its own dropout): none, or an FSG arm"
+            )
         if optim.warmup_epochs > optim.epochs:
             raise ValueError(f"'optim.warmup_epochs' = {optim.warmup_epochs} exceeds 'optim.epochs' = {optim.epochs}")
         return self
