@@ -66,7 +66,7 @@ def log_trained_model(
         log_transformers_model(tracker, model, metadata | dict(preprocess))
         return
     tracker.log_model(
-        fold_gates(model),
+        fold_gates(task.exported(model)),
         example_inputs(metadata),
         metadata,
         registered_model_name=cfg.tracking.register_model,

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import DistributedSampler
 
+from fsg_endo.data.corpus import FRAME_COLUMNS, crop_rows, relative_sides
 from fsg_endo.data.epochs import EpochSampler, SeededItems
 from fsg_endo.data.image_folders import (
     ImageData,
@@ -144,7 +145,23 @@ def prepare_splits(cfg: Config) -> Splits:
     splits = make_splits(manifest, data.test_fold, data.val_fold, data.train_fraction, seed=seed)
     for name in ("val", "test"):
         splits[name] = cap_frames_per_lesion(splits[name], data.eval_frames_per_lesion)
+    if cfg.task == "pretrain_mae":
+        splits = pretraining_crops(splits, cfg.pretrain.crops_per_frame, seed)
     return Splits(root, hashlib.sha256(mpath.read_bytes()).hexdigest(), splits, mpath)
+
+
+def pretraining_crops(splits: Mapping[str, pd.DataFrame], crops_per_frame: int, seed: int) -> dict[str, pd.DataFrame]:
+    """The pretraining corpus of each split: ``crops_per_frame`` crop boxes per frame, sized like the training
+    split's boxes and placed in the field of view (:func:`fsg_endo.data.corpus.crop_rows`); no sizes, no classes."""
+    sides = relative_sides(splits["train"])
+    corpus = {}
+    for i, (name, rows) in enumerate(splits.items()):
+        frames = rows.drop_duplicates("frame_path")[list(FRAME_COLUMNS)]
+        crops = crop_rows(
+            frames, sides, crops_per_frame, seed=int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+        )
+        corpus[name] = crops.assign(size_class3=-1, size_class2=-1)
+    return corpus
 
 
 def prepare_data(cfg: Config, num_replicas: int = 1, rank: int = 0) -> DataBundle:

@@ -23,6 +23,7 @@ from fsg_endo.engine.tasks import Task, get_task
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.nn.gates import gate_parameters, non_gate_parameters
 from fsg_endo.nn.hf_text import build_text_classifier
+from fsg_endo.nn.mae import MaskedAutoencoder
 from fsg_endo.nn.models import build_model
 from fsg_endo.nn.routing import GradientRouter, train_step
 
@@ -48,8 +49,9 @@ def accumulates_gate_pass(cfg: Config) -> bool:
 
 
 def build_for(cfg: Config, task: Task, train_rows: pd.DataFrame | None = None) -> torch.nn.Module:
-    """The model of the config's regulariser: gated for the FSG arms, dropout only for ``dropout``; a ViT, or for
-    ``text_class`` the transformers classifier of ``model.hf_model``.
+    """The model of the config's regulariser: gated for the FSG arms, dropout only for ``dropout``; for task
+    ``pretrain_mae`` the plain ViT inside a masked autoencoder; for ``text_class`` the transformers classifier of
+    ``model.hf_model``.
 
     Every arm of one seed starts from the same backbone and head weights: the gates come from their own
     generator, seeded by ``seed``, and leave the global RNG where it was. A log-box head starts at the
@@ -74,6 +76,11 @@ def build_for(cfg: Config, task: Task, train_rows: pd.DataFrame | None = None) -
     )
     if log_box and train_rows is not None:
         model.init_log_ratio(log_size_per_side(train_rows))
+    if cfg.task == "pretrain_mae":
+        p = cfg.pretrain
+        return MaskedAutoencoder(
+            model, p.mask_ratio, p.decoder_dim, p.decoder_depth, p.decoder_heads, normalize=p.normalize_patches
+        )
     return model
 
 
@@ -192,7 +199,7 @@ def build_recipe(
     device = ctx.device(cfg.device)
     amp = cfg.optim.amp and device.type == "cuda"
     loss = cfg.loss
-    task = get_task(cfg.task, loss.main_weights, loss.gate_weights, class_names, loss.beta)
+    task = get_task(cfg.task, loss.main_weights, loss.gate_weights, class_names, loss.beta, cfg.pretrain.picture_every)
     model = build_for(cfg, task, train_rows).to(device)
     optimizers = build_optimizers(cfg, model)
     epochs, warmup = cfg.optim.epochs, cfg.optim.warmup_epochs * steps_per_epoch

@@ -26,6 +26,7 @@ SOURCES_OF_TASK: dict[str, tuple[str, ...]] = {  # the data sources each task re
     "size_class2": POLYP_SOURCES,
     "image_class": IMAGE_SOURCES,
     "text_class": TEXT_SOURCES,
+    "pretrain_mae": ("synthetic",),  # a pool of unlabelled videos of its own generator seed
 }
 CLASS_TASKS = ("image_class", "text_class")  # a dataset's own classes: no box, no lesions, no polyp baseline
 TaskName = Literal[tuple(SOURCES_OF_TASK)]
@@ -101,6 +102,18 @@ class Model(Section):
     # with its own weights or random ones from its config
     hf_model: str | None = None
     hf_init: Literal["pretrained", "random"] = "pretrained"
+
+
+class Pretrain(Section):
+    """Task pretrain_mae only: the masked autoencoder (He et al. 2022) and its corpus of crops."""
+
+    mask_ratio: Rate = 0.75  # share of each crop's patches hidden from the encoder
+    decoder_dim: Count = 128  # the light decoder's width
+    decoder_depth: Count = 2  # ... its blocks
+    decoder_heads: Count = 4  # ... its attention heads
+    normalize_patches: bool = False  # true: MAE's per-patch normalised pixel loss (drops each patch's brightness)
+    crops_per_frame: Count = 2  # crop boxes drawn per frame, sized and placed like the sizing task's
+    picture_every: Count = 5  # epochs between pictures of the reconstructions of a fixed validation batch
 
 
 class Optim(Section):
@@ -196,6 +209,7 @@ class Config(Section):
     tracking: Tracking = Tracking()
     checkpoint: Checkpoint = Checkpoint()
     sweep: Sweep = Sweep()
+    pretrain: Pretrain = Pretrain()
 
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> Config:
@@ -233,21 +247,43 @@ class Config(Section):
             )
         if self.task in CLASS_TASKS and not ARMS[self.regularizer].trained:
             raise ValueError(f"regularizer {self.regularizer} is a polyp sizing baseline; task {self.task} has none")
-        if self.task == "text_class" and model.hf_model is None:
-            raise ValueError("task text_class needs 'model.hf_model': a hub name or a local transformers folder")
-        arm = ARMS[self.regularizer]
-        if self.task == "text_class" and (arm.dropout or arm.model_options):
-            raise ValueError(
-                f"regularizer {arm.name} is an arm of the study's ViT; task text_class trains a transformers model "
-                "(its own dropout): none, or an FSG arm"
-            )
+        if self.task == "text_class":
+            _check_text(self)
+        if self.task == "pretrain_mae":
+            _check_pretraining(self)
         if optim.warmup_epochs > optim.epochs:
             raise ValueError(f"'optim.warmup_epochs' = {optim.warmup_epochs} exceeds 'optim.epochs' = {optim.epochs}")
         return self
 
 
+def _check_pretraining(cfg: Config) -> None:
+    """What a pretraining config must say: the plain ViT, no box, and a pool of videos of its own seed."""
+    if cfg.regularizer != "none":
+        raise ValueError(f"task pretrain_mae trains the plain ViT: set regularizer: none, not {cfg.regularizer}")
+    if cfg.model.box_features:
+        raise ValueError("'model.box_features' must be false for task pretrain_mae (the encoder sees crops only)")
+    if cfg.data.synthetic_seed is None:
+        raise ValueError(
+            "task pretrain_mae needs 'data.synthetic_seed': the generator seed of its pool of unlabelled videos, "
+            "one that no sizing dataset uses (the shipped pretrain_mae sets 1000)"
+        )
+
+
+def _check_text(cfg: Config) -> None:
+    """What a text classification config must say: its transformers model, and an arm that is not the ViT's alone."""
+    arm = ARMS[cfg.regularizer]
+    if cfg.model.hf_model is None:
+        raise ValueError("task text_class needs 'model.hf_model': a hub name or a local transformers folder")
+    if arm.dropout or arm.model_options:
+        raise ValueError(
+            f"regularizer {arm.name} is an arm of the study's ViT; task text_class trains a transformers model "
+            "(its own dropout): none, or an FSG arm"
+        )
+
+
 # keys only some tasks read: setting one for another task is an error naming the key
 TASK_KEYS: dict[str, tuple[str, ...]] = {
+    **{f"pretrain.{key}": ("pretrain_mae",) for key in Pretrain.model_fields},
     "data.train_limit": CLASS_TASKS,
     "data.test_limit": CLASS_TASKS,
     "data.shift": ("image_class",),

@@ -10,6 +10,7 @@ from token batches (``label``, ``text_id``).
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -22,9 +23,10 @@ import torch.nn.functional as F
 from fsg_endo.data.sizes import CLASS2_NAMES, CLASS3_NAMES, scale_size, size_class2, size_class3, unscale_size
 from fsg_endo.engine.metrics import classification_metrics, confusion_matrix, regression_metrics
 from fsg_endo.errors import FsgEndoError
+from fsg_endo.tracking import plots
 
 ID_COLUMNS = ("lesion_id", "video_id", "frame_id")
-TASK_NAMES = ("size_regression", "size_class3", "size_class2", "image_class", "text_class")
+TASK_NAMES = ("size_regression", "size_class3", "size_class2", "image_class", "text_class", "pretrain_mae")
 MAX_NAMED_CLASSES = 20  # image_class: per-class F1 named after the classes up to this many classes
 
 
@@ -77,6 +79,14 @@ class Task(ABC):
     @abstractmethod
     def confusion(self, pred_df: pd.DataFrame) -> np.ndarray:
         """Confusion matrix (rows true, columns predicted) over :attr:`class_names`."""
+
+    def exported(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module a run logs as its model (the trained model itself; the pretraining task's encoder)."""
+        return model
+
+    def figures(self, model: torch.nn.Module, loader: Any, epoch: int, device: torch.device) -> dict[str, Any]:
+        """Pictures the task draws after epoch ``epoch`` (artifact path -> matplotlib figure); none by default."""
+        return {}
 
     def _id_frame(self, batch: Mapping[str, Any]) -> pd.DataFrame:
         """The id columns and ``size_mm`` of a batch."""
@@ -273,12 +283,82 @@ class TextClassTask(ImageClassTask):
         super().__init__(class_names, "text_class")
 
 
+class PretrainTask(Task):
+    """``pretrain_mae``: a masked autoencoder scores itself; its output is each crop's reconstruction loss.
+
+    Targets are unused (the crops are the targets, inside the model); the loss is the mean of the outputs, and
+    the one metric is that mean (``val/loss``, ``test/loss``). No classes, no lesions. The run's model is the
+    encoder (:meth:`exported`), a torchvision ViT that ``model.weights`` takes back.
+    """
+
+    name = kind = "pretrain_mae"
+    num_outputs = 1
+    main_metric = "loss"
+    mode = "min"
+    class_names: tuple[str, ...] = ()
+    lesion_level = False
+    picture_rows = 6
+
+    def __init__(self, picture_every: int = 5) -> None:
+        self.picture_every = picture_every
+
+    def targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        return torch.zeros(len(batch["image"]))
+
+    def main_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return outputs.mean()
+
+    gate_loss = main_loss
+
+    def outputs_to_numpy(self, outputs: torch.Tensor) -> np.ndarray:
+        return _numpy(outputs)
+
+    def frame_predictions(self, batch: Mapping[str, Any], outputs_np: np.ndarray) -> pd.DataFrame:
+        """One row per crop: its ids, ``target`` 0 and ``prediction`` its reconstruction loss."""
+        df = pd.DataFrame({key: _numpy(batch[key]) for key in ID_COLUMNS})
+        return df.assign(target=0.0, prediction=np.asarray(outputs_np, dtype=float))
+
+    def lesion_predictions(self, frame_df: pd.DataFrame) -> pd.DataFrame:
+        return frame_df
+
+    def compute_metrics(self, pred_df: pd.DataFrame) -> dict[str, float]:
+        return {"loss": float(pred_df["prediction"].mean()) if len(pred_df) else float("nan")}
+
+    def confusion(self, pred_df: pd.DataFrame) -> np.ndarray:
+        return np.zeros((0, 0), dtype=np.int64)
+
+    def figures(self, model: torch.nn.Module, loader: Any, epoch: int, device: torch.device) -> dict[str, Any]:
+        """Every ``picture_every`` epochs: the first validation crops, what the encoder saw, the reconstruction
+        (each row rescaled to its crop's range for display)."""
+        if epoch % self.picture_every:
+            return {}
+        images = next(iter(loader))["image"][: self.picture_rows].to(device)
+        training = model.training
+        model.eval()
+        visible, reconstructed = model.pictures(images)
+        model.train(training)
+        rows = [x.float().cpu().permute(0, 2, 3, 1).numpy() for x in (images, visible, reconstructed)]
+        low = rows[0].min(axis=(1, 2, 3), keepdims=True)
+        span = rows[0].max(axis=(1, 2, 3), keepdims=True) - low + 1e-6
+        images_01, visible_01, reconstructed_01 = ((x - low) / span for x in rows)
+        visible_01[rows[1] == 0] = 0.5  # hidden patches grey
+        figure = plots.reconstruction_figure(images_01, visible_01, reconstructed_01, f"epoch {epoch}")
+        return {f"plots/reconstructions_epoch_{epoch:03d}.png": figure}
+
+    def exported(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The encoder, its head an identity: the class token's features, in torchvision's layout."""
+        vit = copy.deepcopy(model.vit)
+        vit.heads = torch.nn.Identity()
+        return vit
+
+
 def get_task(
     name: str,
     main_weights: Sequence[float] = (1.0, 3.0, 5.0),
     gate_weights: Sequence[float] = (1.0, 5.0, 10.0),
     class_names: Sequence[str] = (),
     beta: float = 1.0,
+    picture_every: int = 5,
 ) -> Task:
     """The task called ``name``; the loss weights (size <= 5, 5-10, >= 10 mm) and smooth-L1's ``beta`` apply to
     regression only, ``class_names`` (from the data) to ``image_class`` and ``text_class`` only."""
@@ -292,4 +372,6 @@ def get_task(
         return ImageClassTask(class_names)
     if name == "text_class":
         return TextClassTask(class_names)
+    if name == "pretrain_mae":
+        return PretrainTask(picture_every)
     raise FsgEndoError(f"unknown task {name!r}; choose one of {', '.join(TASK_NAMES)}")

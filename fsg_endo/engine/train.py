@@ -170,6 +170,9 @@ def end_epoch(
         if is_better(val_metrics.get(r.metric, math.nan), progress.best, r.mode):
             progress.best, progress.best_epoch = val_metrics[r.metric], epoch
             save_checkpoint(best_path, {"model": r.model.state_dict(), "epoch": epoch})
+    if ctx.is_main and cfg.tracking.plots:
+        for path, figure in r.task.figures(r.model, data.loaders["val"], epoch, r.device).items():
+            tracker.log_figure(figure, path)
     row.update(clock.lap())
     if ctx.is_main:
         report_epoch(row, cfg.optim.epochs, r.metric)
@@ -259,7 +262,7 @@ def finish(r: Recipe, data: DataBundle, tracker: Tracker, progress: Progress, be
     )
     if r.gated:
         results |= gate_movement(r, progress)
-    if cfg.tracking.plots:
+    if cfg.tracking.plots and r.task.class_names:
         tracker.log_figure(
             plots.confusion_figure(r.task.confusion(frames), r.task.class_names, "test, per frame"),
             "plots/confusion_test.png",

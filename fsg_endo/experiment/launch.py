@@ -27,6 +27,7 @@ REPORT_METRICS = {
     "size_class2": ["accuracy", "balanced_accuracy", "macro_f1", "auroc"],
     "image_class": ["accuracy", "balanced_accuracy", "macro_f1"],
     "text_class": ["accuracy", "balanced_accuracy", "macro_f1"],
+    "pretrain_mae": ["loss"],
 }
 
 
@@ -203,7 +204,7 @@ def _run(args: argparse.Namespace, cfg: Config, uri: str, ctx: DistContext, stop
         if ctx.is_main:
             trained = not baseline_of(cfg.regularizer)
             # the same rows, so the model's lesion/test column and the baseline's compare directly
-            polyps = trained and cfg.task not in CLASS_TASKS
+            polyps = trained and cfg.task not in (*CLASS_TASKS, "pretrain_mae")
             baseline = baseline_metrics(cfg, "appearance")[0] if polyps else None
             best = f"; best epoch {results['best_epoch']:.0f}; checkpoints in {run_dir}" if trained else ""
             print(f"\n{cfg.name} ({run_name(cfg)}), run {tracker.run_id}{best}")
