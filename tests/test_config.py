@@ -357,8 +357,9 @@ def test_sweep_grid_expands_into_children_named_by_their_values(configs):
 def test_keys_of_image_class_are_refused_for_the_polyp_tasks(configs, where, kwargs):
     configs("exp", "data:\n  flip: false\n" if kwargs["overrides"] == [] else "{}\n")
     message = _error("exp", **kwargs)
-    assert where in message and "read by task image_class only, not by task size_regression" in message
     key = next(k for k in ("data.shift", "data.train_limit", "data.flip", "data.test_limit") if k in message)
+    readers = "image_class" if key in ("data.shift", "data.flip") else "image_class or text_class"
+    assert where in message and f"read by task {readers} only, not by task size_regression" in message
     assert f"'{key}'" in message
 
 

@@ -14,10 +14,10 @@ from fsg_endo.engine.progress import progress_bar
 from fsg_endo.engine.tasks import Task
 
 
-def model_inputs(batch: Mapping[str, Any], device: torch.device, use_box: bool) -> torch.Tensor | tuple:
-    """The model's inputs of a batch: the crops, and the box features when the model takes them."""
-    image = batch["image"].to(device, non_blocking=True)
-    return (image, batch["box"].to(device, non_blocking=True)) if use_box else image
+def model_inputs(batch: Mapping[str, Any], device: torch.device, use_box: bool) -> tuple[torch.Tensor, ...]:
+    """The model's inputs of a batch: the crops, and the box features when the model takes them; a text's tokens."""
+    keys = ("input_ids", "attention_mask") if "input_ids" in batch else ("image", "box") if use_box else ("image",)
+    return tuple(batch[key].to(device, non_blocking=True) for key in keys)
 
 
 @torch.no_grad()
@@ -26,8 +26,7 @@ def predict(model: torch.nn.Module, loader, task: Task, device: torch.device, us
     model.eval()
     frames = []
     for batch in progress_bar(loader, desc):
-        inputs = model_inputs(batch, device, use_box)
-        outputs = model(*inputs) if use_box else model(inputs)
+        outputs = model(*model_inputs(batch, device, use_box))
         frames.append(task.frame_predictions(batch, task.outputs_to_numpy(outputs.float().cpu())))
     return pd.concat(frames, ignore_index=True)
 

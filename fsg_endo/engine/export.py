@@ -6,11 +6,15 @@ normalise a new dataset exactly as the model's training data was, without the tr
 
 from __future__ import annotations
 
+import json
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from fsg_endo.data.text import load_tokenizer
 from fsg_endo.engine.recipe import BOX_FEATURES
 from fsg_endo.engine.schema import Config
 from fsg_endo.engine.tasks import Task
@@ -54,9 +58,13 @@ def log_trained_model(
     step: int,
 ) -> None:
     """Log the model as stock torchvision blocks (gates folded into the weights, fast attention undone) with
-    its metadata, linked to the metrics at ``step``; register it as ``tracking.register_model`` if set."""
+    its metadata, linked to the metrics at ``step``; register it as ``tracking.register_model`` if set.
+    A ``text_class`` model is logged as a transformers folder instead (:func:`log_transformers_model`)."""
     model = model.cpu().eval()
     metadata = model_metadata(cfg, task, preprocess)
+    if task.name == "text_class":
+        log_transformers_model(tracker, model, metadata | dict(preprocess))
+        return
     tracker.log_model(
         fold_gates(task.exported(model)),
         example_inputs(metadata),
@@ -64,3 +72,16 @@ def log_trained_model(
         registered_model_name=cfg.tracking.register_model,
         step=step,
     )
+
+
+def log_transformers_model(tracker: Tracker, model: torch.nn.Module, metadata: Mapping[str, Any]) -> None:
+    """Log a text classifier as the artifact folder ``model/``: the stock transformers model (gates folded in,
+    ``save_pretrained``), its tokenizer and ``fsg_endo.json`` (the metadata), so that
+    ``AutoModelForSequenceClassification.from_pretrained`` and ``AutoTokenizer.from_pretrained`` read it back."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        fold_gates(model).model.save_pretrained(folder)
+        load_tokenizer(metadata["hf_model"]).save_pretrained(folder)
+        (folder / "fsg_endo.json").write_text(json.dumps(metadata, indent=1), encoding="utf-8")
+        for path in sorted(folder.iterdir()):
+            tracker.log_file(path, "model")

@@ -3,7 +3,9 @@
 Task ``image_class`` reads an image source into memory instead (:func:`prepare_image_data`): the training images
 read (``data.train_fraction``, ``data.train_limit``, class-stratified) are split into ``data.folds`` stratified
 folds, fold ``data.val_fold`` validates and the rest trains; the test split is the dataset's own held-out set
-(MNIST t10k, Imagenette val/, CIFAR-100 test).
+(MNIST t10k, Imagenette val/, CIFAR-100 test). Task ``text_class`` does the same with texts
+(:func:`prepare_text_data`), tokenised once by the model's tokenizer; its test split is the CSV's ``split == test``
+rows (else fold ``data.test_fold``) or the Hugging Face dataset's test split.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from fsg_endo.data.corpus import (
 from fsg_endo.data.epochs import EpochSampler, SeededItems
 from fsg_endo.data.image_folders import (
     ImageData,
-    ImageSet,
     channel_stats,
     check_image_root,
     image_dataset,
@@ -43,6 +44,7 @@ from fsg_endo.data.manifest import build_manifest, load_manifest, write_manifest
 from fsg_endo.data.pipeline import build_dataset, compute_mean_std, make_loader
 from fsg_endo.data.sampling import LesionFrameSampler
 from fsg_endo.data.splits import make_splits, split_summary
+from fsg_endo.data.text import TextData, load_tokenizer, read_hf_dataset, read_text_csv, text_dataset
 from fsg_endo.engine.progress import interactive
 from fsg_endo.engine.schema import Config, Data
 from fsg_endo.errors import FsgEndoError
@@ -195,6 +197,8 @@ def prepare_data(cfg: Config, num_replicas: int = 1, rank: int = 0) -> DataBundl
     """
     if cfg.task == "image_class":
         return prepare_image_data(cfg, num_replicas, rank)
+    if cfg.task == "text_class":
+        return prepare_text_data(cfg, num_replicas, rank)
     check_batch(cfg, num_replicas)
     data, seed = cfg.data, cfg.seed
     batch = cfg.optim.batch_size
@@ -263,32 +267,48 @@ def read_images(data: Data, seed: int, train: bool = True) -> ImageData:
     return reader(data.root, **common)
 
 
-def split_table(splits: Mapping[str, ImageSet]) -> pd.DataFrame:
-    """One row per image: split, id, label (its hash identifies the data of a run)."""
+def split_table(splits: Mapping[str, Any], id_column: str = "image_id") -> pd.DataFrame:
+    """One row per item (image or text): split, id, label (its hash identifies the data of a run)."""
     return pd.concat(
-        [pd.DataFrame({"split": name, "image_id": s.ids, "label": s.labels.numpy()}) for name, s in splits.items()],
+        [pd.DataFrame({"split": name, id_column: s.ids, "label": s.labels.numpy()}) for name, s in splits.items()],
         ignore_index=True,
+    )
+
+
+def in_memory_bundle(
+    cfg: Config, datasets: Mapping[str, Any], table: pd.DataFrame, num_replicas: int, rank: int, **fields: Any
+) -> DataBundle:
+    """Loaders over in-memory datasets (``train``, ``val``, ``test``; rank 0 evaluates), the table of their items
+    (its column after ``split`` names them) and its summary, in a :class:`DataBundle` with ``fields``."""
+    data, seed, batch = cfg.data, cfg.seed, cfg.optim.batch_size
+    train_ds = SeededItems(datasets["train"])
+    sampler = EpochSampler(DistributedSampler(train_ds, num_replicas, rank, shuffle=True, seed=seed), seed=seed)
+    loaders = {"train": make_loader(train_ds, batch // num_replicas, sampler=sampler, workers=data.workers, seed=seed)}
+    for name in ("val", "test") if rank == 0 else ():
+        loaders[name] = make_loader(datasets[name], batch * 2, workers=data.workers, seed=seed)
+    id_column = table.columns[1]
+    counts = {id_column.removesuffix("_id") + "s": (id_column, "size"), "classes": ("label", "nunique")}
+    return DataBundle(
+        root=Path(data.root or "."),
+        manifest_sha256=hashlib.sha256(table.to_csv(index=False).encode()).hexdigest(),
+        splits={name: table[table["split"] == name] for name in datasets},
+        summary=table.groupby("split", sort=False).agg(**counts).reset_index(),
+        sampler=sampler,
+        loaders=loaders,
+        **fields,
     )
 
 
 def prepare_image_data(cfg: Config, num_replicas: int = 1, rank: int = 0) -> DataBundle:
     """Read, split and normalise (train statistics) the images; loaders as :func:`prepare_data` builds them."""
     check_batch(cfg, num_replicas)
-    data, seed, batch = cfg.data, cfg.seed, cfg.optim.batch_size
+    data, seed = cfg.data, cfg.seed
     images = read_images(data, seed)
     train, val = validation_split(images.train, data.folds, data.val_fold, seed)
     splits = {"train": train, "val": val, "test": images.test}
     mean, std = channel_stats(train.images)
     augment = {"shift": data.shift, "flip": data.flip} if data.augment else {}
-    train_ds = SeededItems(image_dataset(train, mean, std, **augment))
-    sampler = EpochSampler(DistributedSampler(train_ds, num_replicas, rank, shuffle=True, seed=seed), seed=seed)
-    loaders = {"train": make_loader(train_ds, batch // num_replicas, sampler=sampler, workers=data.workers, seed=seed)}
-    for name in ("val", "test") if rank == 0 else ():
-        loaders[name] = make_loader(image_dataset(splits[name], mean, std), batch * 2, workers=data.workers, seed=seed)
-    table = split_table(splits)
-    summary = (
-        table.groupby("split", sort=False).agg(images=("image_id", "size"), classes=("label", "nunique")).reset_index()
-    )
+    datasets = {name: image_dataset(s, mean, std, **(augment if name == "train" else {})) for name, s in splits.items()}
     info = {
         "source_read": images.source,
         "class_names": list(images.class_names),
@@ -297,16 +317,60 @@ def prepare_image_data(cfg: Config, num_replicas: int = 1, rank: int = 0) -> Dat
         **{f"n_{name}": len(s) for name, s in splits.items()},
     }
     tags = {"data.source_read": images.source, "data.fallback": images.source if images.source in FALLBACKS else "none"}
-    return DataBundle(
-        root=Path(data.root or "."),
-        manifest_sha256=hashlib.sha256(table.to_csv(index=False).encode()).hexdigest(),
-        splits={name: table[table["split"] == name] for name in splits},
-        summary=summary,
-        sampler=sampler,
-        loaders=loaders,
+    return in_memory_bundle(
+        cfg,
+        datasets,
+        split_table(splits),
+        num_replicas,
+        rank,
         class_names=images.class_names,
         tags=tags,
         info=info,
         note=images.note,
         preprocess={"image_size": data.image_size, "mean": list(mean), "std": list(std)},
+    )
+
+
+def read_texts(data: Data, seed: int) -> TextData:
+    """The configured text source (the user's CSV or a Hugging Face dataset), reduced as configured."""
+    common = dict(
+        text_column=data.text_column,
+        label_column=data.label_column,
+        seed=seed,
+        fraction=data.train_fraction,
+        train_limit=data.train_limit,
+        test_limit=data.test_limit,
+    )
+    if data.source == "hf_dataset":
+        return read_hf_dataset(data.root, **common)
+    return read_text_csv(data.root, folds=data.folds, test_fold=data.test_fold, **common)
+
+
+def prepare_text_data(cfg: Config, num_replicas: int = 1, rank: int = 0) -> DataBundle:
+    """Read and split the texts, tokenise them with the model's tokenizer; loaders as :func:`prepare_data`."""
+    check_batch(cfg, num_replicas)
+    data, seed, hf_model = cfg.data, cfg.seed, cfg.model.hf_model
+    texts = read_texts(data, seed)
+    train, val = validation_split(texts.train, data.folds, data.val_fold, seed)
+    splits = {"train": train, "val": val, "test": texts.test}
+    tokenizer = load_tokenizer(hf_model)
+    datasets = {name: text_dataset(s, tokenizer, data.max_length) for name, s in splits.items()}
+    preprocess = {"hf_model": hf_model, "max_length": data.max_length}
+    info = {
+        "source_read": texts.source,
+        "class_names": list(texts.class_names),
+        **preprocess,
+        **{f"n_{name}": len(s) for name, s in splits.items()},
+    }
+    return in_memory_bundle(
+        cfg,
+        datasets,
+        split_table(splits, "text_id"),
+        num_replicas,
+        rank,
+        class_names=texts.class_names,
+        tags={"data.source_read": texts.source, "data.fallback": "none"},
+        info=info,
+        note=texts.note,
+        preprocess=preprocess,
     )

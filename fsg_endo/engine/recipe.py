@@ -18,10 +18,11 @@ from fsg_endo.engine.arms import ARMS
 from fsg_endo.engine.backbones import vit_size
 from fsg_endo.engine.distributed import DistContext
 from fsg_endo.engine.evaluation import metric_mode, validation_metrics
-from fsg_endo.engine.schema import Config
+from fsg_endo.engine.schema import CLASS_TASKS, Config
 from fsg_endo.engine.tasks import Task, get_task
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.nn.gates import gate_parameters, non_gate_parameters
+from fsg_endo.nn.hf_text import build_text_classifier
 from fsg_endo.nn.mae import MaskedAutoencoder
 from fsg_endo.nn.models import build_model
 from fsg_endo.nn.routing import GradientRouter, train_step
@@ -49,12 +50,16 @@ def accumulates_gate_pass(cfg: Config) -> bool:
 
 def build_for(cfg: Config, task: Task, train_rows: pd.DataFrame | None = None) -> torch.nn.Module:
     """The model of the config's regulariser: gated for the FSG arms, dropout only for ``dropout``; for task
-    ``pretrain_mae`` the plain ViT inside a masked autoencoder.
+    ``pretrain_mae`` the plain ViT inside a masked autoencoder; for ``text_class`` the transformers classifier of
+    ``model.hf_model``.
 
     Every arm of one seed starts from the same backbone and head weights: the gates come from their own
     generator, seeded by ``seed``, and leave the global RNG where it was. A log-box head starts at the
     median log(size / box side) of ``train_rows`` (when given; a checkpoint or saved model brings its own)."""
     m, arm = cfg.model, ARMS[cfg.regularizer]
+    if cfg.task == "text_class":
+        pretrained = m.hf_init == "pretrained"
+        return build_text_classifier(m.hf_model, task.class_names, pretrained, arm.gated, gate_seed(cfg.seed))
     extra = dict(dropout=m.dropout, attention_dropout=m.attention_dropout, stochastic_depth=m.stochastic_depth)
     log_box = m.size_head == "log_box"
     model = build_model(
@@ -138,11 +143,12 @@ def selection_metric(metric: str, task: Task) -> str:
 
 
 def check_eval_metric(cfg: Config) -> None:
-    """``eval.metric`` checked before any data is read. An ``image_class`` per-class F1 (``val/f1_<class>``)
-    waits for the classes, which come with the data: :func:`build_recipe` checks it then."""
-    if cfg.task == "image_class" and cfg.eval.metric.startswith("val/f1_"):
+    """``eval.metric`` checked before any data is read. An ``image_class`` or ``text_class`` per-class F1
+    (``val/f1_<class>``) waits for the classes, which come with the data: :func:`build_recipe` checks it then."""
+    class_task = cfg.task in CLASS_TASKS
+    if class_task and cfg.eval.metric.startswith("val/f1_"):
         return
-    selection_metric(cfg.eval.metric, get_task(cfg.task, class_names=("any",) if cfg.task == "image_class" else ()))
+    selection_metric(cfg.eval.metric, get_task(cfg.task, class_names=("any",) if class_task else ()))
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -19,13 +19,16 @@ Regularizer = Literal[ARM_NAMES]  # the arms of the study: one row each in fsg_e
 REGULARIZERS: tuple[str, ...] = ARM_NAMES
 POLYP_SOURCES = ("synthetic", "realcolon", "sun")
 IMAGE_SOURCES = ("mnist", "imagenette", "cifar100")
+TEXT_SOURCES = ("text_csv", "hf_dataset")  # the user's CSV of text,label; a Hugging Face dataset by name
 SOURCES_OF_TASK: dict[str, tuple[str, ...]] = {  # the data sources each task reads
     "size_regression": POLYP_SOURCES,
     "size_class3": POLYP_SOURCES,
     "size_class2": POLYP_SOURCES,
     "image_class": IMAGE_SOURCES,
+    "text_class": TEXT_SOURCES,
     "pretrain_mae": ("synthetic", "frames"),  # a pool of synthetic videos of its own seed, or a folder of frames
 }
+CLASS_TASKS = ("image_class", "text_class")  # a dataset's own classes: no box, no lesions, no polyp baseline
 TaskName = Literal[tuple(SOURCES_OF_TASK)]
 DataSource = Literal[tuple(dict.fromkeys(s for sources in SOURCES_OF_TASK.values() for s in sources))]
 
@@ -45,7 +48,9 @@ class Section(BaseModel):
 
 class Data(Section):
     source: DataSource = "synthetic"
-    root: str | None = None  # dataset root (synthetic: default cache folder .cache/synthetic_s{seed}_v{videos})
+    # dataset root (synthetic: default cache folder .cache/synthetic_s{seed}_v{videos}); text_csv: the CSV file;
+    # hf_dataset: a Hugging Face dataset name or local folder
+    root: str | None = None
     manifest: str | None = None  # manifest CSV (default: built from root and cached beside it)
     sizes: str | None = None  # SUN only: CSV with case,size_mm
     videos: Count | None = None  # synthetic: number of videos (None = the generator's default)
@@ -65,11 +70,16 @@ class Data(Section):
     workers: NonNegativeInt = 0
     augment: bool = True
     photometric: bool = True  # polyp tasks: the augmentation's colour jitter and noise (false: rotation and flips)
-    # task image_class only (TASK_KEYS: refused for the other tasks)
-    train_limit: Count | None = None  # at most this many training images read (after train_fraction)
-    test_limit: Count | None = None  # at most this many held-out (test) images
+    # tasks image_class and text_class only (TASK_KEYS: refused for the other tasks)
+    train_limit: Count | None = None  # at most this many training images (texts) read (after train_fraction)
+    test_limit: Count | None = None  # at most this many held-out (test) images (texts)
+    # task image_class only
     shift: NonNegativeInt = 4  # augmentation: random translation by up to this many pixels
     flip: bool = True  # augmentation: random left-right mirror
+    # task text_class only
+    text_column: str = "text"  # the column of the texts
+    label_column: str = "label"  # the column of the labels
+    max_length: Count = 128  # tokens per text at most (truncated)
 
 
 class Model(Section):
@@ -88,6 +98,10 @@ class Model(Section):
     dropout: Rate = 0.1  # used by regularizer=dropout only
     attention_dropout: Rate = 0.1  # used by regularizer=dropout only
     stochastic_depth: Rate = 0.1  # used by regularizer=dropout only
+    # task text_class only (TASK_KEYS): its transformers model, a hub name or a local folder (with its tokenizer),
+    # with its own weights or random ones from its config
+    hf_model: str | None = None
+    hf_init: Literal["pretrained", "random"] = "pretrained"
 
 
 class Pretrain(Section):
@@ -226,15 +240,17 @@ class Config(Section):
                 f"task {self.task} does not read 'data.source' = {data.source}: it reads "
                 f"{', '.join(SOURCES_OF_TASK[self.task])}"
             )
-        if self.task == "image_class" and model.box_features:
-            raise ValueError("'model.box_features' must be false for task image_class (images have no box)")
+        if self.task in CLASS_TASKS and model.box_features:
+            raise ValueError(f"'model.box_features' must be false for task {self.task} (no box)")
         if model.size_head == "log_box" and not (self.task == "size_regression" and model.box_features):
             raise ValueError(
                 "'model.size_head' = log_box needs task size_regression and 'model.box_features' = true "
                 "(set model.size_head: linear)"
             )
-        if self.task == "image_class" and not ARMS[self.regularizer].trained:
-            raise ValueError(f"regularizer {self.regularizer} is a polyp sizing baseline; task image_class has none")
+        if self.task in CLASS_TASKS and not ARMS[self.regularizer].trained:
+            raise ValueError(f"regularizer {self.regularizer} is a polyp sizing baseline; task {self.task} has none")
+        if self.task == "text_class":
+            _check_text(self)
         if self.task == "pretrain_mae":
             _check_pretraining(self)
         if optim.warmup_epochs > optim.epochs:
@@ -255,13 +271,30 @@ def _check_pretraining(cfg: Config) -> None:
         )
 
 
+def _check_text(cfg: Config) -> None:
+    """What a text classification config must say: its transformers model, and an arm that is not the ViT's alone."""
+    arm = ARMS[cfg.regularizer]
+    if cfg.model.hf_model is None:
+        raise ValueError("task text_class needs 'model.hf_model': a hub name or a local transformers folder")
+    if arm.dropout or arm.model_options:
+        raise ValueError(
+            f"regularizer {arm.name} is an arm of the study's ViT; task text_class trains a transformers model "
+            "(its own dropout): none, or an FSG arm"
+        )
+
+
 # keys only some tasks read: setting one for another task is an error naming the key
 TASK_KEYS: dict[str, tuple[str, ...]] = {
     **{f"pretrain.{key}": ("pretrain_mae",) for key in Pretrain.model_fields},
-    "data.train_limit": ("image_class",),
-    "data.test_limit": ("image_class",),
+    "data.train_limit": CLASS_TASKS,
+    "data.test_limit": CLASS_TASKS,
     "data.shift": ("image_class",),
     "data.flip": ("image_class",),
+    "data.text_column": ("text_class",),
+    "data.label_column": ("text_class",),
+    "data.max_length": ("text_class",),
+    "model.hf_model": ("text_class",),
+    "model.hf_init": ("text_class",),
 }
 
 # keys that follow from another key: asked for by users, so setting one says where it comes from
@@ -295,7 +328,7 @@ SMOKE: dict[str, Any] = {
     "sweep.seeds": [0],
 }
 SMOKE_OF_TASK: dict[str, dict[str, Any]] = {
-    "image_class": {"data.train_limit": 48, "data.test_limit": 24},
+    **{task: {"data.train_limit": 48, "data.test_limit": 24} for task in CLASS_TASKS},
     "pretrain_mae": {"pretrain.picture_every": 1},
 }
 

@@ -1,9 +1,11 @@
-"""The polyp sizing tasks and ``image_class`` (docs/interfaces.md#tasks-and-metrics): targets, losses, metrics.
+"""The polyp sizing tasks, ``image_class`` and ``text_class`` (docs/interfaces.md#tasks-and-metrics): targets,
+losses, metrics.
 
 A :class:`Task` turns a collated pipeline batch (keys ``target_reg``, ``size_mm``,
 ``size_class3``, ``size_class2``, ``lesion_id``, ``video_id``, ``frame_id``) into loss targets,
 model outputs into numpy predictions, and predictions into frame- and lesion-level metrics.
-``image_class`` reads image batches (``label``, ``image_id``) and has no lesion level.
+``image_class`` reads image batches (``label``, ``image_id``) and has no lesion level; ``text_class`` the same
+from token batches (``label``, ``text_id``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from fsg_endo.errors import FsgEndoError
 from fsg_endo.tracking import plots
 
 ID_COLUMNS = ("lesion_id", "video_id", "frame_id")
-TASK_NAMES = ("size_regression", "size_class3", "size_class2", "image_class", "pretrain_mae")
+TASK_NAMES = ("size_regression", "size_class3", "size_class2", "image_class", "text_class", "pretrain_mae")
 MAX_NAMED_CLASSES = 20  # image_class: per-class F1 named after the classes up to this many classes
 
 
@@ -234,23 +236,24 @@ class ImageClassTask(ClassificationTask):
 
     main_metric = "accuracy"
     lesion_level = False
+    id_column = "image_id"  # the batch key and prediction column that names each item
 
-    def __init__(self, class_names: Sequence[str]) -> None:
+    def __init__(self, class_names: Sequence[str], name: str = "image_class") -> None:
         if not class_names:
-            raise FsgEndoError("image_class: no class names (they come from the task's dataset)")
-        super().__init__("image_class", class_names)
+            raise FsgEndoError(f"{name}: no class names (they come from the task's dataset)")
+        super().__init__(name, class_names)
 
     def targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
         return torch.as_tensor(_numpy(batch["label"]).astype(np.int64))
 
     def frame_predictions(self, batch: Mapping[str, Any], outputs_np: np.ndarray) -> pd.DataFrame:
-        """One row per image: id, target and prediction (indices and names), the predicted class's probability."""
+        """One row per item: id, target and prediction (indices and names), the predicted class's probability."""
         prob = np.asarray(outputs_np, dtype=float).reshape(-1, self.num_outputs)
         target, pred = _numpy(batch["label"]).astype(int), prob.argmax(axis=1)
         names = np.asarray(self.class_names, dtype=object)
         return pd.DataFrame(
             {
-                "image_id": _numpy(batch["image_id"]),
+                self.id_column: _numpy(batch[self.id_column]),
                 "target": target,
                 "prediction": pred,
                 "target_name": names[target],
@@ -268,6 +271,16 @@ class ImageClassTask(ClassificationTask):
         return classification_metrics(
             pred_df["target"].to_numpy(int), pred_df["prediction"].to_numpy(int), self.num_outputs, names=named
         )
+
+
+class TextClassTask(ImageClassTask):
+    """``text_class``: logits over the labels of a text dataset (the user's CSV, a Hugging Face dataset); one row
+    per text, named by ``text_id``."""
+
+    id_column = "text_id"
+
+    def __init__(self, class_names: Sequence[str]) -> None:
+        super().__init__(class_names, "text_class")
 
 
 class PretrainTask(Task):
@@ -348,7 +361,7 @@ def get_task(
     picture_every: int = 5,
 ) -> Task:
     """The task called ``name``; the loss weights (size <= 5, 5-10, >= 10 mm) and smooth-L1's ``beta`` apply to
-    regression only, ``class_names`` (from the data) to ``image_class`` only."""
+    regression only, ``class_names`` (from the data) to ``image_class`` and ``text_class`` only."""
     if name == "size_regression":
         return RegressionTask(main_weights, gate_weights, beta)
     if name == "size_class3":
@@ -357,6 +370,8 @@ def get_task(
         return ClassificationTask(name, CLASS2_NAMES)
     if name == "image_class":
         return ImageClassTask(class_names)
+    if name == "text_class":
+        return TextClassTask(class_names)
     if name == "pretrain_mae":
         return PretrainTask(picture_every)
     raise FsgEndoError(f"unknown task {name!r}; choose one of {', '.join(TASK_NAMES)}")

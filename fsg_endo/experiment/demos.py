@@ -1,4 +1,4 @@
-"""The image-classification demos (MNIST, Imagenette, CIFAR-100): their command lines, over the experiment runner.
+"""The classification demos (MNIST, Imagenette, CIFAR-100, a text CSV): their command lines, over the experiment runner.
 
 Training is ``fsg-endo run --exp <demo>`` with the demo's flags turned into config overrides, so a demo run is
 an MLflow run like any experiment (the engine's loop, checkpoints, resume, guards). Inference reads the run's
@@ -35,6 +35,7 @@ DEMOS = {
     "mnist": ("demo_mnist", "MNIST"),
     "imagenette": ("demo_imagenette", "Imagenette"),
     "cifar100": ("cifar100_fsg", "CIFAR-100"),
+    "text": ("text_fsg", "your text CSV"),
 }  # dataset -> (experiment config, display name)
 FINETUNE_LR = 5e-5  # the paper's backbone learning rate when fine-tuning from --weights
 RUNS_DIR = "runs"  # the engine's run folders when checkpoint.dir is unset
@@ -67,7 +68,9 @@ def training_overrides(exp: str, args: argparse.Namespace) -> list[str]:
     out = [f"{k}={v}" for k, v in flags.items() if v is not None]
     if args.epochs is not None and base.optim.warmup_epochs > args.epochs:
         out.append(f"optim.warmup_epochs={args.epochs}")
-    if args.weights:
+    if args.weights and base.task == "text_class":
+        out.append(f"model.hf_model={args.weights}")
+    elif args.weights:
         out += weight_overrides(args.weights, base.data.image_size)
     if args.smoke:
         out.append("tracking.log_model=false")
@@ -100,12 +103,18 @@ def _guarded(prog: str, threads: int, fn: Callable[[], int | None]) -> int:
 
 
 def training_main(dataset: str, argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """``demo_training_<dataset>.py``: train a ViT with FSG + GR through the experiment runner."""
+    """``demo_training_<dataset>.py``: train a ViT (a transformers classifier for text) with FSG + GR through the
+    experiment runner."""
     exp, title = DEMOS[dataset]
     prog = prog or f"demo_training_{dataset}"
+    text = dataset == "text"
+    model, fetched = (
+        ("a transformers classifier", "a hub model is downloaded once, a local folder not")
+        if text
+        else ("a ViT", "nothing is downloaded")
+    )
     parser = argparse.ArgumentParser(
-        prog=prog,
-        description=f"Train a ViT with FSG + Gradient Routing on {title} (experiment {exp}; nothing is downloaded).",
+        prog=prog, description=f"Train {model} with FSG + Gradient Routing on {title} (experiment {exp}; {fetched})."
     )
     parser.add_argument("--data-root", default=None, help="dataset root (default: data.root of the config)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the config's)")
@@ -115,12 +124,17 @@ def training_main(dataset: str, argv: Sequence[str] | None = None, prog: str | N
         metavar="DIR",
         help=f"folder of the run folders (checkpoint.dir; default {RUNS_DIR}/)",
     )
-    parser.add_argument(
-        "--weights", default=None, help="fine-tune from a local torchvision vit_b_16 state dict or timm ViT checkpoint"
+    weights = (
+        "the transformers model to fine-tune: a hub name or a local folder (model.hf_model)"
+        if text
+        else "fine-tune from a local torchvision vit_b_16 state dict or timm ViT checkpoint"
     )
+    parser.add_argument("--weights", default=None, help=weights)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--train-limit", type=int, default=None, help="read at most this many training images")
+    parser.add_argument(
+        "--train-limit", type=int, default=None, help=f"read at most this many training {'texts' if text else 'images'}"
+    )
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (MLFLOW_TRACKING_URI wins)")
     parser.add_argument(
         "--set",

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from fsg_endo.engine.interrupt import RunInterrupted, StopSignals
-from fsg_endo.engine.schema import Config
+from fsg_endo.engine.schema import CLASS_TASKS, Config
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.experiment.config import load_config, load_config_file
 
@@ -26,6 +26,7 @@ REPORT_METRICS = {
     "size_class3": ["accuracy", "balanced_accuracy", "macro_f1"],
     "size_class2": ["accuracy", "balanced_accuracy", "macro_f1", "auroc"],
     "image_class": ["accuracy", "balanced_accuracy", "macro_f1"],
+    "text_class": ["accuracy", "balanced_accuracy", "macro_f1"],
     "pretrain_mae": ["loss"],
 }
 
@@ -46,7 +47,7 @@ def results_table(
     )
     if baseline is not None:
         table["appearance baseline lesion/test"] = [baseline.get(f"lesion/test/{m}", float("nan")) for m in metrics]
-    return table.dropna(axis=1, how="all")  # image_class has no lesion level
+    return table.dropna(axis=1, how="all")  # image_class and text_class have no lesion level
 
 
 def gate_movement_line(results: Mapping[str, float]) -> str:
@@ -120,7 +121,7 @@ def _overrides(args: argparse.Namespace, task: str) -> list[str]:
         root = Path(args.data_root)
         if task == "pretrain_mae":
             overrides.append("data.source=frames")  # a folder of unlabelled frames
-        elif task != "image_class":
+        elif task not in CLASS_TASKS:
             overrides.append(f"data.source={detect_format(root)}")
         overrides.append(f"data.root={root}")
     if args.manifest:
@@ -134,18 +135,19 @@ def run_from_args(args: argparse.Namespace) -> int:
     Exit code 0, or 128 + the signal number (130, 143) when SIGINT/SIGTERM stopped the run after a checkpoint.
     """
     cfg = load_config(args.exp, args.overrides, profile=args.profile, smoke=args.smoke)
-    image_task = cfg.task == "image_class"
     if args.data_root or args.manifest:  # before the user's --set, which wins
         cfg = load_config(args.exp, _overrides(args, cfg.task), profile=args.profile, smoke=args.smoke)
     from fsg_endo.data.image_folders import check_image_root
+    from fsg_endo.data.text import check_text_source
     from fsg_endo.engine.distributed import init_distributed, shutdown
     from fsg_endo.engine.recipe import check_eval_metric
     from fsg_endo.tracking.tracker import check_tracking_uri, resolve_tracking_uri
 
     check_eval_metric(cfg)
 
-    if image_task and not args.resume:
-        check_image_root(cfg.data.source, cfg.data.root)  # before a run opens: no empty FAILED run
+    if cfg.task in CLASS_TASKS and not args.resume:  # before a run opens: no empty FAILED run
+        check = check_image_root if cfg.task == "image_class" else check_text_source
+        check(cfg.data.source, cfg.data.root)
     uri = resolve_tracking_uri(args.tracking_uri, cfg.tracking.uri)
     check_tracking_uri(uri)
     ctx = init_distributed(cfg.device)
@@ -216,7 +218,7 @@ def _run(args: argparse.Namespace, cfg: Config, uri: str, ctx: DistContext, stop
         if ctx.is_main:
             trained = not baseline_of(cfg.regularizer)
             # the same rows, so the model's lesion/test column and the baseline's compare directly
-            polyps = trained and cfg.task not in ("image_class", "pretrain_mae")
+            polyps = trained and cfg.task not in (*CLASS_TASKS, "pretrain_mae")
             baseline = baseline_metrics(cfg, "appearance")[0] if polyps else None
             best = f"; best epoch {results['best_epoch']:.0f}; checkpoints in {run_dir}" if trained else ""
             print(f"\n{cfg.name} ({run_name(cfg)}), run {tracker.run_id}{best}")

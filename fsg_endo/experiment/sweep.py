@@ -143,6 +143,6 @@ def log_summary(parent: Tracker, summary: pd.DataFrame, task: str) -> None:
 
 def main_test_metric(task: str) -> str:
     """The sweep's headline metric: lesion-level test MAE, or balanced accuracy for classification."""
-    if task == "image_class":
+    if task in ("image_class", "text_class"):
         return "test/accuracy"
     return "lesion/test/mae" if task == "size_regression" else "lesion/test/balanced_accuracy"
