@@ -90,7 +90,7 @@ def test_splits_come_from_the_files_and_ranks_share_an_epoch(cifar, monkeypatch)
     val = whole.splits["val"]
     labels = written["train_labels"][[int(i.rsplit("_", 1)[1]) for i in val["image_id"]]]
     assert np.array_equal(val["label"].to_numpy(), labels) and np.bincount(labels).tolist() == [4, 4, 4, 4]
-    assert len(whole.class_names) == 100 and whole.info["class_names"][3] == "class_003"
+    assert len(whole.class_names) == 100 and whole.files["data.json"]["class_names"][3] == "class_003"
     parts = [prepare_data(cfg, num_replicas=2, rank=r) for r in range(2)]
     for bundle in (whole, *parts):
         bundle.set_epoch(1)

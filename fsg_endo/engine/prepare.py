@@ -1,11 +1,7 @@
 """From a data config to ready loaders: dataset (generated and cached if synthetic), manifest, splits.
 
-Task ``image_class`` reads an image source into memory instead (:func:`prepare_image_data`): the training images
-read (``data.train_fraction``, ``data.train_limit``, class-stratified) are split into ``data.folds`` stratified
-folds, fold ``data.val_fold`` validates and the rest trains; the test split is the dataset's own held-out set
-(MNIST t10k, Imagenette val/, CIFAR-100 test). Task ``text_class`` does the same with texts
-(:func:`prepare_text_data`), tokenised once by the model's tokenizer; its test split is the CSV's ``split == test``
-rows (else fold ``data.test_fold``) or the Hugging Face dataset's test split.
+The polyp tasks and the pretraining corpus live here; the image and text classification tasks read their data
+in :mod:`fsg_endo.engine.class_data`. Every task's data arrives as one :class:`~fsg_endo.engine.bundle.DataBundle`.
 """
 
 from __future__ import annotations
@@ -13,13 +9,11 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
-from torch.utils.data import DistributedSampler
 
 from fsg_endo.data.corpus import (
     FRAME_COLUMNS,
@@ -30,51 +24,22 @@ from fsg_endo.data.corpus import (
     video_folds,
 )
 from fsg_endo.data.epochs import EpochSampler, SeededItems
-from fsg_endo.data.image_folders import (
-    ImageData,
-    channel_stats,
-    check_image_root,
-    image_dataset,
-    load_cifar100,
-    load_image_folder,
-    load_mnist,
-    validation_split,
-)
 from fsg_endo.data.manifest import build_manifest, load_manifest, write_manifest
 from fsg_endo.data.pipeline import build_dataset, compute_mean_std, make_loader
 from fsg_endo.data.sampling import LesionFrameSampler
 from fsg_endo.data.splits import make_splits, split_summary
-from fsg_endo.data.text import TextData, load_tokenizer, read_hf_dataset, read_text_csv, text_dataset
+from fsg_endo.engine.bundle import DataBundle, check_batch
+from fsg_endo.engine.class_data import prepare_image_data, prepare_text_data
 from fsg_endo.engine.progress import interactive
 from fsg_endo.engine.schema import Config, Data
 from fsg_endo.errors import FsgEndoError
+
+CLASS_DATA = {"image_class": prepare_image_data, "text_class": prepare_text_data}  # their own data, their own room
 
 
 def cache_dir() -> Path:
     """Where generated datasets and manifests live: ``$FSG_ENDO_CACHE`` or ``.cache/fsg_endo``."""
     return Path(os.environ.get("FSG_ENDO_CACHE", ".cache/fsg_endo"))
-
-
-@dataclass
-class DataBundle:
-    """Everything the training loop needs from the data side of one run (of one process under torchrun)."""
-
-    root: Path
-    manifest_sha256: str
-    splits: dict[str, pd.DataFrame]
-    summary: pd.DataFrame
-    sampler: EpochSampler
-    loaders: dict[str, Any]
-    class_names: tuple[str, ...] = ()  # image_class: the classes read from the data (the task's outputs)
-    tags: dict[str, str] = field(default_factory=dict)  # MLflow tags saying what was read, e.g. a fallback
-    info: dict[str, Any] = field(default_factory=dict)  # image_class: what inference needs (data.json)
-    note: str = ""  # a line for the user, e.g. why a fallback was used
-    manifest: Path | None = None  # the manifest the rows come from (polyp data)
-    preprocess: dict[str, Any] = field(default_factory=dict)  # crop size, normalisation: what a saved model needs
-
-    def set_epoch(self, epoch: int, batches_done: int = 0) -> None:
-        """Draw epoch ``epoch`` and skip its first ``batches_done`` batches (a run resumed mid-epoch)."""
-        self.sampler.set_epoch(epoch, start=batches_done * self.loaders["train"].batch_size)
 
 
 def dataset_root(data: Data, seed: int) -> Path:
@@ -124,13 +89,6 @@ def cap_frames_per_lesion(rows: pd.DataFrame, n: int | None) -> pd.DataFrame:
         for idx in rows.groupby("lesion_id", sort=False).indices.values()
     ]
     return rows.iloc[np.sort(np.concatenate(keep))].reset_index(drop=True)
-
-
-def check_batch(cfg: Config, num_replicas: int) -> None:
-    """``optim.batch_size`` is the global batch: it must split evenly across the training processes."""
-    batch = cfg.optim.batch_size
-    if batch % num_replicas:
-        raise FsgEndoError(f"optim.batch_size = {batch} is not divisible by the {num_replicas} training processes")
 
 
 @dataclass
@@ -195,10 +153,8 @@ def prepare_data(cfg: Config, num_replicas: int = 1, rank: int = 0) -> DataBundl
     With ``num_replicas`` processes, ``optim.batch_size`` is the global batch: this rank loads its
     share of every batch, and only rank 0 (which evaluates) gets the val and test loaders.
     """
-    if cfg.task == "image_class":
-        return prepare_image_data(cfg, num_replicas, rank)
-    if cfg.task == "text_class":
-        return prepare_text_data(cfg, num_replicas, rank)
+    if cfg.task in CLASS_DATA:
+        return CLASS_DATA[cfg.task](cfg, num_replicas, rank)
     check_batch(cfg, num_replicas)
     data, seed = cfg.data, cfg.seed
     batch = cfg.optim.batch_size
@@ -236,141 +192,12 @@ def prepare_data(cfg: Config, num_replicas: int = 1, rank: int = 0) -> DataBundl
         ds = build_dataset(splits[name], root, train=False, seed=seed, **common)
         loaders[name] = make_loader(ds, batch * 2, workers=data.workers, seed=seed)
     return DataBundle(
-        root=root,
-        manifest_sha256=rows.manifest_sha256,
+        loaders=loaders,
+        sampler=sampler,
         splits=splits,
         summary=split_summary(splits),
-        sampler=sampler,
-        loaders=loaders,
-        manifest=rows.manifest,
+        source=rows.manifest or root,
+        source_name=rows.manifest.stem if rows.manifest else data.source,
+        tags={"data.manifest_sha256": rows.manifest_sha256},
         preprocess=dict(crop, mean=list(mean), std=list(std)),
-    )
-
-
-FALLBACKS = {"sklearn_digits"}  # sources read in place of the configured one
-
-
-def read_images(data: Data, seed: int, train: bool = True) -> ImageData:
-    """The configured image source, reduced as configured (``train=False``: the held-out split only)."""
-    common = dict(
-        image_size=data.image_size,
-        seed=seed,
-        fraction=data.train_fraction,
-        train_limit=data.train_limit,
-        test_limit=data.test_limit,
-        train=train,
-    )
-    if data.source == "mnist":
-        return load_mnist(data.root, **common)
-    check_image_root(data.source, data.root)
-    reader = load_image_folder if data.source == "imagenette" else load_cifar100
-    return reader(data.root, **common)
-
-
-def split_table(splits: Mapping[str, Any], id_column: str = "image_id") -> pd.DataFrame:
-    """One row per item (image or text): split, id, label (its hash identifies the data of a run)."""
-    return pd.concat(
-        [pd.DataFrame({"split": name, id_column: s.ids, "label": s.labels.numpy()}) for name, s in splits.items()],
-        ignore_index=True,
-    )
-
-
-def in_memory_bundle(
-    cfg: Config, datasets: Mapping[str, Any], table: pd.DataFrame, num_replicas: int, rank: int, **fields: Any
-) -> DataBundle:
-    """Loaders over in-memory datasets (``train``, ``val``, ``test``; rank 0 evaluates), the table of their items
-    (its column after ``split`` names them) and its summary, in a :class:`DataBundle` with ``fields``."""
-    data, seed, batch = cfg.data, cfg.seed, cfg.optim.batch_size
-    train_ds = SeededItems(datasets["train"])
-    sampler = EpochSampler(DistributedSampler(train_ds, num_replicas, rank, shuffle=True, seed=seed), seed=seed)
-    loaders = {"train": make_loader(train_ds, batch // num_replicas, sampler=sampler, workers=data.workers, seed=seed)}
-    for name in ("val", "test") if rank == 0 else ():
-        loaders[name] = make_loader(datasets[name], batch * 2, workers=data.workers, seed=seed)
-    id_column = table.columns[1]
-    counts = {id_column.removesuffix("_id") + "s": (id_column, "size"), "classes": ("label", "nunique")}
-    return DataBundle(
-        root=Path(data.root or "."),
-        manifest_sha256=hashlib.sha256(table.to_csv(index=False).encode()).hexdigest(),
-        splits={name: table[table["split"] == name] for name in datasets},
-        summary=table.groupby("split", sort=False).agg(**counts).reset_index(),
-        sampler=sampler,
-        loaders=loaders,
-        **fields,
-    )
-
-
-def prepare_image_data(cfg: Config, num_replicas: int = 1, rank: int = 0) -> DataBundle:
-    """Read, split and normalise (train statistics) the images; loaders as :func:`prepare_data` builds them."""
-    check_batch(cfg, num_replicas)
-    data, seed = cfg.data, cfg.seed
-    images = read_images(data, seed)
-    train, val = validation_split(images.train, data.folds, data.val_fold, seed)
-    splits = {"train": train, "val": val, "test": images.test}
-    mean, std = channel_stats(train.images)
-    augment = {"shift": data.shift, "flip": data.flip} if data.augment else {}
-    datasets = {name: image_dataset(s, mean, std, **(augment if name == "train" else {})) for name, s in splits.items()}
-    info = {
-        "source_read": images.source,
-        "class_names": list(images.class_names),
-        "mean": list(mean),
-        "std": list(std),
-        **{f"n_{name}": len(s) for name, s in splits.items()},
-    }
-    tags = {"data.source_read": images.source, "data.fallback": images.source if images.source in FALLBACKS else "none"}
-    return in_memory_bundle(
-        cfg,
-        datasets,
-        split_table(splits),
-        num_replicas,
-        rank,
-        class_names=images.class_names,
-        tags=tags,
-        info=info,
-        note=images.note,
-        preprocess={"image_size": data.image_size, "mean": list(mean), "std": list(std)},
-    )
-
-
-def read_texts(data: Data, seed: int) -> TextData:
-    """The configured text source (the user's CSV or a Hugging Face dataset), reduced as configured."""
-    common = dict(
-        text_column=data.text_column,
-        label_column=data.label_column,
-        seed=seed,
-        fraction=data.train_fraction,
-        train_limit=data.train_limit,
-        test_limit=data.test_limit,
-    )
-    if data.source == "hf_dataset":
-        return read_hf_dataset(data.root, **common)
-    return read_text_csv(data.root, folds=data.folds, test_fold=data.test_fold, **common)
-
-
-def prepare_text_data(cfg: Config, num_replicas: int = 1, rank: int = 0) -> DataBundle:
-    """Read and split the texts, tokenise them with the model's tokenizer; loaders as :func:`prepare_data`."""
-    check_batch(cfg, num_replicas)
-    data, seed, hf_model = cfg.data, cfg.seed, cfg.model.hf_model
-    texts = read_texts(data, seed)
-    train, val = validation_split(texts.train, data.folds, data.val_fold, seed)
-    splits = {"train": train, "val": val, "test": texts.test}
-    tokenizer = load_tokenizer(hf_model)
-    datasets = {name: text_dataset(s, tokenizer, data.max_length) for name, s in splits.items()}
-    preprocess = {"hf_model": hf_model, "max_length": data.max_length}
-    info = {
-        "source_read": texts.source,
-        "class_names": list(texts.class_names),
-        **preprocess,
-        **{f"n_{name}": len(s) for name, s in splits.items()},
-    }
-    return in_memory_bundle(
-        cfg,
-        datasets,
-        split_table(splits, "text_id"),
-        num_replicas,
-        rank,
-        class_names=texts.class_names,
-        tags={"data.source_read": texts.source, "data.fallback": "none"},
-        info=info,
-        note=texts.note,
-        preprocess=preprocess,
     )

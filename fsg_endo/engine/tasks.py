@@ -46,7 +46,7 @@ class Task(ABC):
     main_metric: str
     mode: str
     class_names: tuple[str, ...]  # labels of the confusion matrix
-    lesion_level = True  # whether predictions also aggregate per lesion (``lesion/{split}/*`` metrics)
+    lesion_level = False  # whether predictions also aggregate per lesion (``lesion/{split}/*``): a LesionTask
 
     @abstractmethod
     def targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -67,10 +67,6 @@ class Task(ABC):
     @abstractmethod
     def frame_predictions(self, batch: Mapping[str, Any], outputs_np: np.ndarray) -> pd.DataFrame:
         """One row per frame: ids, ``target``, ``prediction``, ``size_mm`` (+ ``prob_k`` for classes)."""
-
-    @abstractmethod
-    def lesion_predictions(self, frame_df: pd.DataFrame) -> pd.DataFrame:
-        """One row per lesion, predicted from the mean over its frames; adds ``n_frames``."""
 
     @abstractmethod
     def compute_metrics(self, pred_df: pd.DataFrame) -> dict[str, float]:
@@ -98,7 +94,17 @@ class Task(ABC):
         return f"{type(self).__name__}(name={self.name!r})"
 
 
-class RegressionTask(Task):
+class LesionTask(Task):
+    """A polyp task: frames of a lesion aggregate into one lesion-level prediction (``lesion/{split}/*``)."""
+
+    lesion_level = True
+
+    @abstractmethod
+    def lesion_predictions(self, frame_df: pd.DataFrame) -> pd.DataFrame:
+        """One row per lesion, predicted from the mean over its frames; adds ``n_frames``."""
+
+
+class RegressionTask(LesionTask):
     """``size_regression``: one output, the size scaled to [-1, 1]; size-weighted smooth-L1.
 
     ``targets`` is (B, 3) float: scaled size, main-loss weight, gate-loss weight. The weights are
@@ -174,8 +180,8 @@ class RegressionTask(Task):
         return confusion_matrix(size_class3(true_mm), size_class3(pred_mm), 3)
 
 
-class ClassificationTask(Task):
-    """``size_class3`` / ``size_class2``: logits over the size classes; cross-entropy for both losses."""
+class CrossEntropyTask(Task):
+    """Logits over named classes, cross-entropy for both losses, probabilities as predictions."""
 
     kind, main_metric, mode = "classification", "balanced_accuracy", "max"
 
@@ -185,9 +191,6 @@ class ClassificationTask(Task):
         self.num_outputs = len(self.class_names)
         self.prob_columns = [f"prob_{k}" for k in range(self.num_outputs)]
 
-    def targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        return torch.as_tensor(_numpy(batch[self.name]).astype(np.int64))
-
     def main_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(outputs.float(), targets)
 
@@ -196,6 +199,16 @@ class ClassificationTask(Task):
 
     def outputs_to_numpy(self, outputs: torch.Tensor) -> np.ndarray:
         return torch.softmax(outputs.detach().float(), dim=1).cpu().numpy()
+
+    def confusion(self, pred_df: pd.DataFrame) -> np.ndarray:
+        return confusion_matrix(pred_df["target"].to_numpy(int), pred_df["prediction"].to_numpy(int), self.num_outputs)
+
+
+class ClassificationTask(CrossEntropyTask, LesionTask):
+    """``size_class3`` / ``size_class2``: logits over the size classes, per frame and per lesion."""
+
+    def targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        return torch.as_tensor(_numpy(batch[self.name]).astype(np.int64))
 
     def frame_predictions(self, batch: Mapping[str, Any], outputs_np: np.ndarray) -> pd.DataFrame:
         prob = np.asarray(outputs_np, dtype=float).reshape(-1, self.num_outputs)
@@ -227,15 +240,11 @@ class ClassificationTask(Task):
             names=self.class_names,
         )
 
-    def confusion(self, pred_df: pd.DataFrame) -> np.ndarray:
-        return confusion_matrix(pred_df["target"].to_numpy(int), pred_df["prediction"].to_numpy(int), self.num_outputs)
 
-
-class ImageClassTask(ClassificationTask):
+class ImageClassTask(CrossEntropyTask):
     """``image_class``: logits over a dataset's classes (MNIST, Imagenette, CIFAR-100); one row per image."""
 
     main_metric = "accuracy"
-    lesion_level = False
     id_column = "image_id"  # the batch key and prediction column that names each item
 
     def __init__(self, class_names: Sequence[str], name: str = "image_class") -> None:
@@ -261,10 +270,6 @@ class ImageClassTask(ClassificationTask):
                 "confidence": prob.max(axis=1),
             }
         )
-
-    def lesion_predictions(self, frame_df: pd.DataFrame) -> pd.DataFrame:
-        """Images have no lesions: each image is its own unit."""
-        return frame_df
 
     def compute_metrics(self, pred_df: pd.DataFrame) -> dict[str, float]:
         named = self.class_names if self.num_outputs <= MAX_NAMED_CLASSES else None
@@ -296,7 +301,6 @@ class PretrainTask(Task):
     main_metric = "loss"
     mode = "min"
     class_names: tuple[str, ...] = ()
-    lesion_level = False
     picture_rows = 6
 
     def __init__(self, picture_every: int = 5) -> None:
@@ -317,9 +321,6 @@ class PretrainTask(Task):
         """One row per crop: its ids, ``target`` 0 and ``prediction`` its reconstruction loss."""
         df = pd.DataFrame({key: _numpy(batch[key]) for key in ID_COLUMNS})
         return df.assign(target=0.0, prediction=np.asarray(outputs_np, dtype=float))
-
-    def lesion_predictions(self, frame_df: pd.DataFrame) -> pd.DataFrame:
-        return frame_df
 
     def compute_metrics(self, pred_df: pd.DataFrame) -> dict[str, float]:
         return {"loss": float(pred_df["prediction"].mean()) if len(pred_df) else float("nan")}

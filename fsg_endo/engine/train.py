@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 from monai.utils import set_determinism
 
+from fsg_endo.engine.bundle import DataBundle
 from fsg_endo.engine.checkpoint import (
     Progress,
     Unpublished,
@@ -38,7 +39,6 @@ from fsg_endo.engine.distributed import SINGLE, DistContext
 from fsg_endo.engine.evaluation import evaluate, is_better, lesion_test_ci, model_inputs
 from fsg_endo.engine.export import log_trained_model
 from fsg_endo.engine.interrupt import RunInterrupted, StopSignals
-from fsg_endo.engine.prepare import DataBundle
 from fsg_endo.engine.progress import progress_bar, report_epoch
 from fsg_endo.engine.recipe import Recipe, build_recipe
 from fsg_endo.engine.schema import Config

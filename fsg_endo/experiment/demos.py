@@ -20,8 +20,8 @@ import yaml
 from fsg_endo.data.image_folders import image_dataset
 from fsg_endo.data.pipeline import make_loader
 from fsg_endo.engine.checkpoint import load_checkpoint
+from fsg_endo.engine.class_data import read_images
 from fsg_endo.engine.evaluation import predict
-from fsg_endo.engine.prepare import read_images
 from fsg_endo.engine.recipe import build_for, uses_gates
 from fsg_endo.engine.schema import Config
 from fsg_endo.engine.tasks import get_task

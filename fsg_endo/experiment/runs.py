@@ -33,7 +33,7 @@ def grid_point(cfg: Config) -> str:
 
 
 if TYPE_CHECKING:
-    from fsg_endo.engine.prepare import DataBundle
+    from fsg_endo.engine.bundle import DataBundle
 
 
 def run_name(cfg: Config) -> str:
@@ -94,27 +94,23 @@ def record_config(cfg: Config, tracker: Tracker, run_dir: Path) -> None:
 
 
 def record_data(data: DataBundle, tracker: Tracker, run_dir: Path) -> None:
-    """What the run read: tags (manifest hash, fallbacks), the split summary, and ``data.json`` (image_class:
-    classes and normalisation, what inference needs); a note, e.g. a fallback, is also printed."""
+    """What the run read: tags (a content hash, fallbacks), the split summary, and the data's JSON files (the class
+    tasks' ``data.json``: classes and normalisation, what inference needs); a note, e.g. a fallback, is printed."""
     if data.note:
         print(f"note: {data.note}")
-    tracker.set_tags(
-        {"data.manifest_sha256": data.manifest_sha256, **data.tags, **({"data.note": data.note} if data.note else {})}
-    )
+    tracker.set_tags({**data.tags, **({"data.note": data.note} if data.note else {})})
     tracker.log_text(data.summary.to_csv(index=False), "data/split_summary.csv")
-    if data.info:
-        with atomic_path(run_dir / "data.json") as tmp:
-            tmp.write_text(json.dumps(data.info, indent=1), encoding="utf-8")
-        tracker.log_file(run_dir / "data.json")
+    for name, content in data.files.items():
+        with atomic_path(run_dir / name) as tmp:
+            tmp.write_text(json.dumps(content, indent=1), encoding="utf-8")
+        tracker.log_file(run_dir / name)
 
 
 def record_inputs(cfg: Config, data: DataBundle, tracker: Tracker) -> None:
     """Each split as an MLflow dataset input (contexts train/val/test, source the manifest); system metrics
     from here on when ``tracking.system_metrics`` is set."""
-    source = data.manifest.resolve() if data.manifest else data.root.resolve()
-    name = data.manifest.stem if data.manifest else cfg.data.source
     for context, rows in data.splits.items():
-        tracker.log_dataset(rows, source=str(source), name=name, context=context)
+        tracker.log_dataset(rows, source=str(data.source.resolve()), name=data.source_name, context=context)
     if cfg.tracking.system_metrics:
         tracker.monitor_system()
 
