@@ -133,10 +133,15 @@ class Splits:
     manifest: Path | None = None
 
 
+def split_seed(cfg: Config) -> int:
+    """The seed of the folds and the low-data split: ``data.split_seed``, else ``seed``."""
+    return cfg.seed if cfg.data.split_seed is None else cfg.data.split_seed
+
+
 def prepare_splits(cfg: Config) -> Splits:
     """Dataset (generated on first use), manifest and the low-data split of a config, without any crop."""
-    data, seed = cfg.data, cfg.seed
-    root = dataset_root(data, seed)
+    data, seed = cfg.data, split_seed(cfg)
+    root = dataset_root(data, cfg.seed)
     mpath = manifest_path(data, root, seed)
     manifest = load_manifest(mpath, root=root)
     splits = make_splits(manifest, data.test_fold, data.val_fold, data.train_fraction, seed=seed)
@@ -233,8 +238,8 @@ def prepare_image_data(cfg: Config, num_replicas: int = 1, rank: int = 0) -> Dat
     """Read, split and normalise (train statistics) the images; loaders as :func:`prepare_data` builds them."""
     check_batch(cfg, num_replicas)
     data, seed, batch = cfg.data, cfg.seed, cfg.optim.batch_size
-    images = read_images(data, seed)
-    train, val = validation_split(images.train, data.folds, data.val_fold, seed)
+    images = read_images(data, split_seed(cfg))
+    train, val = validation_split(images.train, data.folds, data.val_fold, split_seed(cfg))
     splits = {"train": train, "val": val, "test": images.test}
     mean, std = channel_stats(train.images)
     augment = {"shift": data.shift, "flip": data.flip} if data.augment else {}

@@ -21,7 +21,7 @@ from fsg_endo.data.image_folders import image_dataset
 from fsg_endo.data.pipeline import make_loader
 from fsg_endo.engine.checkpoint import load_checkpoint
 from fsg_endo.engine.evaluation import predict
-from fsg_endo.engine.prepare import read_images
+from fsg_endo.engine.prepare import read_images, split_seed
 from fsg_endo.engine.recipe import build_for, uses_gates
 from fsg_endo.engine.schema import Config
 from fsg_endo.engine.tasks import get_task
@@ -196,7 +196,7 @@ def infer(exp: str, args: argparse.Namespace, echo: Callable[[str], None] = prin
     data = cfg.data.model_copy(update={"root": args.data_root or cfg.data.root})
     if args.smoke:
         data = data.model_copy(update={"test_limit": min(data.test_limit or SMOKE_TEST_IMAGES, SMOKE_TEST_IMAGES)})
-    images = read_images(data, cfg.seed, train=False)
+    images = read_images(data, split_seed(cfg), train=False)
     if images.note:
         echo(images.note)
     names = tuple(info["class_names"])
