@@ -149,7 +149,7 @@ class Resources(Section):
 
 
 class Sweep(Section):
-    """regularization_sweep only (ignored for single runs)."""
+    """How a sweep varies its children (ignored for single runs, but for ``variant``, which applies to any run)."""
 
     enabled: bool = False  # one child per (regularizer, train fraction, grid point, fold, seed), not one run
     regularizers: Annotated[list[Regularizer], NonEmpty] = ["none", "dropout", "fsg", "fsg_gr"]

@@ -295,8 +295,8 @@ def load_config(exp: str, overrides: Sequence[str] = (), profile: str | None = N
     """The resolved config of an experiment (a name in :func:`config_dir` or a YAML path).
 
     Merge order: defaults <- YAML <- profile (built-in, then the YAML's) <- SMOKE (if ``smoke``: :data:`SMOKE`
-    and the task's :data:`SMOKE_OF_TASK`) <- ``overrides`` (``key=value``) <- the overrides of ``sweep.variant``
-    if set. ``name`` defaults to the file's stem.
+    with the task's :data:`SMOKE_OF_TASK` and the fold role's :data:`SMOKE_OF_FOLD_ROLE`) <- ``overrides``
+    (``key=value``) <- the overrides of ``sweep.variant`` if set. ``name`` defaults to the file's stem.
     """
     path = _find_config(exp)
     where = _display(path)
