@@ -173,8 +173,9 @@ def test_a_run_of_a_validation_sweep_is_filed_under_its_validation_fold(tmp_path
     assert (runs.loc["validation", "fold"], runs.loc["test", "fold"]) == (3, 1)
 
 
-def test_a_smoke_search_runs_and_its_report_pairs_variants_per_cell(tmp_path, data_cache):
+def test_a_smoke_search_runs_and_its_report_pairs_variants_per_cell(tmp_path, data_cache, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the report reads it first
     args = ["--exp", "recipe_search", "--smoke", "--set", "sweep.executor=sequential"]
     args += ["--set", "sweep.train_fractions=[1.0]", "--set", "sweep.seeds=[0, 1]"]
     assert in_process(args, tmp_path, data_cache, uri) == 0
