@@ -387,7 +387,7 @@ def test_smoke_sets_the_image_limits_for_image_class_only(configs):
 
 def _stated(tree, prefix=""):
     for key, value in tree.items():
-        if isinstance(value, dict) and key not in ("profiles", "grid"):
+        if isinstance(value, dict) and key not in ("profiles", "grid", "variants"):
             yield from _stated(value, f"{prefix}{key}.")
         elif key != "profiles":
             yield f"{prefix}{key}", value

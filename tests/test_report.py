@@ -112,6 +112,16 @@ def test_report_rows_pair_cells_and_match_hand_statistics():
     assert mirror["diff_mean"] == pytest.approx(np.mean(np.subtract(gr, none)))
 
 
+def test_a_validation_metric_is_corrected_by_the_validation_fold_size():
+    gr, none = [5.0, 5.2, 4.9, 5.1, 5.3, 5.0], [6.0, 6.5, 5.9, 6.1, 6.3, 6.2]
+    rows = sweep_rows({"none": none, "fsg_gr": gr}).rename(columns={METRIC: "lesion/val/mae"})
+    rows["data/val_lesions"] = 12.0  # the test fold (20 lesions) plays no part in a validation comparison
+    row = sweep_report(rows, "lesion/val/mae", ["fsg_gr"]).iloc[0]
+    diff = np.subtract(none, gr)
+    se = math.sqrt((1 / 6 + 12.0 / 30.0) * np.var(diff, ddof=1))
+    assert row["p_corrected_t"] == pytest.approx(2 * stats.t.sf(abs(diff.mean()) / se, 5))
+
+
 def test_report_pairs_within_train_fraction_and_grid_point_only():
     points = ("gr.gate_lr=0.001", "gr.gate_lr=0.1")
     rng = np.random.default_rng(0)

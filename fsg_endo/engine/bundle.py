@@ -47,3 +47,8 @@ def check_batch(cfg: Config, num_replicas: int) -> None:
     batch = cfg.optim.batch_size
     if batch % num_replicas:
         raise FsgEndoError(f"optim.batch_size = {batch} is not divisible by the {num_replicas} training processes")
+
+
+def split_seed(cfg: Config) -> int:
+    """The seed of the folds and the low-data split: ``data.split_seed``, else ``seed``."""
+    return cfg.seed if cfg.data.split_seed is None else cfg.data.split_seed

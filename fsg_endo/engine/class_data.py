@@ -31,7 +31,7 @@ from fsg_endo.data.image_folders import (
 )
 from fsg_endo.data.pipeline import make_loader
 from fsg_endo.data.text import TextData, load_tokenizer, read_hf_dataset, read_text_csv, text_dataset
-from fsg_endo.engine.bundle import DataBundle, check_batch
+from fsg_endo.engine.bundle import DataBundle, check_batch, split_seed
 from fsg_endo.engine.schema import Config, Data
 
 FALLBACKS = {"sklearn_digits"}  # sources read in place of the configured one
@@ -98,7 +98,7 @@ def in_memory_bundle(
 def prepare_image_data(cfg: Config, num_replicas: int = 1, rank: int = 0) -> DataBundle:
     """Read, split and normalise (train statistics) the images; loaders as :func:`prepare_data` builds them."""
     check_batch(cfg, num_replicas)
-    data, seed = cfg.data, cfg.seed
+    data, seed = cfg.data, split_seed(cfg)
     images = read_images(data, seed)
     train, val = validation_split(images.train, data.folds, data.val_fold, seed)
     splits = {"train": train, "val": val, "test": images.test}
@@ -145,7 +145,7 @@ def read_texts(data: Data, seed: int) -> TextData:
 def prepare_text_data(cfg: Config, num_replicas: int = 1, rank: int = 0) -> DataBundle:
     """Read and split the texts, tokenise them with the model's tokenizer; loaders as :func:`prepare_data`."""
     check_batch(cfg, num_replicas)
-    data, seed, hf_model = cfg.data, cfg.seed, cfg.model.hf_model
+    data, seed, hf_model = cfg.data, split_seed(cfg), cfg.model.hf_model
     texts = read_texts(data, seed)
     train, val = validation_split(texts.train, data.folds, data.val_fold, seed)
     splits = {"train": train, "val": val, "test": texts.test}

@@ -116,7 +116,7 @@ def lesion_test_ci(task: Task, frames: pd.DataFrame, seed: int) -> dict[str, flo
 
 
 def lesion_counts(splits: Mapping[str, pd.DataFrame]) -> dict[str, float]:
-    """``data/{train,test}_lesions``: the training and test set sizes the report's corrected t-test reads."""
-    if any("lesion_id" not in splits[name] for name in ("train", "test")):
+    """``data/{train,val,test}_lesions``: the split sizes the report's corrected t-test reads."""
+    if any("lesion_id" not in splits[name] for name in ("train", "val", "test")):
         return {}
-    return {f"data/{name}_lesions": float(splits[name]["lesion_id"].nunique()) for name in ("train", "test")}
+    return {f"data/{name}_lesions": float(splits[name]["lesion_id"].nunique()) for name in ("train", "val", "test")}

@@ -28,7 +28,7 @@ from fsg_endo.data.manifest import build_manifest, load_manifest, write_manifest
 from fsg_endo.data.pipeline import build_dataset, compute_mean_std, make_loader
 from fsg_endo.data.sampling import LesionFrameSampler
 from fsg_endo.data.splits import make_splits, split_summary
-from fsg_endo.engine.bundle import DataBundle, check_batch
+from fsg_endo.engine.bundle import DataBundle, check_batch, split_seed
 from fsg_endo.engine.class_data import prepare_image_data, prepare_text_data
 from fsg_endo.engine.progress import interactive
 from fsg_endo.engine.schema import Config, Data
@@ -103,10 +103,10 @@ class Splits:
 
 def prepare_splits(cfg: Config) -> Splits:
     """Dataset (generated on first use), manifest and the low-data split of a config, without any crop."""
-    data, seed = cfg.data, cfg.seed
+    data, seed = cfg.data, split_seed(cfg)
     if data.source == "frames":
         return frame_folder_splits(cfg)
-    root = dataset_root(data, seed)
+    root = dataset_root(data, cfg.seed)
     mpath = manifest_path(data, root, seed)
     manifest = load_manifest(mpath, root=root)
     splits = make_splits(manifest, data.test_fold, data.val_fold, data.train_fraction, seed=seed)
@@ -120,8 +120,8 @@ def prepare_splits(cfg: Config) -> Splits:
 def frame_folder_splits(cfg: Config) -> Splits:
     """Task ``pretrain_mae`` on a folder of unlabelled frames (``data.root``, one subfolder per video): whole
     videos to folds, then crops whose sides are drawn from ``pretrain.crop_sides``."""
-    data, seed = cfg.data, cfg.seed
-    root = dataset_root(data, seed)
+    data, seed = cfg.data, split_seed(cfg)
+    root = dataset_root(data, cfg.seed)
     frames = frame_table(root)
     frames = frames.assign(fold=video_folds(frames, data.folds, seed), lesion_id=frames["frame_id"], size_class3=-1)
     splits = make_splits(frames, data.test_fold, data.val_fold, data.train_fraction, seed=seed)

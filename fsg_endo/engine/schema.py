@@ -55,6 +55,7 @@ class Data(Section):
     sizes: str | None = None  # SUN only: CSV with case,size_mm
     videos: Count | None = None  # synthetic: number of videos (None = the generator's default)
     synthetic_seed: NonNegativeInt | None = None  # synthetic: generator seed (None = seed)
+    split_seed: NonNegativeInt | None = None  # the manifest's folds and the low-data split (None = seed)
     folds: Annotated[int, Field(ge=2)] = 5
     test_fold: int = 0
     val_fold: int = 1
@@ -177,7 +178,7 @@ class Resources(Section):
 
 
 class Sweep(Section):
-    """regularization_sweep only (ignored for single runs)."""
+    """How a sweep varies its children (ignored for single runs, but for ``variant``, which applies to any run)."""
 
     enabled: bool = False  # one child per (regularizer, train fraction, grid point, fold, seed), not one run
     regularizers: Annotated[list[Regularizer], NonEmpty] = ["none", "dropout", "fsg", "fsg_gr"]
@@ -186,6 +187,11 @@ class Sweep(Section):
     seeds: Annotated[list[NonNegativeInt], NonEmpty] = [0]
     # more axes: {"dotted.key": [values, ...]}, e.g. {"gr.gate_lr": [1e-3, 1e-2]}; each value checked like --set
     grid: dict[str, Any] = {}
+    # named sets of overrides, one axis: {"relw": {"loss.main_weights": [1, 0.4, 0.2], ...}}; grid label variant=NAME
+    variants: dict[str, dict[str, Any]] = {}
+    variant: str | None = None  # one of variants: applied to this config (a sweep runs only it; children: theirs)
+    fold_role: Literal["test", "validation"] = "test"  # validation: every child keeps data.test_fold, folds validate
+    seed_role: Literal["all", "training"] = "all"  # training: seeds keep the base seed's data and folds
     executor: Literal["ray", "sequential"] = "ray"  # ray: children side by side on Ray (local or --ray-address)
     max_concurrent: Count | None = None  # children at once (None = CPUs / resources.cpus, capped by GPUs / gpus)
     resources: Resources = Resources()
@@ -224,9 +230,19 @@ class Config(Section):
                 raise ValueError(f"'data.{key}' = {getattr(data, key)} is not a fold of data.folds = {data.folds}")
         if data.test_fold == data.val_fold:
             raise ValueError(f"'data.test_fold' and 'data.val_fold' are both {data.val_fold}")
-        bad = [f for f in self.sweep.folds if f >= data.folds]
+        sweep = self.sweep
+        bad = [f for f in sweep.folds if f >= data.folds]
         if bad:
             raise ValueError(f"'sweep.folds' {bad} are not folds of data.folds = {data.folds}")
+        if sweep.fold_role == "validation" and data.test_fold in sweep.folds:
+            raise ValueError(
+                f"'sweep.folds' {sweep.folds} hold 'data.test_fold' = {data.test_fold}, which "
+                "'sweep.fold_role' = validation keeps out of training and of the choice"
+            )
+        if sweep.variant is not None and sweep.variant not in sweep.variants:
+            raise ValueError(
+                f"'sweep.variant' = {sweep.variant} is not a key of 'sweep.variants' ({', '.join(sweep.variants)})"
+            )
         if data.image_size % model.patch_size:
             raise ValueError(
                 f"'data.image_size' = {data.image_size} is not a multiple of 'model.patch_size' = {model.patch_size}"
@@ -331,6 +347,7 @@ SMOKE_OF_TASK: dict[str, dict[str, Any]] = {
     **{task: {"data.train_limit": 48, "data.test_limit": 24} for task in CLASS_TASKS},
     "pretrain_mae": {"pretrain.picture_every": 1},
 }
+SMOKE_OF_FOLD_ROLE: dict[str, dict[str, Any]] = {"validation": {"sweep.folds": [1]}}  # smoke's validation fold
 
 # built-in profiles (--profile NAME); a YAML's profile of the same name extends its built-in one
 PROFILES: dict[str, dict[str, Any]] = {

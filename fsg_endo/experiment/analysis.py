@@ -34,6 +34,7 @@ PARAM_COLUMNS = {
     "data.test_fold": ("fold", int),
     "seed": ("seed", int),
     "gates.sparsity_threshold": ("sparsity_threshold", float),
+    "sweep.fold_role": ("fold_role", str),
 }
 _EPOCH_FILE = re.compile(r"epoch_(\d+)\.npz$")
 
@@ -88,6 +89,8 @@ def _run_row(run) -> dict:
     }
     for param, (column, kind) in PARAM_COLUMNS.items():
         row[column] = kind(params[param]) if param in params else np.nan
+    if row["fold_role"] == "validation" and "data.val_fold" in params:  # a child of a sweep of validation folds
+        row["fold"] = int(params["data.val_fold"])
     return row | run.data.metrics
 
 
@@ -265,6 +268,26 @@ def latest_per_cell(runs: pd.DataFrame) -> pd.DataFrame:
     """Finished runs only, and of a (regulariser, fraction, fold, seed) cell run more than once the latest."""
     done = runs[runs["status"] == "FINISHED"].sort_values("start_time", ascending=False)
     return done.drop_duplicates(["regularizer", *CELL]).reset_index(drop=True)
+
+
+def is_validation(metric: str) -> bool:
+    """Whether a metric is a validation one (``val/...``, ``lesion/val/...``), logged every evaluated epoch."""
+    return metric.startswith("val/") or "/val/" in metric
+
+
+def at_best_epoch(client: mlflow.MlflowClient, runs: pd.DataFrame, metric: str) -> pd.Series:
+    """``metric`` of each run at its best epoch (the checkpoint it tested), read from its history; a run without
+    a best epoch among its logged epochs (a baseline logs its metrics once) keeps its latest value."""
+    values = runs[metric].copy()
+    for i, run in runs.iterrows():
+        if not np.isfinite(run.get("best_epoch", np.nan)):
+            continue
+        steps = {int(m.value): m.step for m in client.get_metric_history(run["run_id"], "epoch")}
+        history = {m.step: m.value for m in client.get_metric_history(run["run_id"], metric)}
+        step = steps.get(int(run["best_epoch"]))
+        if step in history:
+            values[i] = history[step]
+    return values
 
 
 def regularizer_order(names: Iterable[str]) -> list[str]:

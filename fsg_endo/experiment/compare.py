@@ -6,7 +6,9 @@ import pandas as pd
 
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.experiment.analysis import (
+    at_best_epoch,
     group_keys,
+    is_validation,
     latest_per_cell,
     open_client,
     regularizer_order,
@@ -19,19 +21,22 @@ NOT_FINISHED = ("FAILED", "KILLED")
 
 
 def default_metric(runs: pd.DataFrame, exp: str) -> str:
-    """The sweep's headline metric of the runs' task (lesion-level test MAE or balanced accuracy)."""
+    """The sweep's headline metric of the runs' task (lesion-level MAE or balanced accuracy), on the test split,
+    or on the validation split when every run validated a swept fold (``sweep.fold_role`` validation)."""
     from fsg_endo.engine.tasks import get_task
 
     tasks = sorted(runs["task"].dropna().unique())
     if len(tasks) != 1:
         raise FsgEndoError(f"experiment {exp!r}: runs of tasks {tasks or 'unknown'}; name one with --metric")
-    return f"lesion/test/{get_task(tasks[0]).main_metric}"
+    split = "val" if "fold_role" in runs and runs["fold_role"].eq("validation").all() else "test"
+    return f"lesion/{split}/{get_task(tasks[0]).main_metric}"
 
 
 def compare_table(exp: str, tracking_uri: str | None = None, metric: str | None = None) -> pd.DataFrame:
     """Per (regulariser, train fraction): finished runs, failed runs, mean and std of ``metric``.
 
-    ``metric`` may list several, comma-separated; default: the task's main test metric. Sweep parents
+    ``metric`` may list several, comma-separated; default: the task's main test metric (validation metrics are read
+    at each run's best epoch). Sweep parents
     are left out, and a (regulariser, fraction, fold, seed) cell run more than once counts once, by
     its latest finished run. The tracking URI resolves as for ``fsg-endo run``.
     """
@@ -42,6 +47,8 @@ def compare_table(exp: str, tracking_uri: str | None = None, metric: str | None 
         raise FsgEndoError(f"{client.tracking_uri}: experiment {exp!r} has no runs")
     metrics = [m.strip() for m in metric.split(",")] if metric else [default_metric(runs, exp)]
     done = latest_per_cell(runs)
+    for m in (m for m in metrics if m in done and is_validation(m)):
+        done[m] = at_best_epoch(client, done, m)
     missing = [m for m in metrics if m not in done]
     if missing:
         known = sorted(c for c in done if c.startswith(("test/", "lesion/test/")))

@@ -27,6 +27,7 @@ from fsg_endo.engine.schema import (
     PROFILES,
     REGULARIZERS,
     SMOKE,
+    SMOKE_OF_FOLD_ROLE,
     SMOKE_OF_TASK,
     SWEEP_AXES,
     TASK_KEYS,
@@ -38,6 +39,7 @@ from fsg_endo.io import atomic_path
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 CONFIG_DIR_ENV = "FSG_ENDO_CONFIG_DIR"
+VARIANT_NAME = re.compile(r"[\w.-]+", re.ASCII)  # the grid label and MLflow param names take it as it is
 
 
 class _Loader(yaml.SafeLoader):
@@ -208,7 +210,35 @@ def _apply(cfg: Mapping[str, Any], layers: Sequence[Layer]) -> dict[str, Any]:
         _refuse_derived(partial, where)
         cfg = _validated(_merge(cfg, partial), where, partial=True).model_dump()
         _check_grid(cfg["sweep"]["grid"], where)
+        _check_variants(cfg["sweep"]["variants"], cfg["sweep"]["grid"], where)
     return cfg
+
+
+def _check_axis_key(key: str, at: str, where: str) -> None:
+    """A key a sweep may vary: a config key, not derived, not one of the sweep's own axes or settings."""
+    if key in DERIVED:
+        raise FsgEndoError(f"{at}: '{key}' derives from 'regularizer' and cannot be an axis")
+    if key not in LEAVES:
+        raise unknown_key(key, where)
+    if key in SWEEP_AXES or key.startswith("sweep."):
+        raise FsgEndoError(
+            f"{at}: '{key}' is already an axis of the sweep (sweep.regularizers, "
+            "train_fractions, folds, seeds) or part of it"
+        )
+
+
+def _check_variants(variants: Mapping[str, Mapping[str, Any]], grid: Mapping[str, Any], where: str) -> None:
+    """``sweep.variants``: names that read in a run name, and overrides checked like ``--set`` on keys that
+    are not axes of the sweep already (``sweep.grid`` included)."""
+    for name, overrides in variants.items():
+        at = f"{where}: sweep.variants['{name}']"
+        if not VARIANT_NAME.fullmatch(name):
+            raise FsgEndoError(f"{at}: a variant's name is letters, digits, '_', '.' and '-' only")
+        for key, value in overrides.items():
+            _check_axis_key(key, f"{at}['{key}']", f"{where} (sweep.variants['{name}'])")
+            if key in grid:
+                raise FsgEndoError(f"{at}: '{key}' is a sweep.grid axis already")
+            _validated(_nest(key, value), f"{at}['{key}']", partial=True)
 
 
 def _check_grid(grid: Mapping[str, Any], where: str) -> None:
@@ -216,15 +246,7 @@ def _check_grid(grid: Mapping[str, Any], where: str) -> None:
     distinct values each valid for that key (checked like ``--set``)."""
     for key, values in grid.items():
         at = f"{where}: sweep.grid['{key}']"
-        if key in DERIVED:
-            raise FsgEndoError(f"{at}: '{key}' derives from 'regularizer' and cannot be an axis")
-        if key not in LEAVES:
-            raise unknown_key(key, f"{where} (sweep.grid)")
-        if key in SWEEP_AXES or key.startswith("sweep."):
-            raise FsgEndoError(
-                f"{at}: '{key}' is already an axis of the sweep (sweep.regularizers, "
-                "train_fractions, folds, seeds) or part of it"
-            )
+        _check_axis_key(key, at, f"{where} (sweep.grid)")
         if not isinstance(values, list) or not values:
             raise FsgEndoError(f"{at} must be a non-empty list of values, got {values!r}")
         for value in values:
@@ -234,8 +256,13 @@ def _check_grid(grid: Mapping[str, Any], where: str) -> None:
 
 
 def _resolve(layers: Sequence[Layer], where: str) -> Config:
-    """The defaults with ``layers`` applied, then checked across keys."""
-    return _validated(_apply(Config().model_dump(), layers), where)
+    """The defaults with ``layers`` applied, then the overrides of ``sweep.variant`` if set (again on a config
+    that holds them already: the same values), then checked across keys."""
+    cfg = _apply(Config().model_dump(), layers)
+    variant = cfg["sweep"]["variant"]
+    if variant in cfg["sweep"]["variants"]:
+        cfg = _apply(cfg, [(_nest_all(cfg["sweep"]["variants"][variant]), f"{where} (sweep.variants['{variant}'])")])
+    return _validated(cfg, where)
 
 
 def _refuse_other_tasks(cfg: Config, layers: Sequence[Layer], where: str) -> None:
@@ -244,6 +271,7 @@ def _refuse_other_tasks(cfg: Config, layers: Sequence[Layer], where: str) -> Non
     defaults = dict(_leaves(Config().model_dump()))
     keys = [(key, at) for partial, at in layers for key, value in _leaves(partial) if value != defaults.get(key)]
     keys += [(key, f"{where} (sweep.grid)") for key in cfg.sweep.grid]
+    keys += [(key, f"{where} (sweep.variants['{name}'])") for name, sets in cfg.sweep.variants.items() for key in sets]
     for key, where in keys:
         if cfg.task not in TASK_KEYS.get(key, (cfg.task,)):
             raise FsgEndoError(
@@ -267,7 +295,8 @@ def load_config(exp: str, overrides: Sequence[str] = (), profile: str | None = N
     """The resolved config of an experiment (a name in :func:`config_dir` or a YAML path).
 
     Merge order: defaults <- YAML <- profile (built-in, then the YAML's) <- SMOKE (if ``smoke``: :data:`SMOKE`
-    and the task's :data:`SMOKE_OF_TASK`) <- ``overrides`` (``key=value``). ``name`` defaults to the file's stem.
+    with the task's :data:`SMOKE_OF_TASK` and the fold role's :data:`SMOKE_OF_FOLD_ROLE`) <- ``overrides``
+    (``key=value``) <- the overrides of ``sweep.variant`` if set. ``name`` defaults to the file's stem.
     """
     path = _find_config(exp)
     where = _display(path)
@@ -280,8 +309,9 @@ def load_config(exp: str, overrides: Sequence[str] = (), profile: str | None = N
         layers.extend(profiles[profile])
     sets = [(_nest(*parse_override(text)), f"--set {text}") for text in overrides]
     if smoke:
-        task = _apply(Config().model_dump(), layers + sets)["task"]
-        layers.append((_nest_all(SMOKE | SMOKE_OF_TASK.get(task, {})), "SMOKE"))
+        base = _apply(Config().model_dump(), layers + sets)
+        extra = SMOKE_OF_TASK.get(base["task"], {}) | SMOKE_OF_FOLD_ROLE.get(base["sweep"]["fold_role"], {})
+        layers.append((_nest_all(SMOKE | extra), "SMOKE"))
     layers += sets
     cfg = _resolve(layers, f"{where} with --set overrides" if overrides else where)
     _refuse_other_tasks(cfg, layers, where)

@@ -19,6 +19,7 @@ import yaml
 
 from fsg_endo.data.image_folders import image_dataset
 from fsg_endo.data.pipeline import make_loader
+from fsg_endo.engine.bundle import split_seed
 from fsg_endo.engine.checkpoint import load_checkpoint
 from fsg_endo.engine.class_data import read_images
 from fsg_endo.engine.evaluation import predict
@@ -210,7 +211,7 @@ def infer(exp: str, args: argparse.Namespace, echo: Callable[[str], None] = prin
     data = cfg.data.model_copy(update={"root": args.data_root or cfg.data.root})
     if args.smoke:
         data = data.model_copy(update={"test_limit": min(data.test_limit or SMOKE_TEST_IMAGES, SMOKE_TEST_IMAGES)})
-    images = read_images(data, cfg.seed, train=False)
+    images = read_images(data, split_seed(cfg), train=False)
     if images.note:
         echo(images.note)
     names = tuple(info["class_names"])

@@ -176,7 +176,7 @@ def _run(args: argparse.Namespace, cfg: Config, uri: str, ctx: DistContext, stop
     from fsg_endo.engine.baselines import baseline_metrics, baseline_of
     from fsg_endo.experiment.own_backbones import pretrain_missing
     from fsg_endo.experiment.runs import execute, open_run, run_dir_for, run_name, start_run
-    from fsg_endo.experiment.sweep import child_configs, main_test_metric, run_sweep
+    from fsg_endo.experiment.sweep import child_configs, main_metric, run_sweep
     from fsg_endo.tracking.tracker import Tracker
 
     resume = None
@@ -202,11 +202,11 @@ def _run(args: argparse.Namespace, cfg: Config, uri: str, ctx: DistContext, stop
                     "fold",
                     "seed",
                     "status",
-                    main_test_metric(cfg.task),
+                    main_metric(cfg),
                     "gates/all/shift",
                     "gates/init/std",
                 )
-                if c in summary and (c != "grid_point" or cfg.sweep.grid)
+                if c in summary and (c != "grid_point" or cfg.sweep.grid or cfg.sweep.variants)
             ]
             print(summary[cols].to_string(index=False))
     else:

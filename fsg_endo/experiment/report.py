@@ -22,7 +22,14 @@ import pandas as pd
 from scipy import stats
 
 from fsg_endo.errors import FsgEndoError
-from fsg_endo.experiment.analysis import latest_per_cell, open_client, regularizer_order, sweep_runs
+from fsg_endo.experiment.analysis import (
+    at_best_epoch,
+    is_validation,
+    latest_per_cell,
+    open_client,
+    regularizer_order,
+    sweep_runs,
+)
 from fsg_endo.experiment.compare import default_metric
 from fsg_endo.tracking.tracker import Tracker, resolve_tracking_uri
 
@@ -43,7 +50,12 @@ COLUMNS = [
 ]
 REFERENCES = ("fsg_gr", "none")
 LEVEL = 0.95
-SIZES = ("data/test_lesions", "data/train_lesions")  # what n_test / n_train of the correction is read from
+
+
+def sizes(metric: str) -> tuple[str, str]:
+    """What ``n_test / n_train`` of the correction is read from: the metric's held-out split and the training set."""
+    held_out = "val" if is_validation(metric) else "test"
+    return f"data/{held_out}_lesions", "data/train_lesions"
 
 
 def corrected_t(diff: np.ndarray, test_train_ratio: float, level: float = LEVEL) -> tuple[float, float, float]:
@@ -89,12 +101,13 @@ def paired_row(arm_values: np.ndarray, reference_values: np.ndarray, test_train_
 
 def sweep_report(runs: pd.DataFrame, metric: str, references: Sequence[str] = REFERENCES) -> pd.DataFrame:
     """The report of finished sweep children (one row per run: regularizer, train_fraction, grid_point, fold,
-    seed, ``metric`` and the lesion counts of :data:`SIZES`). A ``grid_point`` column follows
-    ``train_fraction`` when the sweep has a grid."""
+    seed, ``metric`` and the lesion counts of :func:`sizes`). A ``grid_point`` column follows
+    ``train_fraction`` when the sweep has a grid or variants."""
     if metric not in runs:
         raise FsgEndoError(f"no finished run logged {metric}")
     runs = runs.assign(grid_point=runs.get("grid_point", pd.Series("", index=runs.index)).fillna(""))
-    ratio = runs[SIZES[0]] / runs[SIZES[1]] if set(SIZES) <= set(runs) else pd.Series(np.nan, index=runs.index)
+    held_out, train = sizes(metric)
+    ratio = runs[held_out] / runs[train] if {held_out, train} <= set(runs) else pd.Series(np.nan, index=runs.index)
     cells = ["train_fraction", "grid_point", "fold", "seed"]
     table = runs.assign(ratio=ratio).pivot_table(
         index=cells, columns="regularizer", values=[metric, "ratio"], aggfunc="mean", dropna=False
@@ -187,11 +200,14 @@ def report_table(
     axis: str | None = None,
 ) -> pd.DataFrame:
     """``fsg-endo report``: the report of the latest sweep of ``exp`` (or of ``parent_run_id``) from MLflow; with
-    ``axis``, the values of that grid key against ``reference`` (a value of it) per arm."""
+    ``axis``, the values of that grid key against ``reference`` (a value of it) per arm. A validation metric is
+    read at each run's best epoch (the checkpoint it tested), not its last."""
     client = open_client(resolve_tracking_uri(tracking_uri))
     _, children = sweep_runs(client, exp, parent_run_id)
     runs = latest_per_cell(children)
     metric = metric or default_metric(runs, exp)
+    if metric in runs and is_validation(metric):
+        runs[metric] = at_best_epoch(client, runs, metric)
     if axis is not None:
         return axis_report(runs, metric, axis, reference)
     if reference is not None and reference not in set(runs["regularizer"]):

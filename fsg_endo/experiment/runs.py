@@ -21,7 +21,8 @@ from fsg_endo.tracking.tracker import GRID_POINT_TAG, NullTracker, Tracker, Trac
 
 
 def grid_point(cfg: Config) -> str:
-    """The config's values of the ``sweep.grid`` keys, ``"gr.gate_lr=0.01,optim.lr=0.0005"`` ("" without a grid)."""
+    """The config's variant and values of the ``sweep.grid`` keys, ``"variant=relw,gr.gate_lr=0.01"`` ("" without
+    either)."""
 
     def value(key: str) -> Any:
         node = cfg
@@ -29,7 +30,13 @@ def grid_point(cfg: Config) -> str:
             node = getattr(node, part)
         return f"{node:g}" if isinstance(node, float) else node
 
-    return ",".join(f"{key}={value(key)}" for key in cfg.sweep.grid)
+    variant = [f"variant={cfg.sweep.variant}"] if cfg.sweep.variant else []
+    return ",".join(variant + [f"{key}={value(key)}" for key in cfg.sweep.grid])
+
+
+def swept_fold(cfg: Config) -> int:
+    """The fold a sweep varies: the test fold, or the validation fold when ``sweep.fold_role`` is validation."""
+    return cfg.data.val_fold if cfg.sweep.fold_role == "validation" else cfg.data.test_fold
 
 
 if TYPE_CHECKING:
@@ -37,9 +44,10 @@ if TYPE_CHECKING:
 
 
 def run_name(cfg: Config) -> str:
-    """``fsg_gr-frac0.5-fold0-seed0``, then the grid point if the sweep has a grid (also a sweep child's key)."""
-    d, point = cfg.data, grid_point(cfg)
-    name = f"{cfg.regularizer}-frac{d.train_fraction:g}-fold{d.test_fold}-seed{cfg.seed}"
+    """``fsg_gr-frac0.5-fold0-seed0`` (``val2`` for validation fold 2 when ``sweep.fold_role`` is validation), then
+    the grid point if the sweep has variants or a grid (also a sweep child's key)."""
+    point, fold = grid_point(cfg), "val" if cfg.sweep.fold_role == "validation" else "fold"
+    name = f"{cfg.regularizer}-frac{cfg.data.train_fraction:g}-{fold}{swept_fold(cfg)}-seed{cfg.seed}"
     return f"{name}-{point}" if point else name
 
 

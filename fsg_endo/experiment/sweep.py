@@ -16,7 +16,15 @@ from fsg_endo.engine.schema import Config
 from fsg_endo.experiment.config import revalidate, set_in
 from fsg_endo.experiment.executors import SWEEP_KEY_TAG, Child, open_executor
 from fsg_endo.experiment.report import log_report
-from fsg_endo.experiment.runs import end_run, grid_point, open_run, record_config, run_dir_for, run_name
+from fsg_endo.experiment.runs import (
+    end_run,
+    grid_point,
+    open_run,
+    record_config,
+    run_dir_for,
+    run_name,
+    swept_fold,
+)
 from fsg_endo.tracking import plots
 from fsg_endo.tracking.tracker import Tracker, TrackingError
 
@@ -27,23 +35,45 @@ def grid_points(grid: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
 
 
 def child_configs(cfg: Config) -> Iterator[Config]:
-    """Every child config of the sweep, in a stable order; validation fold = the fold after the test fold."""
-    sweep, folds = cfg.sweep, cfg.data.folds
-    for reg, frac, point, fold, seed in itertools.product(
-        sweep.regularizers, sweep.train_fractions, grid_points(sweep.grid), sweep.folds, sweep.seeds
+    """Every child config of the sweep, in a stable order: one per (regularizer, train fraction, variant, grid
+    point, fold, seed). ``sweep.fold_role`` test: the fold is the test fold and the one after it validates;
+    validation: the fold validates and every child keeps ``data.test_fold``. ``sweep.seed_role`` training: every
+    seed keeps the base seed's data and folds (``data.synthetic_seed``, ``data.split_seed``)."""
+    sweep = cfg.sweep
+    variants = [sweep.variant] if sweep.variant else list(sweep.variants) or [None]
+    for reg, frac, variant, point, fold, seed in itertools.product(
+        sweep.regularizers, sweep.train_fractions, variants, grid_points(sweep.grid), sweep.folds, sweep.seeds
     ):
-        data = cfg.data.model_copy(update={"train_fraction": frac, "test_fold": fold, "val_fold": (fold + 1) % folds})
+        data = cfg.data.model_copy(update={"train_fraction": frac} | held_out(cfg, fold) | fixed_data(cfg))
         child = cfg.model_copy(
             update={
                 "regularizer": reg,
                 "seed": seed,
                 "data": data,
-                "sweep": sweep.model_copy(update={"enabled": False}),
+                "sweep": sweep.model_copy(update={"enabled": False, "variant": variant}),
             }
         )
         for key, value in point.items():
             child = set_in(child, key, value)
-        yield revalidate(child)
+        yield revalidate(child)  # applies the variant's overrides
+
+
+def held_out(cfg: Config, fold: int) -> dict[str, int]:
+    """The data keys of a child on sweep fold ``fold``, by ``sweep.fold_role``."""
+    if cfg.sweep.fold_role == "validation":
+        return {"val_fold": fold}
+    return {"test_fold": fold, "val_fold": (fold + 1) % cfg.data.folds}
+
+
+def fixed_data(cfg: Config) -> dict[str, int]:
+    """``sweep.seed_role`` training: the generator and split seeds of the base config, whatever a child's seed."""
+    if cfg.sweep.seed_role == "all":
+        return {}
+    d = cfg.data
+    return {
+        "synthetic_seed": cfg.seed if d.synthetic_seed is None else d.synthetic_seed,
+        "split_seed": cfg.seed if d.split_seed is None else d.split_seed,
+    }
 
 
 def existing_children(parent: Tracker) -> dict[str, dict[str, Any]]:
@@ -79,7 +109,7 @@ def cell(child: Config) -> dict[str, Any]:
         "regularizer": child.regularizer,
         "train_fraction": child.data.train_fraction,
         "grid_point": grid_point(child),
-        "fold": child.data.test_fold,
+        "fold": swept_fold(child),
         "seed": child.seed,
     }
 
@@ -124,25 +154,29 @@ def run_sweep(
         executor.close()
     summary = pd.DataFrame([rows[key] for key in configs])
     if ctx.is_main:
-        log_summary(parent, summary, cfg.task)
+        log_summary(parent, summary, main_metric(cfg))
     parent.end("FINISHED")
     return summary
 
 
-def log_summary(parent: Tracker, summary: pd.DataFrame, task: str) -> None:
+def log_summary(parent: Tracker, summary: pd.DataFrame, metric: str) -> None:
     """``sweep/summary.csv``, the failed-children tags, the headline metric against the train fraction and
     the paired report of the arms (``sweep/report.{csv,md,png}``)."""
     parent.log_text(summary.to_csv(index=False), "sweep/summary.csv")
     failed = summary.loc[summary["status"] != "FINISHED", "run_id"].tolist()
     parent.set_tags({"failed_children": ",".join(failed) or "none", "n_failed": str(len(failed))})
-    metric = main_test_metric(task)
     if metric in summary and summary[metric].notna().any():
         parent.log_figure(plots.sweep_figure(summary, metric), f"sweep/{metric.replace('/', '_')}_vs_fraction.png")
         log_report(parent, summary, metric)
 
 
-def main_test_metric(task: str) -> str:
-    """The sweep's headline metric: lesion-level test MAE, or balanced accuracy for classification."""
-    if task in ("image_class", "text_class"):
-        return "test/accuracy"
-    return "lesion/test/mae" if task == "size_regression" else "lesion/test/balanced_accuracy"
+def main_metric(cfg: Config) -> str:
+    """The sweep's headline metric: lesion-level MAE, or balanced accuracy for classification (accuracy for the
+    class tasks, loss for pretraining), on the test split, or on the validation split when ``sweep.fold_role`` is
+    validation."""
+    split = "val" if cfg.sweep.fold_role == "validation" else "test"
+    if cfg.task in ("image_class", "text_class"):
+        return f"{split}/accuracy"
+    if cfg.task == "pretrain_mae":
+        return f"{split}/loss"
+    return f"lesion/{split}/mae" if cfg.task == "size_regression" else f"lesion/{split}/balanced_accuracy"
