@@ -131,3 +131,19 @@ def test_pretraining_on_a_folder_of_unlabelled_frames(tmp_path, data_cache):
     assert all(a.isdisjoint(b) for i, a in enumerate(videos) for b in videos[i + 1 :])  # whole videos per split
     side = (splits["train"]["xmax"] - splits["train"]["xmin"]) / 96
     assert side.between(0.05 - 0.02, 0.4 + 0.02).all()  # pretrain.crop_sides, relative to the shorter side
+
+
+def test_the_projects_backbones_are_made_by_shipped_experiments_on_pools_no_sizing_data_uses():
+    from fsg_endo.experiment.own_backbones import named_model, producers
+
+    made = producers()
+    assert made["fsg_endo_mae_backbone"] == ("pretrain_mae", None)
+    assert made["fsg_endo_mae_backbone_ti"] == ("pretrain_mae", "paper")
+    assert made["fsg_endo_sim_backbone"] == ("pretrain_sim", None)
+    sizing = load_config("polyp_size_fsg", [])
+    sizing_seed = sizing.data.synthetic_seed if sizing.data.synthetic_seed is not None else sizing.seed
+    for exp in ("pretrain_mae", "pretrain_sim"):
+        assert load_config(exp, []).data.synthetic_seed not in (None, sizing_seed)
+    sim = load_config("pretrain_sim", [])
+    assert sim.task == sizing.task and sim.regularizer == "none" and sim.model == sizing.model  # the main job's ViT
+    assert [named_model(w) for w in ("models:/a/1", "models:/a@best", "runs:/x/y", None)] == ["a", "a", None, None]

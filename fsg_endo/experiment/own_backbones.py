@@ -1,7 +1,8 @@
 """The project's own pretrained backbones, made on first use like the synthetic data cache.
 
-A shipped pretraining experiment (task ``pretrain_mae``) registers its encoder under ``tracking.register_model``
-(``fsg_endo_mae_backbone``). A run whose ``model.weights`` names that model (``models:/fsg_endo_mae_backbone/1``,
+A shipped experiment registers its model under ``tracking.register_model``: ``pretrain_mae`` its encoder
+(``fsg_endo_mae_backbone``), ``pretrain_sim`` a sizing model trained on another pool's sizes
+(``fsg_endo_sim_backbone``, whose ViT is the backbone). A run whose ``model.weights`` names that model (``models:/fsg_endo_mae_backbone/1``,
 ``.../latest`` or ``...@alias``) in a tracking store that does not hold it yet first runs that experiment into
 the same store (with the profile that registers that name, and the run's ``--smoke``), said in one line; later
 runs find it registered and reuse it.
@@ -20,13 +21,13 @@ PRETRAINING_MINUTES = 15  # the shipped CPU default on 2 cores (docs/benchmarks.
 
 
 def producers() -> dict[str, tuple[str, str | None]]:
-    """Registered model name -> the shipped pretraining experiment and profile (None: none) that register it."""
+    """Registered model name -> the shipped experiment and profile (None: none) that register it."""
     made = {}
     for exp in list_experiments():
         for profile in (None, *PROFILES):
-            cfg = load_config(exp, [], profile=profile)
-            if cfg.task == "pretrain_mae" and cfg.tracking.register_model:
-                made.setdefault(cfg.tracking.register_model, (exp, profile))
+            name = load_config(exp, [], profile=profile).tracking.register_model
+            if name:
+                made.setdefault(name, (exp, profile))
     return made
 
 
