@@ -275,6 +275,8 @@ def test_a_models_uri_of_a_sizing_model_yields_its_vit_backbone(caches, store):
         vit = built_vit(config(spec))
         assert (vit.hidden_dim, vit.mlp_dim) == (16, 24)
         assert_backbone_is(vit, state)
+    # logging and reading models leave no store behind: a later run of the process logs where it is told
+    assert "MLFLOW_TRACKING_URI" not in os.environ and mlflow.get_tracking_uri() != uri
 
 
 def test_the_run_logs_where_its_weights_came_from_and_their_sha256(caches, store):

@@ -113,7 +113,7 @@ def test_smoke_run_through_a_tracking_server(mlflow_server, tmp_path, data_cache
     work.mkdir()
     proc = run_cli(["--exp", "polyp_size_fsg", "--smoke", "--set", "optim.epochs=1"], work, data_cache, url)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"open {url} in a browser" in proc.stdout
+    assert f"open {url}/#/experiments/" in proc.stdout and "workflowType=machine_learning in a browser" in proc.stdout
 
     exp = api(url, "experiments/get-by-name", experiment_name="polyp_size_fsg")["experiment"]
     assert exp["artifact_location"].startswith("mlflow-artifacts:")  # artifacts go through the server's proxy

@@ -9,7 +9,8 @@ weight file among a run's artifacts, can start another model (``model.weights``:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,25 @@ from mlflow.types import Schema, TensorSpec
 from fsg_endo.errors import FsgEndoError
 
 METADATA_KEY = "fsg_endo"
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
 INPUT_NAMES = ("image", "box")
+
+
+@contextlib.contextmanager
+def global_store(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI set to ``uri`` for the calls that only read the global store (model logging
+    and loading), then put back, with the ``MLFLOW_TRACKING_URI`` variable that ``mlflow.set_tracking_uri`` also
+    sets: a later run of the same process must not silently log into this store."""
+    before_env, before = os.environ.get(TRACKING_ENV), mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+        if before_env is None:
+            os.environ.pop(TRACKING_ENV, None)
+        else:
+            os.environ[TRACKING_ENV] = before_env
 
 
 def pip_requirements() -> list[str]:
@@ -67,22 +86,22 @@ def log_pt2_model(
     model = model.eval()
     with torch.no_grad():
         output = model(*example)
-    mlflow.set_tracking_uri(uri)  # Model.log talks to the global store ...
-    client = mlflow.MlflowClient(uri)  # ... and its global experiment: the model is made in the run's own here
+    client = mlflow.MlflowClient(uri)  # Model.log talks to the global store and its global experiment:
     logged = client.create_logged_model(client.get_run(run_id).info.experiment_id, name=name, source_run_id=run_id)
-    return mlflow.pytorch.log_model(
-        model,
-        name=name,
-        run_id=run_id,
-        model_id=logged.model_id,
-        serialization_format="pt2",
-        input_example=tuple(example),
-        signature=tensor_signature(example, output),
-        metadata={METADATA_KEY: dict(metadata)},
-        pip_requirements=pip_requirements(),
-        registered_model_name=registered_model_name,
-        step=step,
-    )
+    with global_store(uri):  # ... so the model is made in the run's own experiment here, and logged there
+        return mlflow.pytorch.log_model(
+            model,
+            name=name,
+            run_id=run_id,
+            model_id=logged.model_id,
+            serialization_format="pt2",
+            input_example=tuple(example),
+            signature=tensor_signature(example, output),
+            metadata={METADATA_KEY: dict(metadata)},
+            pip_requirements=pip_requirements(),
+            registered_model_name=registered_model_name,
+            step=step,
+        )
 
 
 class InferenceModule:
@@ -137,18 +156,18 @@ def load_model(uri: str, tracking_uri: str) -> LoadedModel:
     """
     import mlflow.pytorch
 
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        info = mlflow.models.get_model_info(resolve_model_uri(uri, mlflow.MlflowClient(tracking_uri)))
-    except (MlflowException, OSError) as err:
-        raise FsgEndoError(f"model {uri}: not found in {tracking_uri} ({_first_line(err)})") from None
-    metadata = (info.metadata or {}).get(METADATA_KEY)
-    if not metadata:
-        raise FsgEndoError(f"model {uri}: not an fsg_endo sizing model (no '{METADATA_KEY}' metadata)")
-    try:
-        module = mlflow.pytorch.load_model(info.model_uri)
-    except MlflowException as err:
-        raise FsgEndoError(f"model {uri}: cannot load ({_first_line(err)})") from None
+    with global_store(tracking_uri):
+        try:
+            info = mlflow.models.get_model_info(resolve_model_uri(uri, mlflow.MlflowClient(tracking_uri)))
+        except (MlflowException, OSError) as err:
+            raise FsgEndoError(f"model {uri}: not found in {tracking_uri} ({_first_line(err)})") from None
+        metadata = (info.metadata or {}).get(METADATA_KEY)
+        if not metadata:
+            raise FsgEndoError(f"model {uri}: not an fsg_endo sizing model (no '{METADATA_KEY}' metadata)")
+        try:
+            module = mlflow.pytorch.load_model(info.model_uri)
+        except MlflowException as err:
+            raise FsgEndoError(f"model {uri}: cannot load ({_first_line(err)})") from None
     return LoadedModel(module=InferenceModule(module), metadata=dict(metadata), run_id=info.run_id, uri=uri)
 
 
@@ -166,11 +185,11 @@ def registry_uri(uri: str) -> str:
 def logged_model_source(uri: str, tracking_uri: str) -> tuple[str, str]:
     """The ``models:/<model id>`` a ``models:/...`` or ``runs:/<id>/<name>`` URI names now, and a line saying
     where it came from (the URI, the model id, its run)."""
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        info = mlflow.models.get_model_info(resolve_model_uri(registry_uri(uri), mlflow.MlflowClient(tracking_uri)))
-    except (MlflowException, OSError) as err:
-        raise FsgEndoError(f"model {uri}: not found in {tracking_uri} ({_first_line(err)})") from None
+    with global_store(tracking_uri):
+        try:
+            info = mlflow.models.get_model_info(resolve_model_uri(registry_uri(uri), mlflow.MlflowClient(tracking_uri)))
+        except (MlflowException, OSError) as err:
+            raise FsgEndoError(f"model {uri}: not found in {tracking_uri} ({_first_line(err)})") from None
     return info.model_uri, f"{uri} = {info.model_uri} of run {info.run_id}"
 
 
@@ -179,11 +198,11 @@ def logged_model_tensors(model_uri: str, tracking_uri: str) -> dict[str, Any]:
     their names in the model that was logged; a pt2 model loads without pickle."""
     import mlflow.pytorch
 
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        module = mlflow.pytorch.load_model(model_uri)
-    except (MlflowException, OSError) as err:
-        raise FsgEndoError(f"model {model_uri}: cannot load ({_first_line(err)})") from None
+    with global_store(tracking_uri):
+        try:
+            module = mlflow.pytorch.load_model(model_uri)
+        except (MlflowException, OSError) as err:
+            raise FsgEndoError(f"model {model_uri}: cannot load ({_first_line(err)})") from None
     return {name: tensor.detach().cpu().clone() for name, tensor in module.state_dict().items()}
 
 
