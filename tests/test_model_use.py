@@ -20,6 +20,7 @@ from fsg_endo.cli import main
 from fsg_endo.data.manifest import load_manifest
 from fsg_endo.data.pipeline import frame_index
 from fsg_endo.data.splits import make_splits
+from fsg_endo.tracking.model_store import global_store
 
 NAME = "polyp_sizer_test"
 SUN_SIZES = [3.0, 7.0, 12.0, 15.0]
@@ -70,8 +71,8 @@ def _run_ids(trained) -> set[str]:
 
 
 def test_model_has_signature_and_preprocessing_metadata_and_no_pickle_warning(trained):
-    mlflow.set_tracking_uri(trained["uri"])
-    info = mlflow.models.get_model_info(f"models:/{NAME}/1")
+    with global_store(trained["uri"]):  # restores MLflow's URI and MLFLOW_TRACKING_URI for the tests after this one
+        info = mlflow.models.get_model_info(f"models:/{NAME}/1")
     inputs = {s.name: list(s.shape) for s in info.signature.inputs.inputs}
     params = trained["run"].data.params
     size = int(params["data.image_size"])

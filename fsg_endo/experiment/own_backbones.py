@@ -2,10 +2,10 @@
 
 A shipped experiment registers its model under ``tracking.register_model``: ``pretrain_mae`` its encoder
 (``fsg_endo_mae_backbone``), ``pretrain_sim`` a sizing model trained on another pool's sizes
-(``fsg_endo_sim_backbone``, whose ViT is the backbone). A run whose ``model.weights`` names that model (``models:/fsg_endo_mae_backbone/1``,
-``.../latest`` or ``...@alias``) in a tracking store that does not hold it yet first runs that experiment into
-the same store (with the profile that registers that name, and the run's ``--smoke``), said in one line; later
-runs find it registered and reuse it.
+(``fsg_endo_sim_backbone``, whose ViT is the backbone). A run whose ``model.weights`` names such a model
+(``models:/fsg_endo_mae_backbone/1``, ``.../latest`` or ``...@alias``) in a tracking store that does not hold it
+yet first runs that experiment into the same store (with the profile that registers that name, and the run's
+``--smoke``), said in one line; later runs find it registered and reuse it.
 """
 
 from __future__ import annotations
