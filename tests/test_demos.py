@@ -18,9 +18,9 @@ from fixtures_images import COLOURS, write_cifar100, write_image_folder, write_m
 from sklearn.datasets import load_digits as sk_digits
 from torchvision.models.vision_transformer import VisionTransformer
 
+from fsg_endo.data.cifar100 import load_cifar100
 from fsg_endo.data.image_folders import (
     IMAGENETTE_NAMES,
-    load_cifar100,
     load_image_folder,
     load_mnist,
     stratified_subset,

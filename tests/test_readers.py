@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 from fixtures_data import EXPECTED_COLUMNS, voc_xml, write_jpeg, write_realcolon, write_sun
 
-from fsg_endo.data.readers import read_realcolon, read_sun
+from fsg_endo.data.readers import read_realcolon
+from fsg_endo.data.sun import read_sun
 from fsg_endo.errors import FsgEndoError
 
 # Size classes (docs/interfaces.md#size-classes) of the sizes below, by hand (boundaries 5.0, 9.9, 10.0 included).

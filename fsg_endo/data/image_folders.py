@@ -1,4 +1,5 @@
-"""Image-classification sources of the ``image_class`` task: MNIST (or scikit-learn's digits), Imagenette, CIFAR-100.
+"""Image-classification sources of the ``image_class`` task: MNIST (or scikit-learn's digits), Imagenette; CIFAR-100
+in :mod:`fsg_endo.data.cifar100`.
 
 Every reader returns an :class:`ImageData` held in memory as uint8 (N, 3, S, S) tensors, resized once;
 :func:`image_dataset` serves a split as MONAI dict items. Nothing is downloaded: a missing dataset is
@@ -8,7 +9,6 @@ either replaced by an explicit fallback (MNIST -> scikit-learn's bundled digits)
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +23,12 @@ from torchvision.transforms.v2 import functional as TF
 from fsg_endo.errors import FsgEndoError
 
 __all__ = [
+    "finish_sets",
+    "folder_classes",
     "ImageData",
     "ImageSet",
     "channel_stats",
-    "check_image_root",
     "image_dataset",
-    "load_cifar100",
     "load_digits",
     "load_image_folder",
     "load_mnist",
@@ -112,7 +112,7 @@ def to_rgb_size(images: Tensor, size: int) -> Tensor:
     return images.expand(-1, 3, -1, -1).contiguous() if images.shape[1] == 1 else images
 
 
-def _finish(
+def finish_sets(
     train: ImageSet,
     test: ImageSet,
     names: tuple[str, ...],
@@ -146,7 +146,7 @@ def load_digits(
     train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=seed)
     full = ImageSet(to_rgb_size(images, image_size), labels, [f"digits_{i:04d}" for i in range(len(labels))])
     train_set = full.subset(np.sort(train_idx)) if train else ImageSet.empty(image_size)
-    return _finish(
+    return finish_sets(
         train_set,
         full.subset(np.sort(test_idx)),
         DIGIT_NAMES,
@@ -198,7 +198,7 @@ def load_mnist(
     if root is not None and all(p.is_file() for p in _mnist_files(Path(root))):
         test = _mnist_split(Path(root), False, image_size)
         train_set = _mnist_split(Path(root), True, image_size) if train else ImageSet.empty(image_size)
-        return _finish(train_set, test, DIGIT_NAMES, "mnist", "", fraction, train_limit, test_limit, seed)
+        return finish_sets(train_set, test, DIGIT_NAMES, "mnist", "", fraction, train_limit, test_limit, seed)
     where = Path(root or ".") / "MNIST" / "raw"
     note = (
         f"MNIST not found ({where}/*-ubyte); using scikit-learn's bundled 8x8 digits upsampled to "
@@ -247,7 +247,7 @@ def _load_folder_split(
     return ImageSet(images, torch.from_numpy(labels[keep]), ids)
 
 
-def _folder_classes(root: Path) -> list[str]:
+def folder_classes(root: Path) -> list[str]:
     """The class folder names of an ImageFolder root, the same under ``train/`` and ``val/``."""
     hint = (
         "put the imagenette2-160 folder there (train/ and val/, one sub-folder of images per class, "
@@ -279,7 +279,7 @@ def load_image_folder(
     ``val/`` is the held-out split; ``train=False`` decodes only that one.
     """
     root = Path(root)
-    classes = _folder_classes(root)
+    classes = folder_classes(root)
     train_set = (
         _load_folder_split(root, "train", classes, image_size, fraction, train_limit, seed)
         if train
@@ -287,84 +287,6 @@ def load_image_folder(
     )
     test = _load_folder_split(root, "val", classes, image_size, 1.0, test_limit, seed)
     return ImageData(train_set, test, tuple(IMAGENETTE_NAMES.get(c, c) for c in classes), source)
-
-
-def _cifar_folder(root: Path) -> Path:
-    """The ``cifar-100-python`` folder under (or at) ``root``."""
-    for folder in (root / "cifar-100-python", root):
-        if all((folder / name).is_file() for name in ("train", "test", "meta")):
-            return folder
-    raise FsgEndoError(
-        f"{root}: no CIFAR-100 data: put torchvision's cifar-100-python folder (files train, test "
-        f"and meta, from cifar-100-python.tar.gz) at {root / 'cifar-100-python'}"
-    )
-
-
-def _unpickle(path: Path, keys: tuple[str, ...]) -> dict:
-    """A CIFAR python-format file (a pickled dict, read as torchvision does) with ``keys`` checked."""
-    try:
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
-    except Exception as err:  # unpickling raises many types for a foreign or truncated file
-        raise FsgEndoError(f"{path}: not a CIFAR python-format file ({type(err).__name__}: {err})") from None
-    missing = [k for k in keys if not isinstance(entry, dict) or k not in entry]
-    if missing:
-        raise FsgEndoError(f"{path}: not a CIFAR-100 file (missing {', '.join(missing)})")
-    return entry
-
-
-def _cifar_split(path: Path, name: str) -> ImageSet:
-    entry = _unpickle(path, ("data", "fine_labels"))
-    data = np.asarray(entry["data"], dtype=np.uint8)
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(entry["fine_labels"]):
-        raise FsgEndoError(f"{path}: expected data of shape (N, 3072) with N labels, got {data.shape}")
-    return ImageSet(
-        torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()),
-        torch.as_tensor(entry["fine_labels"], dtype=torch.int64),
-        [f"cifar100_{name}_{i:05d}" for i in range(len(data))],
-    )
-
-
-def load_cifar100(
-    root: str | os.PathLike,
-    image_size: int = 32,
-    seed: int = 0,
-    fraction: float = 1.0,
-    train_limit: int | None = None,
-    test_limit: int | None = None,
-    train: bool = True,
-) -> ImageData:
-    """torchvision's on-disk CIFAR-100 (``ROOT/cifar-100-python/{train,test,meta}``), fine labels.
-
-    ``train=False`` reads the held-out (test) file only.
-    """
-    folder = _cifar_folder(Path(root))
-    names = tuple(_unpickle(folder / "meta", ("fine_label_names",))["fine_label_names"])
-    train_set = _cifar_split(folder / "train", "train") if train else ImageSet.empty(image_size)
-    test = _cifar_split(folder / "test", "test")
-    for split, path in ((train_set, "train"), (test, "test")):
-        if len(split) and int(split.labels.max()) >= len(names):
-            raise FsgEndoError(
-                f"{folder / path}: label {int(split.labels.max())} has no name in meta ({len(names)} fine_label_names)"
-            )
-    data = _finish(train_set, test, names, "cifar100", "", fraction, train_limit, test_limit, seed)
-    for split in (data.train, data.test):  # resize only the images kept
-        split.images = to_rgb_size(split.images, image_size)
-    return data
-
-
-def check_image_root(source: str, root: str | os.PathLike | None) -> None:
-    """Raise the one-line error a reader would, without reading images (MNIST falls back, never fails here)."""
-    if source == "mnist":
-        return
-    if not root:
-        raise FsgEndoError(f"data.source={source} needs a dataset root (--data-root or data.root)")
-    if source == "imagenette":
-        _folder_classes(Path(root))
-    elif source == "cifar100":
-        _cifar_folder(Path(root))
-    else:
-        raise FsgEndoError(f"data.source={source}: not an image source (mnist, imagenette, cifar100)")
 
 
 def validation_split(split: ImageSet, folds: int, fold: int, seed: int) -> tuple[ImageSet, ImageSet]:

@@ -22,10 +22,10 @@ from fsg_endo.data.readers import (
     parallel_map,
     read_csv_strings,
     read_realcolon,
-    read_sun,
     require_dir,
 )
 from fsg_endo.data.sizes import size_class2, size_class3
+from fsg_endo.data.sun import read_sun
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.io import atomic_path
 

@@ -1,4 +1,5 @@
-"""Readers of the REAL-Colon and SUN layouts (docs/interfaces.md#data-layouts): a row per lesion box per frame.
+"""The REAL-Colon reader, and what every reader shares (docs/interfaces.md#data-layouts): a row per lesion box per
+frame. The SUN reader is :mod:`fsg_endo.data.sun`.
 
 Both return the manifest columns except ``fold`` (see :mod:`fsg_endo.data.manifest`). Every expected
 problem of the input raises :class:`FsgEndoError` with one line naming the file and the problem.
@@ -17,7 +18,6 @@ from typing import NamedTuple, TypeVar
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from fsg_endo.data.sizes import size_class2, size_class3
 from fsg_endo.errors import FsgEndoError
@@ -40,25 +40,17 @@ READER_COLUMNS = (
 )
 LESION_INFO_COLUMNS = ("unique_object_id", "unique_video_name", "size [mm]")
 VIDEO_INFO_COLUMNS = ("unique_video_name",)
-SUN_SIZES_COLUMNS = ("case", "size_mm")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 _FRAME_NAME = re.compile(r"(?P<video>.+)_(?P<t>\d+)$")
 _ANNOTATION_DIR = re.compile(r"(?P<video>.+)_annotations?")
-_SUN_CASE_FILE = re.compile(r"case(?P<n>\d+)\.txt")
-_SUN_IMAGE_NUMBER = re.compile(r"image(?P<n>\d+)$")
-_NUM = r"-?\d+(?:\.\d*)?"
-_SUN_BOX = re.compile(rf"({_NUM}),({_NUM}),({_NUM}),({_NUM}),(-?\d+)")
-_SUN_LINE = re.compile(
-    rf"(?P<path>\S.*?\.(?:jpe?g|png))(?P<boxes>(?:\s+{_NUM}(?:,{_NUM}){{3}},-?\d+)*)\s*", re.IGNORECASE
-)
 _MAX_WORKERS = min(8, (os.cpu_count() or 1) + 2)
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-class _Box(NamedTuple):
+class Box(NamedTuple):
     """One annotated box of a frame, before its lesion's size is looked up."""
 
     video_id: str
@@ -99,7 +91,7 @@ def read_csv_strings(path: Path, what: str = "CSV file", **read_kw) -> pd.DataFr
     try:
         return pd.read_csv(path, dtype=str, **read_kw)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as err:
-        raise FsgEndoError(f"{path}: cannot read {what} ({_one_line(err)})") from None
+        raise FsgEndoError(f"{path}: cannot read {what} ({one_line(err)})") from None
 
 
 def read_table(path: Path, required: Iterable[str]) -> pd.DataFrame:
@@ -122,7 +114,7 @@ def check_box(box: Sequence[float], width: int, height: int, where: str) -> None
         )
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
@@ -134,9 +126,9 @@ def _to_int(text: str | None, what: str, where: str) -> int:
         raise FsgEndoError(f"{where}: {what} is missing or not a number ({text!r})") from None
 
 
-def _frames_rows(boxes: list[_Box], sizes: dict[str, float], dataset: str) -> pd.DataFrame:
+def frames_rows(boxes: list[Box], sizes: dict[str, float], dataset: str) -> pd.DataFrame:
     """Rows of the manifest (without ``fold``) from boxes and a lesion -> size (mm) table."""
-    df = pd.DataFrame(boxes, columns=list(_Box._fields))
+    df = pd.DataFrame(boxes, columns=list(Box._fields))
     df.insert(0, "dataset", dataset)
     df["size_mm"] = df["lesion_id"].map(sizes).astype(float)
     df["size_class3"] = np.asarray(size_class3(df["size_mm"].to_numpy()), dtype=np.int64)
@@ -146,7 +138,7 @@ def _frames_rows(boxes: list[_Box], sizes: dict[str, float], dataset: str) -> pd
     return df[list(READER_COLUMNS)].reset_index(drop=True)
 
 
-def _positive_size(value: str | float, where: str) -> float:
+def positive_size(value: str | float, where: str) -> float:
     """A lesion size in mm: a finite number > 0."""
     try:
         size = float(value)
@@ -174,7 +166,7 @@ def parse_voc(path: Path) -> _VocFrame:
     try:
         root = ET.fromstring(path.read_bytes())
     except ET.ParseError as err:
-        raise FsgEndoError(f"{path}: malformed XML ({_one_line(err)})") from None
+        raise FsgEndoError(f"{path}: malformed XML ({one_line(err)})") from None
     except OSError as err:
         raise FsgEndoError(f"{path}: cannot read ({err.strerror})") from None
     objects = []
@@ -197,7 +189,7 @@ def parse_voc(path: Path) -> _VocFrame:
     return _VocFrame(width, height, tuple(objects))
 
 
-def _frame_index(frames_dir: Path, number: re.Pattern = _FRAME_NAME) -> tuple[set[str], dict[int, str]]:
+def index_frames(frames_dir: Path, number: re.Pattern = _FRAME_NAME) -> tuple[set[str], dict[int, str]]:
     """File names of a frames folder, and frame number -> file name (zero-padded or not).
 
     ``number`` finds the frame number (its last group) in a file stem: REAL-Colon ``{video}_{t}``,
@@ -233,7 +225,7 @@ def _check_lesion(lesion: str, video: str, video_of: dict[str, str], xml_path: P
         raise FsgEndoError(f"{xml_path}: lesion '{lesion}' belongs to video '{video_of[lesion]}' in lesion_info.csv")
 
 
-def _realcolon_video_boxes(root: Path, video: str, ann_dir: Path, video_of: dict[str, str]) -> list[_Box]:
+def _realcolon_video_boxes(root: Path, video: str, ann_dir: Path, video_of: dict[str, str]) -> list[Box]:
     """Every lesion box of one REAL-Colon video, in frame order; ``video_of`` maps lesion -> video."""
     annotations = _video_annotations(ann_dir, video)
     parsed = parallel_map(parse_voc, [p for _, p in annotations])
@@ -245,14 +237,14 @@ def _realcolon_video_boxes(root: Path, video: str, ann_dir: Path, video_of: dict
         if not voc.objects:
             continue
         if names is None:
-            names, by_number = _frame_index(require_dir(frames_dir, f"frames folder of video {video}"))
+            names, by_number = index_frames(require_dir(frames_dir, f"frames folder of video {video}"))
         name = xml_path.stem + ".jpg" if xml_path.stem + ".jpg" in names else by_number.get(t)
         if name is None:
             raise FsgEndoError(f"{xml_path}: its frame {xml_path.stem}.jpg is missing from {frames_dir}")
         for lesion, box in voc.objects:
             _check_lesion(lesion, video, video_of, xml_path)
             check_box(box, voc.width, voc.height, str(xml_path))
-            boxes.append(_Box(video, lesion, Path(name).stem, f"{video}_frames/{name}", *box, voc.width, voc.height))
+            boxes.append(Box(video, lesion, Path(name).stem, f"{video}_frames/{name}", *box, voc.width, voc.height))
     return boxes
 
 
@@ -304,114 +296,9 @@ def read_realcolon(root: str | os.PathLike, dataset: str = "realcolon") -> pd.Da
     ]
     used = sorted({b.lesion_id for b in boxes})
     sizes = {
-        lid: _positive_size(lesions.at[lid, "size [mm]"], f"{lesion_csv}: lesion '{lid}' 'size [mm]'") for lid in used
+        lid: positive_size(lesions.at[lid, "size [mm]"], f"{lesion_csv}: lesion '{lid}' 'size [mm]'") for lid in used
     }
-    return _frames_rows(boxes, sizes, dataset)
+    return frames_rows(boxes, sizes, dataset)
 
 
 # --- SUN -------------------------------------------------------------------------------------------
-
-
-def _sun_sizes(root: Path, sizes_csv: str | os.PathLike | None) -> tuple[Path, dict[int, float]]:
-    """Case number -> size (mm) from the ``case,size_mm`` CSV given with ``--sizes``."""
-    if sizes_csv is None:
-        raise FsgEndoError(
-            f"{root}: a SUN dataset has no polyp sizes; give them with --sizes CSV (columns case,size_mm)"
-        )
-    path = Path(sizes_csv)
-    table = read_table(path, SUN_SIZES_COLUMNS)
-    sizes: dict[int, float] = {}
-    for i, (case, size) in enumerate(zip(table["case"], table["size_mm"]), start=2):
-        m = re.fullmatch(r"(?:case)?(\d+)", str(case).strip(), re.IGNORECASE)
-        if m is None:
-            raise FsgEndoError(f"{path}: line {i}: case {case!r} is not a case number")
-        n = int(m[1])
-        if n in sizes:
-            raise FsgEndoError(f"{path}: line {i}: case {n} is listed twice")
-        sizes[n] = _positive_size(size, f"{path}: line {i}: case {n}")
-    return path, sizes
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    """(width, height) of an image from its header, without decoding it."""
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except FileNotFoundError:
-        raise FsgEndoError(f"{path}: frame not found") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise FsgEndoError(f"{path}: cannot read image header ({_one_line(err)})") from None
-
-
-def _sun_frame_name(case_dir: Path, names: set[str], numbers: dict[int, str], path_text: str, where: str) -> str:
-    """File name in ``case_dir`` of a frame named by an annotation line (any folder, any padding)."""
-    base = re.split(r"[\\/]", path_text)[-1]
-    if base in names:
-        return base
-    m = _SUN_IMAGE_NUMBER.search(Path(base).stem)
-    if m and int(m["n"]) in numbers:
-        return numbers[int(m["n"])]
-    raise FsgEndoError(f"{where}: frame '{base}' is not in {case_dir}")
-
-
-def _sun_case_lines(txt: Path) -> list[tuple[int, str, list[tuple[int, int, int, int]]]]:
-    """(line number, image path, boxes) of each non-blank line of a SUN ``case{N}.txt``."""
-    try:
-        lines = txt.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise FsgEndoError(f"{txt}: cannot read ({_one_line(err)})") from None
-    parsed = []
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        m = _SUN_LINE.fullmatch(line.strip())
-        if m is None:
-            raise FsgEndoError(
-                f"{txt}: line {i}: cannot parse {line.strip()[:80]!r} "
-                "(expected '<image path> xmin,ymin,xmax,ymax,class_id ...')"
-            )
-        boxes = [tuple(round(float(v)) for v in b.groups()[:4]) for b in _SUN_BOX.finditer(m["boxes"])]
-        parsed.append((i, m["path"], boxes))
-    return parsed
-
-
-def _sun_case_boxes(root: Path, n: int, txt: Path) -> list[_Box]:
-    """Every polyp box of SUN case ``n``; its video and lesion are both ``case{n}``."""
-    case = f"case{n}"
-    case_dir = require_dir(root / case, f"frames folder of {case}")
-    names, numbers = _frame_index(case_dir, _SUN_IMAGE_NUMBER)
-    lines = [
-        (i, _sun_frame_name(case_dir, names, numbers, p, f"{txt}: line {i}"), boxes)
-        for i, p, boxes in _sun_case_lines(txt)
-        if boxes
-    ]
-    frame_names = sorted({name for _, name, _ in lines})
-    frame_sizes = dict(zip(frame_names, parallel_map(_image_size, [case_dir / f for f in frame_names])))
-    out = []
-    for i, name, boxes in lines:
-        width, height = frame_sizes[name]
-        for box in boxes:
-            check_box(box, width, height, f"{txt}: line {i}")
-            out.append(_Box(case, case, Path(name).stem, f"{case}/{name}", *box, width, height))
-    return out
-
-
-def read_sun(root: str | os.PathLike, sizes_csv: str | os.PathLike | None) -> pd.DataFrame:
-    """Manifest rows (without ``fold``) of a SUN layout; ``video_id`` = ``lesion_id`` = ``case{N}``.
-
-    Sizes come from ``sizes_csv`` (columns ``case``, ``size_mm``); ``width``/``height`` from each frame's
-    image header.
-    """
-    root = require_dir(Path(root), "dataset root")
-    ann_dir = require_dir(root / "annotation_txt", "SUN 'annotation_txt' folder")
-    sizes_path, sizes = _sun_sizes(root, sizes_csv)
-    cases = sorted(
-        (int(m["n"]), ann_dir / e.name) for e in os.scandir(ann_dir) if (m := _SUN_CASE_FILE.fullmatch(e.name))
-    )
-    if not cases:
-        raise FsgEndoError(f"{ann_dir}: no case<N>.txt annotation files")
-    missing = [n for n, _ in cases if n not in sizes]
-    if missing:
-        raise FsgEndoError(f"{sizes_path}: case {missing[0]} (annotation_txt/case{missing[0]}.txt) has no size")
-    boxes = [b for n, txt in cases for b in _sun_case_boxes(root, n, txt)]
-    return _frames_rows(boxes, {f"case{n}": s for n, s in sizes.items()}, "sun")

@@ -11,6 +11,7 @@ tokenised once by the model's tokenizer; its test split is the CSV's ``split == 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,13 @@ from typing import Any
 import pandas as pd
 from torch.utils.data import DistributedSampler
 
+from fsg_endo.data.cifar100 import cifar_folder, load_cifar100
 from fsg_endo.data.epochs import EpochSampler, SeededItems
 from fsg_endo.data.image_folders import (
     ImageData,
     channel_stats,
-    check_image_root,
+    folder_classes,
     image_dataset,
-    load_cifar100,
     load_image_folder,
     load_mnist,
     validation_split,
@@ -33,8 +34,23 @@ from fsg_endo.data.pipeline import make_loader
 from fsg_endo.data.text import TextData, load_tokenizer, read_hf_dataset, read_text_csv, text_dataset
 from fsg_endo.engine.bundle import DataBundle, check_batch, split_seed
 from fsg_endo.engine.schema import Config, Data
+from fsg_endo.errors import FsgEndoError
 
 FALLBACKS = {"sklearn_digits"}  # sources read in place of the configured one
+
+
+def check_image_root(source: str, root: str | os.PathLike | None) -> None:
+    """Raise the one-line error a reader would, without reading images (MNIST falls back, never fails here)."""
+    if source == "mnist":
+        return
+    if not root:
+        raise FsgEndoError(f"data.source={source} needs a dataset root (--data-root or data.root)")
+    if source == "imagenette":
+        folder_classes(Path(root))
+    elif source == "cifar100":
+        cifar_folder(Path(root))
+    else:
+        raise FsgEndoError(f"data.source={source}: not an image source (mnist, imagenette, cifar100)")
 
 
 def read_images(data: Data, seed: int, train: bool = True) -> ImageData:

@@ -137,8 +137,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     cfg = load_config(args.exp, args.overrides, profile=args.profile, smoke=args.smoke)
     if args.data_root or args.manifest:  # before the user's --set, which wins
         cfg = load_config(args.exp, _overrides(args, cfg.task), profile=args.profile, smoke=args.smoke)
-    from fsg_endo.data.image_folders import check_image_root
     from fsg_endo.data.text import check_text_source
+    from fsg_endo.engine.class_data import check_image_root
     from fsg_endo.engine.distributed import init_distributed, shutdown
     from fsg_endo.engine.recipe import check_eval_metric
     from fsg_endo.tracking.tracker import check_tracking_uri, resolve_tracking_uri
