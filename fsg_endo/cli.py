@@ -165,7 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY",
         help="compare the values of this sweep.grid key for the same arm (e.g. model.weights: pretrained vs scratch)",
     )
-    p.add_argument("--parent", default=None, metavar="RUN_ID", help="the sweep's parent run (default: the latest)")
+    p.add_argument(
+        "--parent",
+        action="append",
+        metavar="RUN_ID",
+        help="the sweep's parent run (default: the latest); repeat it to report several sweeps' children together",
+    )
     p.add_argument("--tracking-uri", default=None)
     p.set_defaults(func=_report)
 

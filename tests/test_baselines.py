@@ -137,6 +137,7 @@ def test_baseline_arms_are_child_runs_with_the_model_metric_names(tmp_path, data
         r.data.tags["regularizer"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
     }
     assert set(children) == {"baseline_box", "baseline_appearance"}
+    assert client.get_experiment_by_name("pretrain_mae") is None  # the sweep's backbone: no baseline reads it
     store = mlflow.MlflowClient(tracking_uri=smoke_store["uri"])
     trained = store.search_runs([store.get_experiment_by_name("polyp_size_fsg").experiment_id])
     model_names = {k for k in trained[0].data.metrics if k.startswith(("test/", "lesion/test/", "val/", "lesion/val/"))}

@@ -147,3 +147,21 @@ def test_the_projects_backbones_are_made_by_shipped_experiments_on_pools_no_sizi
     sim = load_config("pretrain_sim", [])
     assert sim.task == sizing.task and sim.regularizer == "none" and sim.model == sizing.model  # the main job's ViT
     assert [named_model(w) for w in ("models:/a/1", "models:/a@best", "runs:/x/y", None)] == ["a", "a", None, None]
+
+
+def test_the_sweep_fine_tunes_the_in_domain_backbone_and_scratch_is_one_key():
+    from fsg_endo.experiment.sweep import child_configs
+
+    def children(*overrides: str) -> list:
+        return list(child_configs(load_config("regularization_sweep", list(overrides))))
+
+    default = children()
+    assert {c.regularizer for c in default} >= {"fsg_gr", "fsg_frozen", "layerscale", "none"}
+    assert {c.model.weights for c in default} == {"models:/fsg_endo_mae_backbone/latest"}
+    assert {c.model.weights for c in children("model.weights=null")} == {None}
+    # the study's two sweeps: the arms on the in-domain backbone, fsg_gr from the sim backbone and from scratch
+    study = list(child_configs(load_config("regularization_sweep", profile="test_folds")))
+    backbones = list(child_configs(load_config("regularization_sweep", profile="backbones")))
+    cell = lambda c: (c.data.train_fraction, c.data.test_fold, c.seed)  # noqa: E731
+    assert {cell(c) for c in study} == {cell(c) for c in backbones} and len({cell(c) for c in study}) == 3 * 5 * 3
+    assert {c.model.weights for c in backbones} == {"models:/fsg_endo_sim_backbone/latest", None}

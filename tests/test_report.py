@@ -197,3 +197,46 @@ def test_summaries_keep_grid_points_apart():
     assert table.index.names == ["regularizer", "train_fraction", "grid_point"]
     assert table[f"{METRIC} mean"].tolist() == [1.0, 3.0] and table[f"{METRIC} count"].tolist() == [6, 6]
     assert summarize(runs.assign(grid_point=""), [METRIC]).index.names == ["regularizer", "train_fraction"]
+
+
+def test_report_reads_the_children_of_several_sweeps_together(tmp_path):
+    """Two sweeps on the same cells: one ran fsg_gr from two backbones, the other another arm on the first; read
+    together, the axis report pairs fsg_gr's backbones and the arm report pairs the arms on the shared backbone."""
+    import mlflow
+
+    from fsg_endo.experiment.report import report_table
+    from fsg_endo.tracking.tracker import GRID_POINT_TAG
+
+    uri, exp = f"sqlite:///{tmp_path / 'mlflow.db'}", "study"
+    client = mlflow.MlflowClient(uri)
+    exp_id = client.create_experiment(exp)
+    rng = np.random.default_rng(0)
+    cells = list(itertools.product(range(3), range(2)))
+    logged: dict[tuple[str, str], list[float]] = {}
+    sweeps = {"a": [("fsg_gr", "ssl"), ("fsg_gr", "None")], "b": [("fsg_frozen", "ssl")]}
+    parents = {}
+    for name, children in sweeps.items():
+        parents[name] = client.create_run(exp_id, tags={"regularizer": "sweep"}).info.run_id
+        for arm, weights in children:
+            for fold, seed in cells:
+                value = float(rng.uniform(1, 2))
+                logged.setdefault((arm, weights), []).append(value)
+                tags = {"regularizer": arm, GRID_POINT_TAG: f"model.weights={weights}"}
+                run = client.create_run(exp_id, tags=tags | {"mlflow.parentRunId": parents[name]}).info.run_id
+                for key, param in {"data.train_fraction": 1.0, "data.test_fold": fold, "seed": seed}.items():
+                    client.log_param(run, key, param)
+                client.log_metric(run, METRIC, value)
+                client.set_terminated(run)
+    both = [parents["a"], parents["b"]]
+
+    axis = report_table(exp, uri, METRIC, reference="None", parent_run_id=both, axis="model.weights")
+    assert list(axis["arm"]) == ["fsg_gr @ model.weights=ssl"]
+    want = np.mean(np.subtract(logged["fsg_gr", "ssl"], logged["fsg_gr", "None"]))
+    assert axis["diff_mean"].iloc[0] == pytest.approx(want)
+
+    arms = report_table(exp, uri, METRIC, reference="fsg_gr", parent_run_id=both)
+    row = arms[arms["grid_point"] == "model.weights=ssl"].iloc[0]
+    assert row["arm"] == "fsg_frozen" and row["n"] == len(cells)
+    assert row["diff_mean"] == pytest.approx(np.mean(np.subtract(logged["fsg_frozen", "ssl"], logged["fsg_gr", "ssl"])))
+    with pytest.raises(FsgEndoError, match="fsg_frozen"):  # one sweep alone lacks the other's arm
+        report_table(exp, uri, METRIC, reference="fsg_frozen", parent_run_id=[parents["a"]])

@@ -157,7 +157,8 @@ def axis_report(runs: pd.DataFrame, metric: str, axis: str, reference_value: str
     reports = []
     for arm in regularizer_order(runs["regularizer"].unique()):
         own = relabelled[runs["regularizer"] == arm]
-        if (values[own.index] != reference_value).any():
+        own_values = set(values[own.index])
+        if reference_value in own_values and len(own_values) > 1:  # an arm run at one value only has no pair
             reports.append(sweep_report(own, metric, [f"{arm} @ {axis}={reference_value}"]))
     if not reports:
         raise FsgEndoError(f"--axis {axis}: no arm ran a value other than {reference_value}")
@@ -196,15 +197,16 @@ def report_table(
     tracking_uri: str | None = None,
     metric: str | None = None,
     reference: str | None = None,
-    parent_run_id: str | None = None,
+    parent_run_id: str | Sequence[str] | None = None,
     axis: str | None = None,
 ) -> pd.DataFrame:
-    """``fsg-endo report``: the report of the latest sweep of ``exp`` (or of ``parent_run_id``) from MLflow; with
+    """``fsg-endo report``: the report of the latest sweep of ``exp`` (or of ``parent_run_id``; several parents:
+    their children together, e.g. two sweeps that ran different arms on the same cells) from MLflow; with
     ``axis``, the values of that grid key against ``reference`` (a value of it) per arm. A validation metric is
     read at each run's best epoch (the checkpoint it tested), not its last."""
     client = open_client(resolve_tracking_uri(tracking_uri))
-    _, children = sweep_runs(client, exp, parent_run_id)
-    runs = latest_per_cell(children)
+    parents = [parent_run_id] if parent_run_id is None or isinstance(parent_run_id, str) else parent_run_id
+    runs = latest_per_cell(pd.concat([sweep_runs(client, exp, parent)[1] for parent in parents], ignore_index=True))
     metric = metric or default_metric(runs, exp)
     if metric in runs and is_validation(metric):
         runs[metric] = at_best_epoch(client, runs, metric)
