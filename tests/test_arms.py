@@ -185,6 +185,27 @@ def test_every_optimiser_takes_the_multi_tensor_step_and_it_equals_the_per_param
         torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.parametrize("arm", ["none", "fsg_gr"])
+def test_decoupled_weight_decay_shrinks_the_weights_by_lr_times_decay_a_step(arm):
+    """With no gradient, AdamW's decay multiplies a weight by 1 - lr * wd; Adam's L2 term, normalised by its own
+    second moment, moves it by about lr whatever its size (what zeroed a pretraining's encoder at wd 0.05)."""
+    keys = ["optim.weight_decay=0.05", "optim.lr=0.01"]
+    for decoupled in (True, False):
+        cfg = load_config("polyp_size_fsg", [f"regularizer={arm}", *keys, f"optim.decoupled_weight_decay={decoupled}"])
+        r = build_recipe(cfg, SINGLE, steps_per_epoch=4)
+        main = r.optimizers["main"]
+        weight = next(p for p in main.param_groups[0]["params"] if p.dim() == 2)
+        before = weight.detach().clone()
+        weight.grad = torch.zeros_like(weight)
+        main.step()
+        lr = main.param_groups[0]["lr"]  # the schedule's first step
+        if decoupled:
+            torch.testing.assert_close(weight.detach(), before * (1 - lr * 0.05))
+        else:
+            l2 = 0.05 * before  # Adam's first step: lr * m_hat / (sqrt(v_hat) + eps), both of the L2 gradient
+            torch.testing.assert_close(weight.detach(), before - lr * l2 / (l2.abs() + 1e-8))
+
+
 def dropout_rates(model: torch.nn.Module) -> set[float]:
     return {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
 

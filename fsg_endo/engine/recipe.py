@@ -104,10 +104,12 @@ def compiled(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch
     return torch.compile(model) if cfg.optim.compile and device.type == "cuda" else model
 
 
-def adam(params: Any, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
+def adam(params: Any, lr: float, weight_decay: float = 0.0, decoupled: bool = False) -> torch.optim.Adam:
     """Adam with the multi-tensor (``foreach``) update on every device (PyTorch's default on CUDA only): the
-    same update as the per-parameter loop, in a few kernels instead of one small loop per tensor."""
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
+    same update as the per-parameter loop, in a few kernels instead of one small loop per tensor. ``decoupled``:
+    AdamW's weight decay (the weights shrink by ``lr * weight_decay`` a step) instead of an L2 term in the
+    gradient, which Adam's normalisation turns into a pull of about ``lr`` a step on every small-gradient weight."""
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, decoupled_weight_decay=decoupled, foreach=True)
 
 
 def build_optimizers(cfg: Config, model: torch.nn.Module) -> dict[str, torch.optim.Optimizer]:
@@ -119,13 +121,13 @@ def build_optimizers(cfg: Config, model: torch.nn.Module) -> dict[str, torch.opt
             gate.requires_grad_(False)
     if arm.routed:
         return {
-            "main": adam(non_gate_parameters(model), o.lr, o.weight_decay),
+            "main": adam(non_gate_parameters(model), o.lr, o.weight_decay, o.decoupled_weight_decay),
             "gate": adam(gate_parameters(model), gr.gate_lr),
         }
     groups = [{"params": non_gate_parameters(model)}]
     if arm.gated and not arm.frozen_gates:
         groups.append({"params": gate_parameters(model), "lr": gr.gate_lr, "weight_decay": 0.0})
-    return {"main": adam(groups, o.lr, o.weight_decay)}
+    return {"main": adam(groups, o.lr, o.weight_decay, o.decoupled_weight_decay)}
 
 
 def selection_metric(metric: str, task: Task) -> str:

@@ -124,6 +124,7 @@ class Optim(Section):
     batch_size: Count = 32
     lr: PositiveFloat = 5.0e-4
     weight_decay: Annotated[float, Field(ge=0)] = 1.0e-5
+    decoupled_weight_decay: bool = False  # true: AdamW's decay (MAE pretraining's); false: Adam's L2 term
     clip: PositiveFloat = 10.0
     warmup_epochs: NonNegativeInt = 1
     amp: bool = True  # bf16 autocast on CUDA only
