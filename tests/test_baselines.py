@@ -124,6 +124,8 @@ def test_baseline_arms_are_child_runs_with_the_model_metric_names(tmp_path, data
             "sweep.regularizers=[baseline_box,baseline_appearance]",
             "--set",
             "sweep.executor=sequential",
+            "--set",
+            "model.weights=models:/fsg_endo_mae_backbone/latest",  # the sweep's own default, which smoke unsets
         ],  # children of seconds: Ray's start would dominate
         tmp_path,
         data_cache,

@@ -152,8 +152,6 @@ def test_sweep_nests_children_under_one_parent(tmp_path, data_cache):
             "--set",
             "sweep.train_fractions=[1.0]",
             "--set",
-            "model.weights=null",  # from scratch: the default backbone's pretraining is tests/test_pretrain.py's
-            "--set",
             "tracking.log_model=false",
         ],
         tmp_path,

@@ -165,3 +165,4 @@ def test_the_sweep_fine_tunes_the_in_domain_backbone_and_scratch_is_one_key():
     cell = lambda c: (c.data.train_fraction, c.data.test_fold, c.seed)  # noqa: E731
     assert {cell(c) for c in study} == {cell(c) for c in backbones} and len({cell(c) for c in study}) == 3 * 5 * 3
     assert {c.model.weights for c in backbones} == {"models:/fsg_endo_sim_backbone/latest", None}
+    assert {c.model.weights for c in study} == {"models:/fsg_endo_mae_backbone/latest"}

@@ -110,8 +110,6 @@ def test_sweep_resumes_only_unfinished_children(tmp_path, data_cache, monkeypatc
         "--set",
         "sweep.train_fractions=[0.5, 1.0]",
         "--set",
-        "model.weights=null",
-        "--set",
         "tracking.log_model=false",
         "--set",
         "tracking.plots=false",

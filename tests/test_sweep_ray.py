@@ -37,8 +37,6 @@ GRID = [
     "--set",
     "sweep.train_fractions=[0.5, 1.0]",
     "--set",
-    "model.weights=null",
-    "--set",
     "optim.epochs=3",
     "--set",
     "tracking.log_model=false",

@@ -27,8 +27,6 @@ SWEEP = [
     "--set",
     "sweep.train_fractions=[0.5, 1.0]",
     "--set",
-    "model.weights=null",
-    "--set",
     "optim.epochs=1",
     "--set",
     "tracking.log_model=false",

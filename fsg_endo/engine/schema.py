@@ -335,6 +335,7 @@ SMOKE: dict[str, Any] = {
     "model.depth": 2,
     "model.heads": 2,
     "model.mlp_dim": 64,
+    "model.weights": None,  # random weights: pretraining a backbone is no smoke (--set model.weights=... after it)
     "optim.epochs": 2,
     "optim.batch_size": 8,
     "optim.warmup_epochs": 0,
