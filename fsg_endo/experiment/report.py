@@ -206,7 +206,8 @@ def report_table(
     read at each run's best epoch (the checkpoint it tested), not its last."""
     client = open_client(resolve_tracking_uri(tracking_uri))
     parents = [parent_run_id] if parent_run_id is None or isinstance(parent_run_id, str) else parent_run_id
-    runs = latest_per_cell(pd.concat([sweep_runs(client, exp, parent)[1] for parent in parents], ignore_index=True))
+    children = pd.concat([sweep_runs(client, exp, parent)[1] for parent in parents], ignore_index=True)
+    runs = latest_per_cell(children).copy()  # one block per dtype: the metric columns of many runs fragment it
     metric = metric or default_metric(runs, exp)
     if metric in runs and is_validation(metric):
         runs[metric] = at_best_epoch(client, runs, metric)
