@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from fsg_endo.engine.arms import ARMS
 from fsg_endo.engine.schema import Config, Model
 from fsg_endo.errors import FsgEndoError
 from fsg_endo.io import atomic_path
@@ -234,13 +235,18 @@ def checked_shape(model: Model, backbone: Backbone, weights: Mapping[str, int]) 
     return shape
 
 
+def loaded_weights(cfg: Config) -> str | None:
+    """The ``model.weights`` a run loads: None for an arm that trains no network (a baseline reads no backbone)."""
+    return cfg.model.weights if ARMS[cfg.regularizer].trained else None
+
+
 def fetch_backbones(configs: Iterable[Config], tracking_uri: str) -> dict[str, Backbone]:
     """Fetch the weights of every config (a run, or each child of a sweep) and check them against the configs,
     before any run opens: a missing file, a tensor the ViT cannot hold or a contradicting key writes nothing."""
     fetched: dict[str, Backbone] = {}
     shapes: dict[str, dict[str, int]] = {}
     for cfg in configs:
-        spec = cfg.model.weights
+        spec = loaded_weights(cfg)
         if spec is None:
             continue
         if spec not in fetched:
@@ -256,9 +262,10 @@ def fetch_backbones(configs: Iterable[Config], tracking_uri: str) -> dict[str, B
     return fetched
 
 
-def backbone_params(spec: str | None) -> dict[str, str]:
+def backbone_params(cfg: Config) -> dict[str, str]:
     """The MLflow params that say where a run's weights came from: ``model.weights_source`` and
     ``model.weights_sha256`` (of the local file loaded); none without weights."""
+    spec = loaded_weights(cfg)
     if spec is None:
         return {}
     backbone = local_backbone(spec)

@@ -184,11 +184,10 @@ def _run(args: argparse.Namespace, cfg: Config, uri: str, ctx: DistContext, stop
         resume = ctx.broadcast(resume_target(uri, cfg.name, args.resume) if ctx.is_main else None)
         cfg = resume.cfg
     configs = list(child_configs(cfg)) if cfg.sweep.enabled else [cfg]
-    trained = [c for c in configs if not baseline_of(c.regularizer)]  # a baseline arm reads no backbone
     ctx.main_first(
-        lambda: pretrain_missing(trained, uri, lambda exp, profile: _pretrain(exp, profile, args, uri, stop))
+        lambda: pretrain_missing(configs, uri, lambda exp, profile: _pretrain(exp, profile, args, uri, stop))
     )
-    ctx.main_first(lambda: fetch_backbones(trained, uri))  # before a run opens: missing weights write nothing
+    ctx.main_first(lambda: fetch_backbones(configs, uri))  # before a run opens: missing weights write nothing
     if cfg.sweep.enabled:
         summary = run_sweep(
             cfg, uri, resume_run_id=resume.run_id if resume else None, ctx=ctx, stop=stop, ray_address=args.ray_address

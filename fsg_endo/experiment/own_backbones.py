@@ -14,6 +14,7 @@ import re
 import sys
 from collections.abc import Callable, Iterable
 
+from fsg_endo.engine.backbones import loaded_weights
 from fsg_endo.engine.schema import PROFILES, Config
 from fsg_endo.experiment.config import list_experiments, load_config
 
@@ -48,7 +49,7 @@ def pretrain_missing(
 ) -> list[str]:
     """Run ``pretrain(experiment, profile)`` for every project backbone the configs name that the store lacks;
     returns the names pretrained."""
-    wanted = {named_model(cfg.model.weights) for cfg in configs} - {None}
+    wanted = {named_model(loaded_weights(cfg)) for cfg in configs} - {None}
     if not wanted:
         return []
     made = producers()

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fsg_endo.engine.backbones import backbone_params
-from fsg_endo.engine.baselines import baseline_of
 from fsg_endo.engine.distributed import SINGLE, DistContext
 from fsg_endo.engine.evaluation import lesion_counts
 from fsg_endo.engine.interrupt import StopSignals
@@ -82,7 +81,7 @@ def start_run(cfg: Config, uri: str, parent_run_id: str | None = None, extra_tag
         cfg.name,
         run_name=run_name(cfg),
         tags=tags,
-        params=run_params(cfg) | backbone_params(None if baseline_of(cfg.regularizer) else cfg.model.weights),
+        params=run_params(cfg) | backbone_params(cfg),
         parent_run_id=parent_run_id,
     )
 
